@@ -1,0 +1,45 @@
+"""The ``advtrain`` command: one subcommand per recipe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from importlib import import_module
+
+#: Subcommand name to (recipe module, one-line help).
+RECIPES: dict[str, tuple[str, str]] = {
+    "train": ("advtrain.recipes.train", "train one of the paper's MNIST models and print its clean test error"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with one subparser per recipe."""
+    parser = argparse.ArgumentParser(
+        prog="advtrain",
+        description="Adversarial training and analysis after Szegedy et al., 'Intriguing properties of neural networks'.",
+    )
+    subcommands = parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    for name, (module, help_text) in RECIPES.items():
+        sub = subcommands.add_parser(name, help=help_text, description=help_text)
+        import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the recipe named on the command line."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    from advtrain.data import MNISTUnavailableError
+
+    try:
+        import_module(RECIPES[args.recipe][0]).run(args)
+    except MNISTUnavailableError as error:
+        print(f"advtrain: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

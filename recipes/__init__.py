@@ -1,0 +1,1 @@
+"""Runnable experiments, installed as ``advtrain.recipes``; each is an ``advtrain`` subcommand."""

@@ -1,0 +1,116 @@
+"""``advtrain train``: train one of the paper's models on MNIST and print its clean errors.
+
+Reads top to bottom: parse the settings, write them into the run folder, build the data and the
+model, (pre)train, test, write ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from advtrain import Classifier
+from advtrain.data import MNISTDataModule
+from advtrain.models import MODEL_BUILDERS, build_model, pretrain_sparse_autoencoder
+
+#: Settings measured to converge on this machine's CPU (see the README's results).
+DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 0.05, "optimizer": "sgd"}
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured."""
+
+    model: str
+    train_error: float
+    test_error: float
+    epochs: int
+    seconds: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of ``advtrain train``."""
+    parser.add_argument("--model", default="fc100-100-10", choices=sorted(MODEL_BUILDERS), help="which model of the paper")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"], help="peak learning rate (cosine decay)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=DEFAULTS["optimizer"])
+    parser.add_argument("--val-size", type=int, default=0, help="training images held out for validation")
+    parser.add_argument("--train-subset", choices=["all", "P1", "P2"], default="all", help="all 60,000 or a paper half")
+    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument("--output", type=Path, default=Path("runs/train"), help="run folder for config and results")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 images, one epoch")
+
+
+def train_model(args: argparse.Namespace, data: MNISTDataModule) -> tuple[Classifier, pl.Trainer]:
+    """Build the model of ``args.model`` and train it on ``data``."""
+    paper_model = build_model(args.model)
+    data.setup("fit")
+    if paper_model.frozen:  # AE400-10: the encoder is a sparse autoencoder trained first
+        images = data.train_set.tensors[0]
+        pretrain_sparse_autoencoder(
+            paper_model.module.get_submodule(paper_model.frozen[0]), images, epochs=1 if args.quick else 10, seed=args.seed
+        )
+    classifier = Classifier.from_paper_model(paper_model, optimizer=args.optimizer, lr=args.lr)
+    trainer = pl.Trainer(
+        max_epochs=1 if args.quick else args.epochs,
+        accelerator=args.accelerator,
+        devices=1,
+        logger=pl.loggers.CSVLogger(args.output, name="logs"),
+        enable_checkpointing=False,
+        limit_train_batches=2000 // args.batch_size if args.quick else None,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    trainer.fit(classifier, datamodule=data)
+    return classifier, trainer
+
+
+@torch.no_grad()
+def error_on(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000) -> float:
+    """Error rate of ``classifier`` on a whole split, in eval mode."""
+    classifier.eval()
+    wrong = 0
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].to(classifier.device)
+        wrong += int((classifier(batch).argmax(1).cpu() != labels[start : start + batch_size]).sum())
+    return wrong / len(images)
+
+
+def run(args: argparse.Namespace) -> TrainResult:
+    """Train, test, write the run folder, print the errors."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "config.json").write_text(json.dumps({**vars(args), "output": str(args.output)}, indent=2))
+    (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    pl.seed_everything(args.seed, workers=True)
+    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, train_subset=args.train_subset, seed=args.seed)
+    data.prepare_data()
+    started = time.perf_counter()
+    classifier, _ = train_model(args, data)
+    seconds = time.perf_counter() - started
+    data.setup("test")
+    result = TrainResult(
+        model=build_model(args.model).name,
+        train_error=error_on(classifier, *data.train_set.tensors),
+        test_error=error_on(classifier, *data.test_set.tensors),
+        epochs=1 if args.quick else args.epochs,
+        seconds=seconds,
+    )
+    (args.output / "results.json").write_text(json.dumps(asdict(result), indent=2))
+    table = (
+        "| model | train error | test error | epochs | seconds |\n|---|---|---|---|---|\n"
+        f"| {result.model} | {100 * result.train_error:.2f}% | {100 * result.test_error:.2f}% | {result.epochs} | {result.seconds:.0f} |\n"
+    )
+    (args.output / "results.md").write_text(table)
+    print(f"\n{result.model}: train error {100 * result.train_error:.2f}%, test error {100 * result.test_error:.2f}% "
+          f"({result.epochs} epochs, {result.seconds:.0f} s); results in {args.output}")
+    return result

