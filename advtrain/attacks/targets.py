@@ -1,0 +1,46 @@
+"""Target policies: which wrong label each example is pushed to."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from advtrain.checks import check_labels
+
+TargetPolicy = Literal["random", "least_likely", "nearest"]
+POLICIES: tuple[str, ...] = ("random", "least_likely", "nearest")
+
+
+def choose_targets(
+    target: str | torch.Tensor,
+    labels: torch.Tensor,
+    clean_logits: torch.Tensor,
+    num_classes: int,
+    *,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Target labels ``(N,)`` from a tensor or a policy, each different from its true label.
+
+    ``"random"`` draws a wrong label uniformly with a generator seeded by ``seed``;
+    ``"least_likely"`` takes the class with the lowest clean logit. (``"nearest"`` is searched by
+    the attack itself over every wrong class.)
+
+    Raises:
+        ValueError: an unknown policy, or targets of the wrong shape, out of range, or equal to a label.
+    """
+    if isinstance(target, torch.Tensor):
+        targets = target.to(labels.device)
+        check_labels("target", targets, num_classes, count=labels.shape[0])
+        same = targets == labels
+        if same.any():
+            raise ValueError(f"target equals the true label for {int(same.sum())} examples (first at index "
+                             f"{int(same.nonzero()[0])}); an adversarial target must be a wrong class")
+        return targets.long()
+    if target == "random":
+        generator = torch.Generator().manual_seed(seed)
+        offsets = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
+        return (labels + offsets) % num_classes
+    if target == "least_likely":
+        return clean_logits.scatter(1, labels[:, None], float("inf")).argmin(1)
+    raise ValueError(f"target must be a LongTensor of labels or one of {POLICIES}, got {target!r}")

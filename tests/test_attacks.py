@@ -1,0 +1,186 @@
+"""BoxLBFGS: the linear optimum, the exact box, verified success, an untouched model, bad inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from advtrain.attacks import BoxLBFGS, choose_targets
+from advtrain.layers import split_at
+
+
+def linear_head(dims: int = 20, classes: int = 3, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(dims, classes)
+
+
+def exact_minimum_l2(head: nn.Linear, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Closed form without a box: the smallest r that makes the target logit beat every other.
+
+    For 2 classes the optimum is the distance to one hyperplane."""
+    with torch.no_grad():
+        logits = head(inputs)
+        label = logits.argmax(1)
+        w = head.weight[targets] - head.weight[label]  # (N, D)
+        gap = logits.gather(1, label[:, None]).squeeze(1) - logits.gather(1, targets[:, None]).squeeze(1)
+        return gap / w.norm(dim=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "scipy"])
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_linear_binary_optimum_is_found(backend: str, loss: str) -> None:
+    head = linear_head(classes=2)
+    inputs = torch.rand(8, 20, dtype=torch.float64) * 0.5 + 0.25
+    head = head.double()
+    labels = head(inputs).argmax(1).detach()
+    targets = 1 - labels
+    exact = exact_minimum_l2(head, inputs, targets)
+    result = BoxLBFGS(backend=backend, loss=loss, search_steps=16)(
+        head, inputs, labels, target=targets, bounds=(-math.inf, math.inf))
+    assert result.success.all()
+    assert (result.l2 >= exact * (1 - 1e-9)).all()  # nothing can beat the optimum
+    assert (result.l2 <= exact * 1.01).all(), (result.l2 / exact)
+
+
+def test_result_is_verified_and_inside_per_unit_box() -> None:
+    head = linear_head()
+    inputs = torch.rand(16, 20) * 0.2 + 0.4
+    labels = head(inputs).argmax(1).detach()
+    lower, upper = torch.full((20,), 0.3), torch.linspace(0.65, 0.9, 20)
+    result = BoxLBFGS()(head, inputs, labels, bounds=(lower, upper))
+    assert result.success.any()
+    assert ((result.adversarial >= lower) & (result.adversarial <= upper)).all()
+    with torch.no_grad():
+        predicted = head(result.adversarial).argmax(1)
+    assert torch.equal(predicted[result.success], result.target[result.success])
+    assert torch.allclose(result.perturbation, result.adversarial - inputs)
+    torch.testing.assert_close(result.distortion, result.l2 / math.sqrt(20))
+    assert torch.isinf(result.l2[~result.success]).all()
+
+
+def test_more_search_steps_do_not_increase_distortion() -> None:
+    head = linear_head()
+    inputs = torch.rand(12, 20)
+    labels = head(inputs).argmax(1).detach()
+    few = BoxLBFGS(search_steps=2)(head, inputs, labels)
+    many = BoxLBFGS(search_steps=10)(head, inputs, labels)
+    both = few.success & many.success
+    assert both.any() and (many.l2[both] <= few.l2[both] + 1e-6).all()
+    assert many.l2[both].mean() < few.l2[both].mean()
+
+
+def test_infinite_upper_bound_like_relu_activations() -> None:
+    torch.manual_seed(3)
+    head = nn.Sequential(nn.Linear(30, 16), nn.Tanh(), nn.Linear(16, 4))
+    activations = torch.relu(torch.randn(10, 30))
+    labels = head(activations).argmax(1).detach()
+    result = BoxLBFGS()(head, activations, labels, target="least_likely", bounds=(0.0, math.inf))
+    assert result.success.all() and (result.adversarial >= 0).all()
+
+
+def test_hidden_layer_of_a_sigmoid_network() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(49, 20), nn.Sigmoid(), nn.Linear(20, 20), nn.Sigmoid(), nn.Linear(20, 5))
+    prototypes = torch.rand(5, 1, 7, 7)
+    classes = torch.arange(5).repeat(20)
+    images = (prototypes[classes] + 0.1 * torch.randn(100, 1, 7, 7)).clamp(0, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(200):  # a trained network: every class is reachable
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(images), classes).backward()
+        optimizer.step()
+    bottom, head = split_at(model, "2")
+    images = images[:10]
+    labels = model(images).argmax(1).detach()
+    result = BoxLBFGS()(head, bottom(images).detach(), labels, bounds=(0.0, 1.0))
+    assert result.success.all()
+
+
+def test_model_is_left_untouched() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    model.train()
+    model[0].weight.requires_grad_(False)
+    marker = torch.full_like(model[2].weight, 7.0)
+    model[2].weight.grad = marker.clone()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    inputs = torch.rand(6, 20)
+    BoxLBFGS(search_steps=2, iterations=5)(model, inputs, torch.zeros(6, dtype=torch.long), target=torch.ones(6, dtype=torch.long))
+    assert model.training and model[1].training
+    assert not model[0].weight.requires_grad and model[2].weight.requires_grad and model[2].bias.requires_grad
+    assert torch.equal(model[2].weight.grad, marker) and model[2].bias.grad is None and model[0].weight.grad is None
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_works_under_inference_mode_and_in_float64() -> None:
+    head = linear_head().double()
+    inputs = torch.rand(5, 20, dtype=torch.float64)
+    labels = head(inputs).argmax(1).detach()
+    with torch.inference_mode():
+        result = BoxLBFGS(search_steps=4)(head, inputs, labels, bounds=(-math.inf, math.inf))
+    assert result.success.all() and result.adversarial.dtype == torch.float64
+
+
+def test_nearest_is_no_farther_than_any_single_target() -> None:
+    head = linear_head(classes=4)
+    inputs = torch.rand(6, 20)
+    labels = head(inputs).argmax(1).detach()
+    attack = BoxLBFGS(search_steps=8)
+    nearest = attack(head, inputs, labels, target="nearest", bounds=(-math.inf, math.inf))
+    assert nearest.success.all() and (nearest.target != labels).all()
+    for offset in (1, 2, 3):
+        single = attack(head, inputs, labels, target=(labels + offset) % 4, bounds=(-math.inf, math.inf))
+        assert (nearest.l2 <= single.l2 * 1.001).all()
+
+
+def test_target_policies() -> None:
+    labels = torch.tensor([0, 1, 2, 3, 4] * 20)
+    logits = torch.randn(100, 5)
+    random = choose_targets("random", labels, logits, 5, seed=1)
+    assert (random != labels).all() and torch.equal(random, choose_targets("random", labels, logits, 5, seed=1))
+    assert len(set(random.tolist())) == 5
+    least = choose_targets("least_likely", labels, logits, 5)
+    masked = logits.scatter(1, labels[:, None], float("inf"))
+    assert torch.equal(least, masked.argmin(1)) and (least != labels).all()
+
+
+BAD = [
+    ("outside-box", dict(inputs=torch.full((2, 20), 1.5)), r"inputs lie outside the box at 40 values"),
+    ("non-finite", dict(inputs=torch.tensor([[float("nan")] * 20, [0.5] * 20])), r"inputs holds 20 non-finite values"),
+    ("label-range", dict(labels=torch.tensor([0, 3])), r"labels must lie in \[0, 3\), got values from 0 to 3"),
+    ("label-count", dict(labels=torch.tensor([0, 1, 2])), r"labels has 3 entries but the inputs have 2"),
+    ("target-range", dict(target=torch.tensor([1, 5])), r"target must lie in \[0, 3\)"),
+    ("target-is-label", dict(target=torch.tensor([0, 2])), r"target equals the true label for 1 examples"),
+    ("unknown-policy", dict(target="farthest"), r"target must be a LongTensor of labels or one of \('random'"),
+    ("bounds-order", dict(bounds=(1.0, 0.0)), r"bounds have lower > upper"),
+    ("bounds-shape", dict(bounds=(torch.zeros(7), 1.0)), r"bounds must broadcast to the inputs' shape \(2, 20\)"),
+    ("integer-inputs", dict(inputs=torch.zeros(2, 20, dtype=torch.long)), r"inputs must be a floating-point tensor"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_bad_inputs_are_named(overrides: dict, message: str) -> None:
+    call = dict(inputs=torch.full((2, 20), 0.5), labels=torch.tensor([0, 1]), target="random", bounds=(0.0, 1.0))
+    call.update(overrides)
+    inputs, labels = call.pop("inputs"), call.pop("labels")
+    with pytest.raises(ValueError, match=message):
+        BoxLBFGS()(linear_head(), inputs, labels, **call)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [({"loss": "l2"}, "loss must be 'ce' or 'margin'"), ({"backend": "jax"}, "backend must be"),
+     ({"search_steps": 0}, "search_steps must be a positive integer"), ({"c_growth": 1.0}, "c_growth must be greater than 1"),
+     ({"c_init": -1.0}, "c_init must be positive")],
+    ids=["loss", "backend", "steps", "growth", "c-init"],
+)
+def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BoxLBFGS(**settings)
+
+
+def test_repr_shows_the_settings() -> None:
+    assert "search_steps=10" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(loss='ce'")
