@@ -1,5 +1,8 @@
 """``advtrain train``: train one of the paper's models on MNIST and print its clean errors.
 
+The run folder gets the config, the command line, the trained weights (``model.pt``, a state dict
+of the :mod:`advtrain.models` builder's module) and the results as JSON and Markdown.
+
 Reads top to bottom: parse the settings, write them into the run folder, build the data and the
 model, (pre)train, test, write ``results.json`` and ``results.md``.
 """
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> TrainResult:
         epochs=1 if args.quick else args.epochs,
         seconds=seconds,
     )
+    torch.save(classifier.model.state_dict(), args.output / "model.pt")
     (args.output / "results.json").write_text(json.dumps(asdict(result), indent=2))
     table = (
         "| model | train error | test error | epochs | seconds |\n|---|---|---|---|---|\n"

@@ -27,7 +27,8 @@ def test_train_quick_runs_end_to_end(mnist_root: Path, tmp_path: Path) -> None:
     assert "FC100-100-10: train error" in result.stdout
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["test_error"] <= 1.0 and results["model"] == "FC100-100-10"
-    assert (tmp_path / "run" / "config.json").exists() and (tmp_path / "run" / "results.md").exists()
+    for name in ("config.json", "command.txt", "results.md", "model.pt"):
+        assert (tmp_path / "run" / name).exists(), name
 
 
 def test_missing_data_is_a_clear_message_not_a_traceback(tmp_path: Path) -> None:
