@@ -50,8 +50,10 @@ class BoxLBFGS:
     """Box-constrained L-BFGS adversarial search with a per-example line search over c.
 
     Args:
-        loss: ``"ce"`` (the paper's cross-entropy to the target) or ``"margin"`` (the best other
-            logit minus the target logit, floored at ``-confidence``, as Carlini and Wagner).
+        loss: ``"ce"`` (the paper's cross-entropy to the target) or ``"margin"``, Carlini and
+            Wagner's logit margin made smooth: ``max(best other logit − target logit + confidence, 0)²``.
+            Smooth, so L-BFGS converges on it; at the largest successful c its minimiser satisfies
+            the optimality condition of the minimum-norm point on the decision boundary.
         backend: ``"torch"`` (batched projected L-BFGS, one history per example, CPU or GPU),
             ``"scipy"`` (scipy's L-BFGS-B per example: exact box handling, slower), or ``"auto"``.
         search_steps: how many values of c to try per example.
@@ -59,8 +61,12 @@ class BoxLBFGS:
         history: L-BFGS memory (curvature pairs kept per example).
         c_init: the first c.
         c_growth: factor by which c grows (or shrinks) before a bracket is found.
-        confidence: margin floor for ``loss="margin"``: the search pushes the target logit this far
-            past the best other one, so the minimiser lies strictly beyond the decision boundary.
+        confidence: for ``loss="margin"``, how far past the best other logit the loss pushes the
+            target logit, so that minimisers lie strictly beyond the decision boundary.
+        refine_steps: bisection steps that finally pull each success back along its perturbation
+            towards the clean input, to just past the decision boundary (0 to skip): the
+            minimiser of ``c·‖r‖² + loss`` overshoots the boundary, and the box is convex, so the
+            shortened ``r`` stays inside it.
         seed: seeds the ``"random"`` target policy.
         progress: show a progress bar over the search steps.
 
@@ -88,6 +94,7 @@ class BoxLBFGS:
         c_init: float = 1.0,
         c_growth: float = 10.0,
         confidence: float = 1e-3,
+        refine_steps: int = 20,
         seed: int = 0,
         progress: bool = False,
     ) -> None:
@@ -102,6 +109,8 @@ class BoxLBFGS:
             raise ValueError(f"c_init must be positive and finite, got {c_init}")
         if not c_growth > 1:
             raise ValueError(f"c_growth must be greater than 1, got {c_growth}")
+        if not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
         if confidence < 0:
             raise ValueError(f"confidence must be non-negative, got {confidence}")
         self.loss = loss
@@ -112,6 +121,7 @@ class BoxLBFGS:
         self.c_init = c_init
         self.c_growth = c_growth
         self.confidence = confidence
+        self.refine_steps = refine_steps
         self.seed = seed
         self.progress = progress
 
@@ -193,7 +203,7 @@ class BoxLBFGS:
             return nn.functional.cross_entropy(logits, targets, reduction="none")
         target_logit = logits.gather(1, targets[:, None]).squeeze(1)
         others = logits.scatter(1, targets[:, None], float("-inf")).amax(1)
-        return (others - target_logit).clamp_min(-self.confidence)
+        return (others - target_logit + self.confidence).clamp_min(0).pow(2)
 
     def _search(self, head: Head, inputs: torch.Tensor, targets: torch.Tensor,
                 lower: torch.Tensor, upper: torch.Tensor) -> AttackResult:
@@ -239,7 +249,23 @@ class BoxLBFGS:
                 torch.isinf(c_failure), c * self.c_growth,
                 torch.where(c_success == 0, c / self.c_growth, (c_success * c_failure).sqrt()),
             )
+        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape)
         return self._result(head, inputs, best.view(shape), targets, lower, upper, best_l2, best_c, iterations)
+
+    @torch.no_grad()
+    def _refine(self, head: Head, origin: torch.Tensor, best: torch.Tensor, targets: torch.Tensor,
+                found: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Shrink each success ``x + r`` to ``x + t·r`` with the smallest ``t`` in (0, 1] that still
+        reaches the target (bisection; ``t = 1`` always does)."""
+        perturbation = best - origin
+        low = torch.zeros(best.shape[0], device=best.device, dtype=best.dtype)  # fails (or untested)
+        high = torch.ones_like(low)  # succeeds
+        for _ in range(self.refine_steps):
+            middle = (low + high) / 2
+            reached = head((origin + middle[:, None] * perturbation).view(shape)).argmax(1) == targets
+            high = torch.where(reached, middle, high)
+            low = torch.where(reached, low, middle)
+        return torch.where(found[:, None], origin + high[:, None] * perturbation, best)
 
     def _solve_torch(self, objective, on_point, start, lower, upper):
         return projected_lbfgs(objective, start, lower, upper, iterations=self.iterations,

@@ -56,10 +56,15 @@ def projected_lbfgs(
     iterations: int,
     history: int = 10,
     tolerance: float = 1e-7,
-    max_backtracks: int = 20,
+    relative_decrease: float = 1e-6,
+    max_backtracks: int = 10,
     on_point: OnPoint | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise each row's objective from ``start`` ``(N, D)`` inside ``[lower, upper]``.
+
+    A row stops when its projected gradient is below ``tolerance`` (max-norm), when its value fell
+    by less than ``relative_decrease`` (relative, as scipy's ``ftol``), or when its line search
+    found no decrease in ``max_backtracks`` halvings.
 
     Returns:
         The final points ``(N, D)`` and the iterations each row took ``(N,)``.
@@ -111,7 +116,8 @@ def projected_lbfgs(
                 on_point(trial[good], trial_logits[good], good_rows)
             pending[good_rows] = False
             length[rows[~good]] *= 0.5
-        active &= accepted  # a row whose line search failed has converged as far as it can
+        # a row whose line search failed, or whose value barely moved, has converged (scipy's ftol)
+        active &= accepted & (value - new_value > relative_decrease * new_value.abs().clamp_min(1.0))
 
         step, change = new_x - x, new_gradient - gradient
         curvature = (step * change).sum(1)
