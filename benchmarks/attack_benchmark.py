@@ -1,0 +1,197 @@
+"""BoxLBFGS against the exact optimum and Foolbox's minimum-norm attacks, measured in one run.
+
+    python benchmarks/attack_benchmark.py [--examples 100] [--models-dir runs/models]
+
+For each model: the first ``--examples`` MNIST test images the model classifies correctly, one
+seeded random wrong target each, the same for every method. Reports success (verified by a fresh
+forward pass), mean distortion sqrt(mean r²) over successes, and wall time, with distortion as a
+ratio to Foolbox's C&W and time as a ratio to Foolbox's DDN. For softmax regression, the exact
+minimum (a convex QP solved by scipy's SLSQP) is the reference. Then the attack on hidden layers.
+Models missing from ``--models-dir`` are trained first with the ``advtrain train`` recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import minimize
+
+from advtrain.attacks import BoxLBFGS, choose_targets
+from advtrain.data import MNISTDataModule
+from advtrain.layers import layer_bounds, split_at
+from advtrain.models import build_model
+from advtrain.recipes import train as train_recipe
+
+MODELS = {"fc10-1e-4": [], "fc100-100-10": ["sigmoid1"], "fc200-200-10": [], "convnet": ["pool1", "relu3"]}
+TRAINING = {"convnet": ["--epochs", "5", "--lr", "0.05"]}
+
+
+@dataclass
+class Row:
+    """One method on one model (or layer)."""
+
+    model: str
+    layer: str
+    method: str
+    examples: int
+    success: float
+    distortion: float
+    seconds: float
+    distortion_vs_reference: float = math.nan
+    time_vs_ddn: float = math.nan
+
+
+def trained_model(name: str, models_dir: Path, data_dir: str | None) -> torch.nn.Module:
+    """The model trained by the recipe, training it first where ``model.pt`` is missing."""
+    folder = models_dir / name
+    if not (folder / "model.pt").exists():
+        parser = argparse.ArgumentParser()
+        train_recipe.add_arguments(parser)
+        extra = ["--data-dir", data_dir] if data_dir else []
+        train_recipe.run(parser.parse_args(["--model", name, "--output", str(folder), *TRAINING.get(name, []), *extra]))
+    module = build_model(name).module
+    module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return module.eval().requires_grad_(False)
+
+
+def correctly_classified(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, count: int):
+    """The first ``count`` test images that ``model`` gets right."""
+    with torch.no_grad():
+        right = model(images[: 20 * count]).argmax(1) == labels[: 20 * count]
+    return images[: 20 * count][right][:count], labels[: 20 * count][right][:count]
+
+
+def rms(perturbation: torch.Tensor) -> torch.Tensor:
+    """sqrt(mean r²) per example."""
+    return perturbation.flatten(1).pow(2).mean(1).sqrt()
+
+
+def run_ours(model, images, labels, targets, **settings) -> tuple[float, float, float]:
+    """Success rate, mean distortion over successes, seconds."""
+    started = time.perf_counter()
+    result = BoxLBFGS(**settings)(model, images, labels, target=targets)
+    return result.success_rate, result.mean_distortion, time.perf_counter() - started
+
+
+def run_foolbox(attack, model, images, targets) -> tuple[float, float, float]:
+    """A Foolbox minimum-norm attack, targeted, with success checked by our own forward pass."""
+    import foolbox
+
+    wrapped = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    started = time.perf_counter()
+    _, adversarial, _ = attack(wrapped, images, foolbox.criteria.TargetedMisclassification(targets), epsilons=None)
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        success = (model(adversarial).argmax(1) == targets) & (adversarial >= 0).flatten(1).all(1) & (adversarial <= 1).flatten(1).all(1)
+    distortion = rms(adversarial - images)
+    return float(success.float().mean()), float(distortion[success].mean()), seconds
+
+
+def exact_softmax_regression(model, images, targets, margin: float = 1e-6) -> tuple[float, float, float]:
+    """min ‖r‖² s.t. the target logit beats every other by ``margin`` and x + r ∈ [0, 1] (SLSQP)."""
+    linear = model.logits
+    weight, bias = linear.weight.double().numpy(), linear.bias.double().numpy()
+    started = time.perf_counter()
+    distortions, successes = [], []
+    for image, target in zip(images.flatten(1).double().numpy(), targets.numpy()):
+        others = [j for j in range(weight.shape[0]) if j != target]
+        a = weight[target] - weight[others]  # (9, 784): a·(x + r) + b ≥ margin
+        b = bias[target] - bias[others]
+        constraint = {"type": "ineq", "fun": lambda r: a @ (image + r) + b - margin, "jac": lambda r: a}
+        bounds = list(zip(-image, 1.0 - image))
+        solution = minimize(lambda r: (r @ r, 2 * r), np.zeros_like(image), jac=True, method="SLSQP",
+                            constraints=[constraint], bounds=bounds, options={"maxiter": 500, "ftol": 1e-12})
+        r = np.clip(solution.x, -image, 1.0 - image)
+        logits = weight @ (image + r) + bias
+        successes.append(bool(logits.argmax() == target))
+        distortions.append(math.sqrt(float(np.mean(r * r))))
+    seconds = time.perf_counter() - started
+    distortions = np.array(distortions)[np.array(successes)]
+    return float(np.mean(successes)), float(distortions.mean()), seconds
+
+
+def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Row]:
+    """Every method on the input layer of one model."""
+    import foolbox
+
+    images, labels = correctly_classified(model, images, labels, examples)
+    targets = choose_targets("random", labels, None, 10, seed=0)
+    measured: dict[str, tuple[float, float, float]] = {}
+    if name.startswith("fc10-"):
+        measured["exact QP (SLSQP)"] = exact_softmax_regression(model, images, targets)
+    measured["Foolbox C&W (9×1000)"] = run_foolbox(
+        foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=9, steps=1000), model, images, targets)
+    measured["Foolbox DDN (1000)"] = run_foolbox(foolbox.attacks.DDNAttack(steps=1000), model, images, targets)
+    measured["BoxLBFGS ce, torch"] = run_ours(model, images, labels, targets, backend="torch")
+    measured["BoxLBFGS margin, torch"] = run_ours(model, images, labels, targets, backend="torch", loss="margin")
+    if name in ("fc10-1e-4", "fc100-100-10"):
+        measured["BoxLBFGS ce, scipy"] = run_ours(model, images, labels, targets, backend="scipy")
+    reference = measured.get("exact QP (SLSQP)", measured["Foolbox C&W (9×1000)"])[1]
+    ddn_seconds = measured["Foolbox DDN (1000)"][2]
+    return [
+        Row(name, "input", method, len(images), success, distortion, seconds, distortion / reference, seconds / ddn_seconds)
+        for method, (success, distortion, seconds) in measured.items()
+    ]
+
+
+def benchmark_layer(name: str, layer: str, model, images, labels, examples: int) -> Row:
+    """BoxLBFGS on the activations of one hidden layer, inside that layer's box."""
+    images, labels = correctly_classified(model, images, labels, examples)
+    bottom, head = split_at(model, layer)
+    (box,) = layer_bounds(model, [layer]).values()
+    with torch.no_grad():
+        activations = bottom(images)
+    targets = choose_targets("random", labels, None, 10, seed=0)
+    started = time.perf_counter()
+    result = BoxLBFGS()(head, activations, labels, target=targets, bounds=box)
+    seconds = time.perf_counter() - started
+    return Row(name, f"{layer} {tuple(float(b) for b in box)}", "BoxLBFGS ce, torch", len(images),
+               result.success_rate, result.mean_distortion, seconds)
+
+
+def markdown(rows: list[Row]) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| model | layer | method | n | success | mean distortion | vs reference | seconds | time vs DDN |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "" if math.isnan(row.distortion_vs_reference) else f"{row.distortion_vs_reference:.4f}"
+        speed = "" if math.isnan(row.time_vs_ddn) else f"{row.time_vs_ddn:.2f}×"
+        lines.append(f"| {row.model} | {row.layer} | {row.method} | {row.examples} | {100 * row.success:.0f}% | "
+                     f"{row.distortion:.5f} | {ratio} | {row.seconds:.1f} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Run every benchmark, print the table, write JSON and Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--models-dir", type=Path, default=Path("runs/models"))
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/attack"))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    data = MNISTDataModule(args.data_dir, val_size=0)
+    data.prepare_data()
+    images, labels = data.test_set.tensors
+    rows: list[Row] = []
+    for name in args.models:
+        model = trained_model(name, args.models_dir, args.data_dir)
+        rows.extend(benchmark_inputs(name, model, images, labels, args.examples))
+        rows.extend(benchmark_layer(name, layer, model, images, labels, args.examples) for layer in MODELS[name])
+        print(markdown(rows), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.json").write_text(json.dumps([asdict(row) for row in rows], indent=2))
+    (args.output / "results.md").write_text(markdown(rows))
+    print(f"written to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
