@@ -141,19 +141,22 @@ def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Ro
     ]
 
 
-def benchmark_layer(name: str, layer: str, model, images, labels, examples: int) -> Row:
-    """BoxLBFGS on the activations of one hidden layer, inside that layer's box."""
+def benchmark_layer(name: str, layer: str, model, images, labels, examples: int) -> list[Row]:
+    """BoxLBFGS (both losses) on the activations of one hidden layer, inside that layer's box."""
     images, labels = correctly_classified(model, images, labels, examples)
     bottom, head = split_at(model, layer)
     (box,) = layer_bounds(model, [layer]).values()
     with torch.no_grad():
         activations = bottom(images)
     targets = choose_targets("random", labels, None, 10, seed=0)
-    started = time.perf_counter()
-    result = BoxLBFGS()(head, activations, labels, target=targets, bounds=box)
-    seconds = time.perf_counter() - started
-    return Row(name, f"{layer} {tuple(float(b) for b in box)}", "BoxLBFGS ce, torch", len(images),
-               result.success_rate, result.mean_distortion, seconds)
+    rows = []
+    for loss in ("ce", "margin"):
+        started = time.perf_counter()
+        result = BoxLBFGS(loss=loss)(head, activations, labels, target=targets, bounds=box)
+        seconds = time.perf_counter() - started
+        rows.append(Row(name, f"{layer} {tuple(float(b) for b in box)}", f"BoxLBFGS {loss}, torch", len(images),
+                        result.success_rate, result.mean_distortion, seconds))
+    return rows
 
 
 def markdown(rows: list[Row]) -> str:
@@ -185,7 +188,8 @@ def main() -> None:
     for name in args.models:
         model = trained_model(name, args.models_dir, args.data_dir)
         rows.extend(benchmark_inputs(name, model, images, labels, args.examples))
-        rows.extend(benchmark_layer(name, layer, model, images, labels, args.examples) for layer in MODELS[name])
+        for layer in MODELS[name]:
+            rows.extend(benchmark_layer(name, layer, model, images, labels, args.examples))
         print(markdown(rows), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps([asdict(row) for row in rows], indent=2))

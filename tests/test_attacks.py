@@ -45,12 +45,13 @@ def test_linear_binary_optimum_is_found(backend: str, loss: str) -> None:
     assert (result.l2 <= exact * 1.01).all(), (result.l2 / exact)
 
 
-def test_result_is_verified_and_inside_per_unit_box() -> None:
+@pytest.mark.parametrize("backend", ["torch", "scipy"])
+def test_result_is_verified_and_inside_per_unit_box(backend: str) -> None:
     head = linear_head()
     inputs = torch.rand(16, 20) * 0.2 + 0.4
     labels = head(inputs).argmax(1).detach()
     lower, upper = torch.full((20,), 0.3), torch.linspace(0.65, 0.9, 20)
-    result = BoxLBFGS()(head, inputs, labels, bounds=(lower, upper))
+    result = BoxLBFGS(backend=backend)(head, inputs, labels, bounds=(lower, upper))
     assert result.success.any()
     assert ((result.adversarial >= lower) & (result.adversarial <= upper)).all()
     with torch.no_grad():
@@ -126,6 +127,19 @@ def test_works_under_inference_mode_and_in_float64() -> None:
     assert result.success.all() and result.adversarial.dtype == torch.float64
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    head = linear_head(classes=2).to(dtype)
+    inputs = (torch.rand(8, 20) * 0.5 + 0.25).to(dtype)
+    labels = head(inputs).argmax(1).detach()
+    attack = BoxLBFGS(loss="margin", search_steps=16)
+    on_cpu = attack(head, inputs, labels, target=1 - labels, bounds=(-math.inf, math.inf))
+    on_gpu = attack(head.cuda(), inputs.cuda(), labels.cuda(), target=(1 - labels).cuda(), bounds=(-math.inf, math.inf))
+    assert on_gpu.success.all() and on_gpu.adversarial.is_cuda
+    torch.testing.assert_close(on_gpu.l2.cpu(), on_cpu.l2, rtol=1e-3, atol=1e-5)
+
+
 def test_nearest_is_no_farther_than_any_single_target() -> None:
     head = linear_head(classes=4)
     inputs = torch.rand(6, 20)
@@ -185,4 +199,5 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
 
 
 def test_repr_shows_the_settings() -> None:
-    assert "search_steps=10" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(loss='ce'")
+    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(loss='ce'")
+    assert "c_init=1.0" in repr(BoxLBFGS()) and "c_init=0.1" in repr(BoxLBFGS(loss="margin"))
