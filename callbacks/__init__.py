@@ -1,3 +1,5 @@
 """Lightning callbacks of advtrain, installed as ``advtrain.callbacks``."""
 
-__all__: list[str] = []
+from advtrain.callbacks.layerwise_adversarial_training import LayerwiseAdversarialTraining
+
+__all__ = ["LayerwiseAdversarialTraining"]

@@ -1,0 +1,225 @@
+"""LayerwiseAdversarialTraining: gradients stop at the layer, pools resume, misconfiguration fails early."""
+
+from __future__ import annotations
+
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from advtrain import Classifier
+from advtrain.callbacks import LayerwiseAdversarialTraining
+
+
+def tiny_mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(8, 12), act1=nn.Sigmoid(), fc2=nn.Linear(12, 12), act2=nn.Sigmoid(), out=nn.Linear(12, 3)))
+
+
+def tiny_loader(batch_size: int = 16, count: int = 48) -> DataLoader:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.rand(count, 8, generator=generator)
+    labels = (inputs[:, :3] * torch.tensor([1.0, 1.1, 1.2])).argmax(1)
+    return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, shuffle=False)
+
+
+def pretrained_classifier() -> Classifier:
+    """A tiny classifier trained a little, so attacks have correct examples to work on."""
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.5)
+    inputs, labels = tiny_loader(count=48).dataset.tensors
+    for _ in range(300):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(classifier(inputs), labels).backward()
+        optimizer.step()
+    return classifier
+
+
+def trainer_for(tmp_path: Path, callbacks: list, **kwargs) -> pl.Trainer:
+    settings = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path, deterministic=True)
+    settings.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **settings)
+
+
+class RecordGradients(pl.Callback):
+    """Keeps the batch as the model sees it, the weights before the step and the gradients."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.inputs, self.labels = batch[0].clone(), batch[1].clone()
+        self.weights = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+
+    def on_after_backward(self, trainer, pl_module):
+        self.grads = {name: None if p.grad is None else p.grad.clone() for name, p in pl_module.named_parameters()}
+
+
+def test_pool_rows_train_only_the_layers_above(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["act1"], module="model", mix_fraction=0.5, refresh_size=8, capacity=64)
+    recorder = RecordGradients()
+    trainer_for(tmp_path, [callback, recorder], max_steps=1).fit(classifier, tiny_loader())
+    assert len(callback.pools["act1"]) > 0
+    mixed = 8  # half of a batch of 16
+    # Expected fc1 gradient: only the clean rows reach it (the loss is a mean over all 16 rows).
+    model = tiny_mlp()
+    model.load_state_dict({name.removeprefix("model."): w for name, w in recorder.weights.items()})
+    clean_loss = nn.functional.cross_entropy(model(recorder.inputs[:-mixed]), recorder.labels[:-mixed], reduction="sum") / 16
+    clean_loss.backward()
+    torch.testing.assert_close(recorder.grads["model.fc1.weight"], model.fc1.weight.grad)
+    # The layers above do get gradient from the pool rows: more than from the clean rows alone.
+    assert not torch.allclose(recorder.grads["model.fc2.weight"], model.fc2.weight.grad)
+
+
+def test_with_every_row_from_the_pool_nothing_below_gets_gradient(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["act1"], module="model", mix_fraction=1.0, refresh_size=16, capacity=64)
+    recorder = RecordGradients()
+    trainer_for(tmp_path, [callback, recorder], max_steps=1).fit(classifier, tiny_loader())
+    below = recorder.grads["model.fc1.weight"]
+    assert below is None or torch.count_nonzero(below) == 0
+    assert torch.count_nonzero(recorder.grads["model.fc2.weight"]) > 0
+
+
+def test_input_pool_replaces_images_and_labels(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_size=12, capacity=64)
+    recorder = RecordGradients()
+    trainer_for(tmp_path, [callback, recorder], max_steps=1).fit(classifier, tiny_loader())
+    original = tiny_loader().dataset.tensors[0][:16]
+    assert torch.equal(recorder.inputs[:12], original[:12]) and not torch.equal(recorder.inputs[12:], original[12:])
+    pool = callback.pools["input"]
+    assert ((pool.examples[: len(pool)] >= 0) & (pool.examples[: len(pool)] <= 1)).all()
+
+
+def test_generation_restores_the_mode_and_logs_per_layer(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["input", "act2"], module="model", refresh_size=8, capacity=64)
+    modes = []
+
+    class Mode(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            modes.append(pl_module.training)
+
+    trainer = trainer_for(tmp_path, [callback, Mode()], max_steps=2)
+    trainer.fit(classifier, tiny_loader())
+    assert modes == [True, True]
+    for layer in ("input", "act2"):
+        for name in ("pool_size", "pool_error", "generation_success", "generation_seconds"):
+            assert f"adv/{layer}/{name}" in trainer.logged_metrics
+    assert 0.0 <= float(trainer.logged_metrics["adv/act2/generation_success"]) <= 1.0
+
+
+def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
+    torch.manual_seed(0)
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["input", "act1"], module="model", refresh_size=8, capacity=20, refresh_every=1)
+    trainer = trainer_for(tmp_path, [callback], max_epochs=epochs)
+    trainer.fit(classifier, tiny_loader(), ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return classifier, callback
+
+
+def test_interrupt_and_resume_continues_the_same_run(tmp_path: Path) -> None:
+    straight_model, straight = _run(tmp_path / "a", epochs=2)
+    checkpoint = str(tmp_path / "mid.ckpt")
+    _run(tmp_path / "b", epochs=1, save=checkpoint)
+    resumed_model, resumed = _run(tmp_path / "c", epochs=2, ckpt=checkpoint)
+    for layer in ("input", "act1"):
+        a, b = straight.pools[layer], resumed.pools[layer]
+        assert len(a) == len(b) > 0
+        assert torch.equal(a.examples[: len(a)], b.examples[: len(b)]) and torch.equal(a.labels, b.labels)
+    assert straight.steps_taken == resumed.steps_taken
+    for (name, p), (_, q) in zip(straight_model.named_parameters(), resumed_model.named_parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_state_pickles() -> None:
+    callback = LayerwiseAdversarialTraining(["input"], capacity=4)
+    callback.pools["input"].add(torch.rand(3, 8), torch.tensor([0, 1, 2]))
+    state = pickle.loads(pickle.dumps(callback.state_dict()))
+    other = LayerwiseAdversarialTraining(["input"], capacity=4)
+    other.load_state_dict(state)
+    assert torch.equal(other.pools["input"].examples, callback.pools["input"].examples)
+    assert callback.state_key != LayerwiseAdversarialTraining(["input", "act1"], capacity=4).state_key
+
+
+class DictBatches(Dataset):
+    def __init__(self) -> None:
+        self.inputs, self.labels = tiny_loader().dataset.tensors
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.inputs[index], "target": self.labels[index]}
+
+
+class DictClassifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"], batch["target"]), batch_idx)
+
+
+def test_dict_batches_with_configured_keys(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    dict_classifier = DictClassifier(classifier.model, num_classes=3)
+    callback = LayerwiseAdversarialTraining(["act1"], module="model", input_key="image", label_key="target",
+                                            refresh_size=8, capacity=64)
+    trainer_for(tmp_path, [callback], max_steps=2).fit(dict_classifier, DataLoader(DictBatches(), batch_size=16))
+    assert len(callback.pools["act1"]) > 0
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = torch.relu(self.fc1(x))
+        return self.out(hidden + self.fc2(hidden))
+
+
+@pytest.mark.parametrize(
+    ("make", "loader", "message"),
+    [
+        (lambda: LayerwiseAdversarialTraining(["fc9"], module="model"), tiny_loader, r"unknown layer `fc9`; layers are: input, fc1"),
+        (lambda: LayerwiseAdversarialTraining(["act1"], module="net"), tiny_loader, r"module `net` is not a submodule"),
+        (lambda: LayerwiseAdversarialTraining(["fc2"], module="model"), tiny_loader, r"cannot be cut cleanly at `fc2`"),
+        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", capacity=3), tiny_loader,
+         r"capacity 3 is below the 4 rows mixed into each batch of 16"),
+        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", label_key="label"),
+         lambda: DataLoader(DictBatches(), batch_size=16), r"a dict batch needs keys `x` and `label`"),
+    ],
+    ids=["unknown-layer", "unknown-module", "unclean-cut", "capacity", "unreadable-batch"],
+)
+def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, loader, message: str) -> None:
+    steps = []
+
+    class Count(pl.Callback):
+        def on_train_batch_end(self, *args):
+            steps.append(1)
+
+    model = Residual() if "cut cleanly" in message else tiny_mlp()
+    classifier = Classifier(model, num_classes=3)
+    with pytest.raises(ValueError, match=message):
+        trainer_for(tmp_path, [make(), Count()], max_steps=2).fit(classifier, loader())
+    assert steps == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"layers": []}, "layers must be a non-empty list"), ({"mix_fraction": 0.0}, r"mix_fraction must be in \(0, 1\]"),
+     ({"capacity": 0}, "capacity must be a positive integer"),
+     ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)")],
+    ids=["no-layers", "mix", "capacity", "weights"],
+)
+def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
+    arguments = {"layers": ["input", "act1"], **settings}
+    with pytest.raises(ValueError, match=message):
+        LayerwiseAdversarialTraining(**arguments)
