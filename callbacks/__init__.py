@@ -1,5 +1,6 @@
 """Lightning callbacks of advtrain, installed as ``advtrain.callbacks``."""
 
+from advtrain.callbacks.adversarial_evaluation import AdversarialEvaluation, AdversarialReport
 from advtrain.callbacks.layerwise_adversarial_training import LayerwiseAdversarialTraining
 
-__all__ = ["LayerwiseAdversarialTraining"]
+__all__ = ["AdversarialEvaluation", "AdversarialReport", "LayerwiseAdversarialTraining"]

@@ -1,0 +1,166 @@
+"""``AdversarialEvaluation``: clean versus adversarial error at the end of validation and test."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, default_collate
+
+from advtrain.attacks import AttackResult, BoxLBFGS
+
+
+@dataclass
+class AdversarialReport:
+    """What one evaluation measured on its fixed subset.
+
+    Attributes:
+        clean_error: fraction misclassified as they are.
+        adversarial_error: budget to the fraction misclassified as they are or with a perturbation of
+            distortion (sqrt(mean r²)) at most that budget.
+        mean_distortion: mean minimal distortion over the correctly classified examples the search
+            succeeded on.
+        success_rate: fraction of the correctly classified examples the search succeeded on.
+    """
+
+    clean_error: float
+    adversarial_error: dict[float, float]
+    mean_distortion: float
+    success_rate: float
+
+
+def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Sequence[float]) -> AdversarialReport:
+    """Errors at each budget from an untargeted search run on the correctly classified examples."""
+    count = correct.numel()
+    distortion = torch.full((count,), math.inf)
+    distortion[~correct] = 0.0
+    distortion[correct] = torch.where(result.success, result.distortion, torch.full_like(result.distortion, math.inf)).cpu()
+    errors = {float(b): float((distortion <= b).float().mean()) for b in budgets}
+    found = result.success.cpu()
+    return AdversarialReport(
+        clean_error=float((~correct).float().mean()),
+        adversarial_error=errors,
+        mean_distortion=float(result.distortion[result.success].mean()) if bool(found.any()) else math.nan,
+        success_rate=float(found.float().mean()) if found.numel() else math.nan,
+    )
+
+
+def figure_grid(images: torch.Tensor, adversarial: torch.Tensor, magnify: float = 10.0) -> torch.Tensor:
+    """The paper's Figure 5 layout: a row each of originals, perturbations ×``magnify`` (grey is
+    zero) and adversarial images. Returns an image tensor ``(C, H, W)`` in [0, 1]."""
+    from torchvision.utils import make_grid
+
+    perturbation = (0.5 + magnify * (adversarial - images)).clamp(0, 1)
+    tiles = torch.cat([images, perturbation, adversarial]).detach().cpu()
+    return make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0)
+
+
+class AdversarialEvaluation(Callback):
+    """At the end of validation and test: clean error, adversarial error at distortion budgets,
+    and the mean minimal distortion, on a fixed seeded subset of that stage's data.
+
+    Args:
+        examples: size of the subset (the same examples every time).
+        budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error.
+        attack: the search (default: ``BoxLBFGS(loss="margin")``), run untargeted (``"nearest"``).
+        module: the classifier as a named submodule of the LightningModule (default: its forward).
+        bounds: the input box.
+        figure_examples: columns of the Figure-5 image logged where the logger takes images; 0 for none.
+        input_key, label_key: where a dict dataset item keeps inputs and labels.
+        seed: seeds the subset.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[AdversarialEvaluation(examples=200)], logger=WandbLogger(offline=True))
+
+    Reference: Szegedy et al. (2013), Section 4.1 and Figure 5.
+    """
+
+    def __init__(
+        self,
+        *,
+        examples: int = 100,
+        budgets: Sequence[float] = (0.05, 0.1),
+        attack: BoxLBFGS | None = None,
+        module: str | None = None,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        figure_examples: int = 8,
+        input_key: str = "x",
+        label_key: str = "y",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(examples, int) or examples < 1:
+            raise ValueError(f"examples must be a positive integer, got {examples!r}")
+        if not budgets or any(not b > 0 for b in budgets):
+            raise ValueError(f"budgets must be positive distortions, got {list(budgets)!r}")
+        self.examples = examples
+        self.budgets = tuple(float(b) for b in budgets)
+        self.attack = attack if attack is not None else BoxLBFGS(loss="margin")
+        self.module = module
+        self.bounds = bounds
+        self.figure_examples = figure_examples
+        self.input_key, self.label_key = input_key, label_key
+        self.seed = seed
+        self.reports: dict[str, AdversarialReport] = {}
+
+    def subset(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed seeded subset of a loader's dataset."""
+        dataset = loader.dataset
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[: self.examples]
+        batch = default_collate([dataset[int(i)] for i in order])
+        if isinstance(batch, Mapping):
+            return batch[self.input_key], batch[self.label_key]
+        return batch[0], batch[1]
+
+    def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
+        """Clean predictions, then the untargeted search on the correct ones (model in eval mode)."""
+        was_training = classifier.training
+        classifier.eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                correct = classifier(inputs).argmax(1) == labels
+            result = self.attack(classifier, inputs[correct], labels[correct], target="nearest", bounds=self.bounds)
+        finally:
+            classifier.train(was_training)
+        return adversarial_report(result, correct.cpu(), self.budgets), result
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, loaders: Any) -> None:
+        if trainer.sanity_checking or loaders is None:
+            return
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        classifier = pl_module if self.module is None else pl_module.get_submodule(self.module)
+        inputs, labels = self.subset(loader)
+        with torch.inference_mode(False):
+            inputs, labels = inputs.clone().to(pl_module.device), labels.clone().to(pl_module.device)
+        report, result = self.evaluate(classifier, inputs, labels)
+        self.reports[stage] = report
+        pl_module.log(f"adv_{stage}/clean_err", report.clean_error)
+        pl_module.log(f"adv_{stage}/mean_distortion", report.mean_distortion if report.mean_distortion == report.mean_distortion else 0.0)
+        for budget, error in report.adversarial_error.items():
+            pl_module.log(f"adv_{stage}/adv_err@{budget:g}", error)
+        self._log_figure(trainer, stage, result)
+
+    def _log_figure(self, trainer: pl.Trainer, stage: str, result: AttackResult) -> None:
+        logger = trainer.logger
+        shown = min(self.figure_examples, len(result))
+        if shown == 0 or logger is None or not hasattr(logger, "log_image"):
+            return
+        originals = result.adversarial[:shown] - result.perturbation[:shown]
+        grid = figure_grid(originals, result.adversarial[:shown])
+        caption = "rows: original, perturbation ×10, adversarial; targets " + ", ".join(str(int(t)) for t in result.target[:shown])
+        logger.log_image(key=f"adv_{stage}/figure", images=[grid], caption=[caption], step=trainer.global_step)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate on the validation subset."""
+        self._run(trainer, pl_module, "val", trainer.val_dataloaders)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate on the test subset."""
+        self._run(trainer, pl_module, "test", trainer.test_dataloaders)

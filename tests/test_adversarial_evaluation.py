@@ -1,0 +1,82 @@
+"""AdversarialEvaluation: the numbers, under inference mode, and what really reaches W&B offline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from advtrain import Classifier
+from advtrain.attacks import AttackResult
+from advtrain.callbacks import AdversarialEvaluation
+from advtrain.callbacks.adversarial_evaluation import adversarial_report, figure_grid
+from wandb_records import history
+
+
+def image_data(count: int = 64) -> TensorDataset:
+    """Tiny 'images' (N, 1, 6, 6) in [0, 1]; the label is the brighter half."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(count, 1, 6, 6, generator=generator)
+    labels = (images[:, 0, :3].mean((1, 2)) > images[:, 0, 3:].mean((1, 2))).long()
+    return TensorDataset(images, labels)
+
+
+def image_classifier() -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Sigmoid(), nn.Linear(16, 2)),
+                      num_classes=2, lr=0.5, schedule="constant")
+
+
+def test_report_counts_clean_mistakes_as_adversarial_at_every_budget() -> None:
+    correct = torch.tensor([True, True, True, False])
+    result = AttackResult(
+        adversarial=torch.zeros(3, 4), perturbation=torch.zeros(3, 4), success=torch.tensor([True, True, False]),
+        distortion=torch.tensor([0.05, 0.2, math.inf]), l2=torch.zeros(3), target=torch.zeros(3, dtype=torch.long),
+        c=torch.zeros(3), iterations=torch.zeros(3, dtype=torch.long))
+    report = adversarial_report(result, correct, budgets=(0.01, 0.1, 1.0))
+    assert report.clean_error == 0.25
+    assert report.adversarial_error == {0.01: 0.25, 0.1: 0.5, 1.0: 0.75}
+    assert report.mean_distortion == pytest.approx(0.125) and report.success_rate == pytest.approx(2 / 3)
+
+
+def test_figure_has_three_rows() -> None:
+    grid = figure_grid(torch.zeros(4, 1, 6, 6), torch.ones(4, 1, 6, 6))
+    assert grid.shape == (3, 3 * 6 + 4 * 2, 4 * 6 + 5 * 2)
+
+
+def test_test_stage_runs_under_inference_mode(tmp_path: Path) -> None:
+    callback = AdversarialEvaluation(examples=12, budgets=(0.1, 0.5))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, inference_mode=True, callbacks=[callback])
+    metrics = trainer.test(image_classifier(), DataLoader(image_data(), batch_size=16), verbose=False)[0]
+    report = callback.reports["test"]
+    assert metrics["adv_test/clean_err"] == pytest.approx(report.clean_error)
+    assert report.adversarial_error[0.1] <= report.adversarial_error[0.5] <= 1.0
+    assert report.success_rate == 1.0 and report.mean_distortion > 0
+
+
+def test_clean_and_adversarial_series_reach_the_offline_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = WandbLogger(project="advtrain-tests", save_dir=str(tmp_path), offline=True)
+    data = image_data()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                         callbacks=[AdversarialEvaluation(examples=64, budgets=(0.1, 0.5), figure_examples=4)])
+    trainer.fit(image_classifier(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=32))
+    wandb.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    series = history(run_file)
+    assert len(series["adv_val/clean_err"]) == 2 and len(series["adv_val/adv_err@0.5"]) == 2
+    assert all(0.0 <= value <= 1.0 for value in series["adv_val/adv_err@0.1"])
+    assert series["adv_val/clean_err"] == pytest.approx(series["val/err"])  # the subset is the whole set
+    assert series["adv_val/figure"][0]["_type"] == "images/separated"
