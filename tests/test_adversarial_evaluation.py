@@ -79,4 +79,5 @@ def test_clean_and_adversarial_series_reach_the_offline_wandb_run(tmp_path: Path
     assert len(series["adv_val/clean_err"]) == 2 and len(series["adv_val/adv_err@0.5"]) == 2
     assert all(0.0 <= value <= 1.0 for value in series["adv_val/adv_err@0.1"])
     assert series["adv_val/clean_err"] == pytest.approx(series["val/err"])  # the subset is the whole set
-    assert series["adv_val/figure"][0]["_type"] == "images/separated"
+    assert series["adv_val/figure/_type"] == ["images/separated"] * 2  # the Figure-5 image, each epoch
+    assert len(list(run_file.parent.glob("files/media/images/adv_val/figure_*.png"))) == 2
