@@ -10,6 +10,8 @@ from importlib import import_module
 
 #: Subcommand name to (recipe module, one-line help).
 RECIPES: dict[str, tuple[str, str]] = {
+    "adversarial-training": ("advtrain.recipes.adversarial_training",
+                             "FC100-100-10 with weight decay, dropout and per-layer adversarial pools, compared"),
     "train": ("advtrain.recipes.train", "train one of the paper's MNIST models and print its clean test error"),
 }
 

@@ -118,7 +118,7 @@ def test_generation_restores_the_mode_and_logs_per_layer(tmp_path: Path) -> None
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
     torch.manual_seed(0)
     classifier = pretrained_classifier()
-    callback = LayerwiseAdversarialTraining(["input", "act1"], module="model", refresh_size=8, capacity=20, refresh_every=1)
+    callback = LayerwiseAdversarialTraining(["input", "act1"], module="model", refresh_size=30, capacity=20, refresh_every=2)
     trainer = trainer_for(tmp_path, [callback], max_epochs=epochs)
     trainer.fit(classifier, tiny_loader(), ckpt_path=ckpt)
     if save:

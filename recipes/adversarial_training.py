@@ -1,0 +1,146 @@
+"""``advtrain adversarial-training``: FC100-100-10 on MNIST three ways, as in the paper's Section 4.2.
+
+Weight decay only, dropout, and per-layer adversarial pools (input and both hidden layers), with
+the same recipe otherwise. Prints test error, mean minimal distortion on a fixed test subset and
+wall time for each. Reads top to bottom: settings, run folder, data, then for each way: model,
+trainer, fit, evaluate; then the table, to the terminal, the run folder and Weights & Biases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from advtrain import Classifier
+from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
+from advtrain.data import MNISTDataModule
+from advtrain.models import fc100_100_10
+from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
+
+WAYS = ("weight-decay", "dropout", "pools")
+
+
+@dataclass
+class WayResult:
+    """What one way of training measured."""
+
+    way: str
+    test_error: float
+    mean_distortion: float
+    seconds: float
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of ``advtrain adversarial-training``."""
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--penalty-scale", type=float, default=PENALTY_SCALES["fc100-100-10"])
+    parser.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden layer (the dropout way)")
+    parser.add_argument("--layers", nargs="+", default=["input", "sigmoid1", "sigmoid2"], help="layers with pools")
+    parser.add_argument("--capacity", type=int, default=4096)
+    parser.add_argument("--mix-fraction", type=float, default=0.25)
+    parser.add_argument("--refresh-every", type=int, default=4)
+    parser.add_argument("--refresh-size", type=int, default=32)
+    parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--wandb", choices=["offline", "online", "off"], default=None,
+                        help="W&B mode (default: online with WANDB_API_KEY set, else offline)")
+    parser.add_argument("--output", type=Path, default=Path("runs/adversarial-training"))
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 images, one epoch, 20 eval examples")
+
+
+def wandb_mode(args: argparse.Namespace) -> str:
+    """``args.wandb``, else online where an API key is set and offline otherwise."""
+    if args.wandb:
+        return args.wandb
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
+    """A W&B logger per way (one run each, grouped), or CSV where W&B is off."""
+    mode = wandb_mode(args)
+    if mode == "off":
+        return pl.loggers.CSVLogger(args.output, name=way)
+    from pytorch_lightning.loggers import WandbLogger
+
+    return WandbLogger(project="advtrain", group="adversarial-training", name=way, save_dir=str(args.output),
+                       offline=mode == "offline", config={**vars(args), "output": str(args.output), "way": way})
+
+
+def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
+    """Train FC100-100-10 one way; return the classifier and the seconds training took."""
+    pl.seed_everything(args.seed, workers=True)
+    paper_model = fc100_100_10(dropout=args.dropout if way == "dropout" else 0.0)
+    penalties = {layer: args.penalty_scale * strength for layer, strength in paper_model.penalties.items()}
+    classifier = Classifier.from_paper_model(paper_model, penalties=penalties, lr=args.lr)
+    callbacks: list[pl.Callback] = []
+    if way == "pools":
+        callbacks.append(LayerwiseAdversarialTraining(
+            args.layers, module="model", capacity=args.capacity, mix_fraction=args.mix_fraction,
+            refresh_every=args.refresh_every, refresh_size=args.refresh_size, seed=args.seed))
+    trainer = pl.Trainer(
+        max_epochs=1 if args.quick else args.epochs, accelerator=args.accelerator, devices=1,
+        logger=logger_for(args, way), callbacks=callbacks, enable_checkpointing=False,
+        limit_train_batches=2000 // args.batch_size if args.quick else None, num_sanity_val_steps=0,
+        log_every_n_steps=10,
+    )
+    started = time.perf_counter()
+    trainer.fit(classifier, datamodule=data)
+    return classifier, time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> list[WayResult]:
+    """Train every way, evaluate, write and print the table."""
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "config.json").write_text(json.dumps({**vars(args), "output": str(args.output)}, indent=2))
+    (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, seed=args.seed)
+    data.prepare_data()
+    data.setup()
+    test_images, test_labels = data.test_set.tensors
+    evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed)
+    subset = evaluation.subset(data.test_dataloader())
+    results = []
+    for way in args.ways:
+        classifier, seconds = train_one_way(args, way, data)
+        report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
+        results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds))
+        torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
+        _finish_wandb(args, results[-1])
+    table = markdown(results)
+    (args.output / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
+    (args.output / "results.md").write_text(table)
+    print("\n" + table + f"\nresults in {args.output}")
+    return results
+
+
+def _finish_wandb(args: argparse.Namespace, result: WayResult) -> None:
+    """Log the way's result as a summary and a one-row table, then close its W&B run."""
+    if wandb_mode(args) == "off":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary.update({"test/err_full": result.test_error, "adv_test/mean_min_distortion": result.mean_distortion})
+        wandb.log({"result": wandb.Table(columns=list(asdict(result)), data=[list(asdict(result).values())])})
+        wandb.finish()
+
+
+def markdown(results: list[WayResult]) -> str:
+    """The comparison table."""
+    lines = ["| FC100-100-10 trained with | test error | mean minimal distortion | wall time |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} | {r.seconds:.0f} s |")
+    return "\n".join(lines) + "\n"
