@@ -51,7 +51,7 @@ class LayerwiseAdversarialTraining(Callback):
         refresh_size: recent clean training rows attacked at each refresh (the callback keeps the
             last ``refresh_size`` rows it has seen; attacking many rows at once is far cheaper per
             row than attacking few often).
-        warmup_steps: no pools (and no generation) before this global step.
+        warmup_steps, warmup_epochs: no pools (and no generation) before this global step and epoch.
         layer_weights: how often each layer is picked (default: cycle through them in turn).
         attack: the search that generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``).
         module: the classifier as a named submodule of the LightningModule (default: the
@@ -59,7 +59,7 @@ class LayerwiseAdversarialTraining(Callback):
         input_key, label_key: where a dict batch keeps inputs and labels.
         bounds: per-layer boxes overriding the ones the layer types imply (others are estimated
             per unit from the first batch's clean activations).
-        pool_device: where pools live; ``None`` puts them on the model's device.
+        pool_device: where pools live (``"cpu"`` keeps accelerator memory free).
         seed: seeds layer choice, pool replacement and targets (offset by the rank under DDP).
 
     Raises:
@@ -83,13 +83,14 @@ class LayerwiseAdversarialTraining(Callback):
         refresh_every: int = 16,
         refresh_size: int = 256,
         warmup_steps: int = 0,
+        warmup_epochs: int = 0,
         layer_weights: Sequence[float] | None = None,
         attack: BoxLBFGS | None = None,
         module: str | None = None,
         input_key: str = "x",
         label_key: str = "y",
         bounds: Mapping[str, Bounds] | None = None,
-        pool_device: str | torch.device | None = "cpu",
+        pool_device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -101,8 +102,9 @@ class LayerwiseAdversarialTraining(Callback):
         for name, value in (("capacity", capacity), ("refresh_every", refresh_every), ("refresh_size", refresh_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be a non-negative integer, got {warmup_steps!r}")
+        for name, value in (("warmup_steps", warmup_steps), ("warmup_epochs", warmup_epochs)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -114,18 +116,20 @@ class LayerwiseAdversarialTraining(Callback):
         self.refresh_every = refresh_every
         self.refresh_size = refresh_size
         self.warmup_steps = warmup_steps
+        self.warmup_epochs = warmup_epochs
         self.layer_weights = None if layer_weights is None else torch.tensor(weights)
         self.attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
         self.module = module
         self.input_key, self.label_key = input_key, label_key
         self.bounds_override = dict(bounds or {})
-        self.pool_device = pool_device
         self.seed = seed
-        self.pools = {layer: AdversarialPool(capacity, seed=seed + index) for index, layer in enumerate(layers)}
+        self.pools = {layer: AdversarialPool(capacity, device=pool_device, seed=seed + index)
+                      for index, layer in enumerate(layers)}
         self.generator = torch.Generator().manual_seed(seed)
         self.boxes: dict[str, Bounds] = {}
         self.steps_taken = {layer: 0 for layer in layers}  # adversarial steps per layer
-        self.stats: dict[str, dict[str, float]] = {}
+        self.stats: dict[str, dict[str, float]] = {}  # the last refresh of each layer
+        self.seconds_generating = 0.0  # in this process, all refreshes together
         self._classifier: nn.Module | None = None
         self._cuts: dict[str, tuple[nn.Module, nn.Module]] = {}
         self._hooks: list[Any] = []
@@ -227,17 +231,18 @@ class LayerwiseAdversarialTraining(Callback):
         return self.layers[int(torch.multinomial(self.layer_weights, 1, generator=self.generator))]
 
     def should_refresh(self, layer: str) -> bool:
-        """Whether this step of ``layer`` generates fresh examples (always while its pool is empty)."""
-        return len(self.pools[layer]) == 0 or self.steps_taken[layer] % self.refresh_every == 0
+        """Whether this step of ``layer`` generates fresh examples: its first, then every ``refresh_every``-th."""
+        return self.steps_taken[layer] % self.refresh_every == 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Refresh this step's pool if due, then mix it into the batch."""
-        if trainer.global_step < self.warmup_steps:
+        if trainer.global_step < self.warmup_steps or trainer.current_epoch < self.warmup_epochs:
             return
         inputs, labels = self.read_batch(batch)
         layer = self.layer_for_step(trainer.global_step)
         mixed = self.rows_to_mix(inputs.shape[0])
-        self._remember(inputs[:-mixed] if mixed < inputs.shape[0] else inputs, labels[:-mixed] if mixed < inputs.shape[0] else labels)
+        clean = inputs.shape[0] - mixed if mixed < inputs.shape[0] else inputs.shape[0]  # rows the pool leaves alone
+        self._remember(inputs[:clean], labels[:clean])
         if self.should_refresh(layer):
             recent_inputs = torch.cat([rows for rows, _ in self._recent]).to(inputs.device)
             recent_labels = torch.cat([rows for _, rows in self._recent]).to(labels.device)
@@ -297,12 +302,14 @@ class LayerwiseAdversarialTraining(Callback):
             pool_error = self._pool_error(layer, head)
         finally:
             classifier.train(was_training)
+        seconds = time.perf_counter() - started
+        self.seconds_generating += seconds
         self.stats[layer] = {
             "pool_size": float(len(self.pools[layer])),
             "pool_error": pool_error,
             "generation_success": success,
             "generation_distortion": distortion,
-            "generation_seconds": time.perf_counter() - started,
+            "generation_seconds": seconds,
         }
 
     def _pool_error(self, layer: str, head: nn.Module, sample: int = 256) -> float:
