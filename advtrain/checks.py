@@ -48,3 +48,10 @@ def check_batch(
         check_shape("inputs", inputs, input_shape)
     check_finite("inputs", inputs)
     check_labels("labels", labels, num_classes, count=inputs.shape[0])
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer of at least ``minimum`` (1: positive)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}" if minimum else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from advtrain.checks import check_count
+
 
 class AdversarialPool:
     """Adversarial activations of one layer with their true labels.
@@ -32,8 +34,7 @@ class AdversarialPool:
     """
 
     def __init__(self, capacity: int, *, device: torch.device | str = "cpu", seed: int = 0) -> None:
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive integer, got {capacity!r}")
+        check_count("capacity", capacity)
         self.capacity = capacity
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(seed)

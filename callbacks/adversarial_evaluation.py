@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from advtrain.attacks import AttackResult, BoxLBFGS
+from advtrain.checks import check_count
 
 
 @dataclass
@@ -96,8 +97,7 @@ class AdversarialEvaluation(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(examples, int) or examples < 1:
-            raise ValueError(f"examples must be a positive integer, got {examples!r}")
+        check_count("examples", examples)
         if not budgets or any(not b > 0 for b in budgets):
             raise ValueError(f"budgets must be positive distortions, got {list(budgets)!r}")
         self.examples = examples

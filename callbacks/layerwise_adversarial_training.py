@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from advtrain.attacks import BoxLBFGS
+from advtrain.checks import check_count
 from advtrain.layers import INPUT, Bounds, estimated_bounds, known_bounds, layer_names, split_at
 from advtrain.pool import AdversarialPool
 
@@ -80,7 +81,7 @@ class LayerwiseAdversarialTraining(Callback):
         *,
         capacity: int = 4096,
         mix_fraction: float = 0.25,
-        refresh_every: int = 16,
+        refresh_every: int = 96,
         refresh_size: int = 256,
         warmup_steps: int = 0,
         warmup_epochs: int = 0,
@@ -100,11 +101,9 @@ class LayerwiseAdversarialTraining(Callback):
         if not 0.0 < mix_fraction <= 1.0:
             raise ValueError(f"mix_fraction must be in (0, 1], got {mix_fraction}")
         for name, value in (("capacity", capacity), ("refresh_every", refresh_every), ("refresh_size", refresh_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, value)
         for name, value in (("warmup_steps", warmup_steps), ("warmup_epochs", warmup_epochs)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            check_count(name, value, minimum=0)
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:

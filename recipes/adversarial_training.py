@@ -47,10 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalty-scale", type=float, default=PENALTY_SCALES["fc100-100-10"])
     parser.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden layer (the dropout way)")
     parser.add_argument("--layers", nargs="+", default=["input", "sigmoid1", "sigmoid2"], help="layers with pools")
-    parser.add_argument("--capacity", type=int, default=4096)
-    parser.add_argument("--mix-fraction", type=float, default=0.25)
-    parser.add_argument("--refresh-every", type=int, default=4)
-    parser.add_argument("--refresh-size", type=int, default=32)
+    # pool settings: None keeps LayerwiseAdversarialTraining's own (measured) defaults
+    parser.add_argument("--capacity", type=int, default=None)
+    parser.add_argument("--mix-fraction", type=float, default=None)
+    parser.add_argument("--refresh-every", type=int, default=None)
+    parser.add_argument("--refresh-size", type=int, default=None)
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -87,9 +88,9 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     classifier = Classifier.from_paper_model(paper_model, penalties=penalties, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
+        settings = {name: getattr(args, name) for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size")}
         callbacks.append(LayerwiseAdversarialTraining(
-            args.layers, module="model", capacity=args.capacity, mix_fraction=args.mix_fraction,
-            refresh_every=args.refresh_every, refresh_size=args.refresh_size, seed=args.seed))
+            args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(
         max_epochs=1 if args.quick else args.epochs, accelerator=args.accelerator, devices=1,
         logger=logger_for(args, way), callbacks=callbacks, enable_checkpointing=False,

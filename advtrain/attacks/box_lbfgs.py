@@ -20,7 +20,7 @@ from torch import nn
 from advtrain.attacks.lbfgs import project, projected_lbfgs
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import TargetPolicy, choose_targets
-from advtrain.checks import check_finite, check_labels
+from advtrain.checks import check_count, check_finite, check_labels
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 Loss = Literal["ce", "margin"]
@@ -106,16 +106,14 @@ class BoxLBFGS:
         if backend not in ("auto", "torch", "scipy"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'scipy', got {backend!r}")
         for name, value in (("search_steps", search_steps), ("iterations", iterations), ("history", history)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_count(name, value)
         if c_init is None:
             c_init = 1.0 if loss == "ce" else 0.1
         if not (c_init > 0 and math.isfinite(c_init)):
             raise ValueError(f"c_init must be positive and finite, got {c_init}")
         if not c_growth > 1:
             raise ValueError(f"c_growth must be greater than 1, got {c_growth}")
-        if not isinstance(refine_steps, int) or refine_steps < 0:
-            raise ValueError(f"refine_steps must be a non-negative integer, got {refine_steps!r}")
+        check_count("refine_steps", refine_steps, minimum=0)
         if confidence < 0:
             raise ValueError(f"confidence must be non-negative, got {confidence}")
         self.loss = loss
