@@ -95,9 +95,10 @@ class Classifier(pl.LightningModule):
         self.test_error = ErrorRate()
 
     @classmethod
-    def from_paper_model(cls, paper_model: PaperModel, **kwargs: Any) -> "Classifier":
-        """A classifier for one of :mod:`advtrain.models`, with its penalties and input shape."""
-        kwargs.setdefault("penalties", paper_model.penalties)
+    def from_paper_model(cls, paper_model: PaperModel, *, penalty_scale: float = 1.0, **kwargs: Any) -> "Classifier":
+        """A classifier for one of :mod:`advtrain.models`, with its penalties (each λ times
+        ``penalty_scale``) and input shape."""
+        kwargs.setdefault("penalties", {layer: penalty_scale * strength for layer, strength in paper_model.penalties.items()})
         kwargs.setdefault("input_shape", paper_model.input_shape)
         kwargs.setdefault("frozen", paper_model.frozen)
         return cls(paper_model.module, **kwargs)

@@ -41,8 +41,7 @@ def timed_training(data: MNISTDataModule, epochs: int, pools: LayerwiseAdversari
     """Seconds of each epoch of FC100-100-10 training, with or without pools."""
     pl.seed_everything(0)
     paper_model = fc100_100_10()
-    penalties = {name: PENALTY_SCALES["fc100-100-10"] * value for name, value in paper_model.penalties.items()}
-    classifier = Classifier.from_paper_model(paper_model, penalties=penalties, lr=DEFAULTS["lr"])
+    classifier = Classifier.from_paper_model(paper_model, penalty_scale=PENALTY_SCALES["fc100-100-10"], lr=DEFAULTS["lr"])
     timer = EpochTimer()
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -84,8 +84,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     """Train FC100-100-10 one way; return the classifier and the seconds training took."""
     pl.seed_everything(args.seed, workers=True)
     paper_model = fc100_100_10(dropout=args.dropout if way == "dropout" else 0.0)
-    penalties = {layer: args.penalty_scale * strength for layer, strength in paper_model.penalties.items()}
-    classifier = Classifier.from_paper_model(paper_model, penalties=penalties, lr=args.lr)
+    classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
         settings = {name: getattr(args, name) for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size")}

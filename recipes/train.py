@@ -72,8 +72,7 @@ def train_model(args: argparse.Namespace, data: MNISTDataModule) -> tuple[Classi
             paper_model.module.get_submodule(paper_model.frozen[0]), images, epochs=1 if args.quick else 10, seed=args.seed
         )
     scale = args.penalty_scale if args.penalty_scale is not None else PENALTY_SCALES.get(args.model, 1.0)
-    penalties = {layer: scale * strength for layer, strength in paper_model.penalties.items()}
-    classifier = Classifier.from_paper_model(paper_model, penalties=penalties, optimizer=args.optimizer, lr=args.lr)
+    classifier = Classifier.from_paper_model(paper_model, penalty_scale=scale, optimizer=args.optimizer, lr=args.lr)
     trainer = pl.Trainer(
         max_epochs=1 if args.quick else args.epochs,
         accelerator=args.accelerator,

@@ -44,6 +44,8 @@ def test_penalty_is_lambda_sum_of_squares_over_units() -> None:
         for name, strength in {"fc1": 1e-5, "fc2": 1e-5, "logits": 1e-6}.items()
     )
     torch.testing.assert_close(classifier.penalty(), expected)
+    scaled = Classifier.from_paper_model(paper_model, penalty_scale=300.0)
+    torch.testing.assert_close(scaled.penalty(), 300.0 * expected)
     torch.testing.assert_close(layer_penalty(nn.Conv2d(1, 4, 3, bias=False), 0.0), torch.tensor(0.0))
 
 
