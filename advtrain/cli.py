@@ -13,6 +13,7 @@ RECIPES: dict[str, tuple[str, str]] = {
     "adversarial-training": ("advtrain.recipes.adversarial_training",
                              "FC100-100-10 with weight decay, dropout and per-layer adversarial pools, compared"),
     "lipschitz": ("advtrain.recipes.lipschitz", "per-layer upper Lipschitz bounds (the paper's Table 5) of AlexNet or an MNIST model"),
+    "units": ("advtrain.recipes.units", "inputs that most activate single units versus random directions (Figures 1 and 2)"),
     "train": ("advtrain.recipes.train", "train one of the paper's MNIST models and print its clean test error"),
 }
 
