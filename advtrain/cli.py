@@ -14,6 +14,9 @@ RECIPES: dict[str, tuple[str, str]] = {
                              "FC100-100-10 with weight decay, dropout and per-layer adversarial pools, compared"),
     "lipschitz": ("advtrain.recipes.lipschitz", "per-layer upper Lipschitz bounds (the paper's Table 5) of AlexNet or an MNIST model"),
     "units": ("advtrain.recipes.units", "inputs that most activate single units versus random directions (Figures 1 and 2)"),
+    "table1": ("advtrain.recipes.table1", "the paper's Table 1: errors and minimal distortion of six MNIST models"),
+    "table2": ("advtrain.recipes.table2", "the paper's Table 2: adversarial examples across models, and Gaussian noise"),
+    "table3": ("advtrain.recipes.table3", "the paper's Tables 3 and 4: adversarial examples across training sets"),
     "train": ("advtrain.recipes.train", "train one of the paper's MNIST models and print its clean test error"),
 }
 

@@ -1,0 +1,117 @@
+"""The pieces the table recipes share: the paper's models trained once and reused, their errors,
+minimal adversarial examples, and the perturbations the paper compares them with."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advtrain.attacks import AttackResult, BoxLBFGS
+from advtrain.data import MNISTDataModule
+from advtrain.models import build_model
+from advtrain.recipes.train import DEFAULTS, train_model
+
+#: The models of the paper's Table 1, by command-line name.
+TABLE1_MODELS = ("fc10-1e-4", "fc10-1e-2", "fc10-1", "fc100-100-10", "fc200-200-10", "ae400-10")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, models_dir: str) -> None:
+    """How models are trained (``advtrain train``'s defaults) and where they are kept for reuse."""
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
+    parser.add_argument("--models-dir", type=Path, default=Path(models_dir),
+                        help="trained models are saved here and reused when present (delete to retrain)")
+    parser.add_argument("--examples", type=int, default=100, help="images in the seeded subset that is attacked")
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 training images, one epoch, 10 examples")
+
+
+def trained_model(name: str, args: argparse.Namespace, data: MNISTDataModule, label: str | None = None) -> nn.Module:
+    """Model ``name`` trained on ``data`` with ``advtrain train``'s loop, loaded from
+    ``<models-dir>/<label>/model.pt`` where an earlier run left it; in eval mode on the CPU."""
+    path = args.models_dir / (label or name) / "model.pt"
+    module = build_model(name).module
+    if path.exists():
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        print(f"{label or name}: loaded {path}")
+        return module.eval()
+    settings = argparse.Namespace(model=name, seed=args.seed, quick=args.quick, penalty_scale=None, optimizer="sgd",
+                                  lr=args.lr, epochs=args.epochs, accelerator=args.accelerator,
+                                  output=path.parent, batch_size=args.batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    classifier, _ = train_model(settings, data)
+    torch.save(classifier.model.state_dict(), path)
+    return classifier.model.cpu().eval()
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000) -> float:
+    """The share of ``images`` that ``model`` gets wrong (eval mode, CPU)."""
+    model.eval()
+    wrong = sum(int((model(images[i:i + batch_size]).argmax(1) != labels[i:i + batch_size]).sum())
+                for i in range(0, len(images), batch_size))
+    return wrong / max(len(images), 1)
+
+
+def seeded_subset(images: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` images and labels drawn without replacement with ``seed``."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    return images[order], labels[order]
+
+
+def minimal_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, AttackResult, torch.Tensor]:
+    """The closest adversarial example of every image (untargeted box-constrained search).
+
+    Returns ``(adversarial, result, correct)``: adversarial images for all rows (an image the model
+    already gets wrong is its own adversarial example, distortion 0), the search's result on the
+    correct ones, and which those were.
+    """
+    with torch.no_grad():
+        correct = model(images).argmax(1) == labels
+    attack = BoxLBFGS(loss="margin", seed=seed, progress=True)
+    result = attack(model, images[correct], labels[correct], target="nearest")
+    adversarial = images.clone()
+    adversarial[correct] = result.adversarial.to(images.dtype)
+    return adversarial, result, correct
+
+
+def distortion(original: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
+    """``sqrt(mean r²)`` per image, the paper's measure."""
+    return (changed - original).flatten(1).pow(2).mean(1).sqrt()
+
+
+def mean_distortion_to_zero_accuracy(result: AttackResult, correct: torch.Tensor) -> float:
+    """The average distortion that brings the subset to 0% accuracy (0 for images already wrong);
+    ``inf`` if the search failed on any image."""
+    if not bool(result.success.all()):
+        return math.inf
+    total = float(result.distortion.sum())
+    return total / correct.numel()
+
+
+def gaussian_noise(images: torch.Tensor, stddev: float, seed: int) -> torch.Tensor:
+    """``images`` plus N(0, stddev²) per pixel, clipped to [0, 1]."""
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)) * stddev
+    return (images + noise.to(images)).clamp(0, 1)
+
+
+def magnified(images: torch.Tensor, adversarial: torch.Tensor, stddev: float) -> torch.Tensor:
+    """Each perturbation scaled to ``sqrt(mean r²) = stddev`` (the paper's Table 4), clipped to [0, 1]."""
+    perturbation = adversarial - images
+    scale = stddev / distortion(images, adversarial).clamp_min(1e-12)
+    return (images + perturbation * scale.view(-1, *[1] * (images.dim() - 1))).clamp(0, 1)
+
+
+def save_figure5(images: torch.Tensor, adversarial: torch.Tensor, path: Path, columns: int = 8) -> Path:
+    """The paper's Figure 5 layout (originals, perturbation ×10, adversarial) as a PNG."""
+    from torchvision.utils import save_image
+
+    from advtrain.callbacks.adversarial_evaluation import figure_grid
+
+    save_image(figure_grid(images[:columns], adversarial[:columns]), path)
+    return path
