@@ -85,6 +85,14 @@ def distortion(original: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
     return (changed - original).flatten(1).pow(2).mean(1).sqrt()
 
 
+def mean_change(original: torch.Tensor, changed: torch.Tensor) -> float:
+    """The average distortion over the images a set actually changes (an image a model already got
+    wrong is its own adversarial example, unchanged, and does not count)."""
+    per_image = distortion(original, changed)
+    moved = per_image > 0
+    return float(per_image[moved].mean()) if bool(moved.any()) else 0.0
+
+
 def mean_distortion_to_zero_accuracy(result: AttackResult, correct: torch.Tensor) -> float:
     """The average distortion that brings the subset to 0% accuracy (0 for images already wrong);
     ``inf`` if the search failed on any image."""

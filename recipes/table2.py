@@ -20,9 +20,9 @@ from advtrain.data import MNISTDataModule
 from advtrain.recipes.paper_models import (
     TABLE1_MODELS,
     add_training_arguments,
-    distortion,
     error_rate,
     gaussian_noise,
+    mean_change,
     minimal_adversarial,
     seeded_subset,
     trained_model,
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict:
     sets.update({f"noise {s:g}": gaussian_noise(images, s, args.seed) for s in NOISE})
     matrix = {row: {column: error_rate(model, changed, labels) for column, model in models.items()}
               for row, changed in sets.items()}
-    distortions = {row: float(distortion(images, changed).mean()) for row, changed in sets.items()}
+    distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
     results = {"examples": len(images), "errors": matrix, "mean_distortion": distortions}
     text = markdown(args.models, matrix, distortions, len(images))
     write_results(args, results, text)

@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 from advtrain.data import MNISTDataModule
 from advtrain.recipes.paper_models import (
     add_training_arguments,
-    distortion,
     error_rate,
     gaussian_noise,
     magnified,
+    mean_change,
     minimal_adversarial,
     seeded_subset,
     trained_model,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
                  for label, changed in adversarial.items()})
     sets["Gaussian noise 0.1"] = gaussian_noise(images, 0.1, args.seed + 1)
     table4 = {row: {label: error_rate(model, changed, labels) for label, model in models.items()} for row, changed in sets.items()}
-    distortions = {row: float(distortion(images, changed).mean()) for row, changed in sets.items()}
+    distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
     results = {"examples": len(images), "table3": table3, "table4": table4, "mean_distortion": distortions}
     write_results(args, results, markdown(table3, table4, distortions, len(images)))
     wandb_run = start_wandb(args, "table3")
