@@ -223,3 +223,20 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
     arguments = {"layers": ["input", "act1"], **settings}
     with pytest.raises(ValueError, match=message):
         LayerwiseAdversarialTraining(**arguments)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"] if torch.cuda.is_available() else ["bf16-mixed"])
+def test_mixed_precision_generates_and_injects(tmp_path: Path, precision: str) -> None:
+    """Under autocast the hidden layer's output is half precision; pool rows are injected in its dtype
+    and generation (float64 search outside autocast) still succeeds."""
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["input", "act2"], module="model", refresh_size=8, capacity=64,
+                                            mix_fraction=0.25)
+    recorder = RecordGradients()
+    trainer = trainer_for(tmp_path, [callback, recorder], max_steps=2, precision=precision,
+                          accelerator="gpu" if precision == "16-mixed" else "cpu")
+    trainer.fit(classifier, tiny_loader())
+    assert len(callback.pools["input"]) > 0 and len(callback.pools["act2"]) > 0
+    assert float(trainer.logged_metrics["adv/act2/generation_success"]) > 0.0
+    assert torch.count_nonzero(recorder.grads["model.out.weight"]) > 0
+    assert all(torch.isfinite(p).all() for p in classifier.parameters())
