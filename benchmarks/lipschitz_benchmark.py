@@ -49,6 +49,8 @@ def main() -> None:
     peers = []
     started_all = time.perf_counter()
     for row in table.rows:
+        if row.weight_shape is None:
+            continue
         layer = model.get_submodule(row.name)
         started = time.perf_counter()
         if isinstance(layer, torch.nn.Linear):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from advtrain import Classifier
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.models import fc100_100_10
+from advtrain.recipes.run_folder import wandb_mode
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
@@ -60,13 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="W&B mode (default: online with WANDB_API_KEY set, else offline)")
     parser.add_argument("--output", type=Path, default=Path("runs/adversarial-training"))
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 images, one epoch, 20 eval examples")
-
-
-def wandb_mode(args: argparse.Namespace) -> str:
-    """``args.wandb``, else online where an API key is set and offline otherwise."""
-    if args.wandb:
-        return args.wandb
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:

@@ -27,6 +27,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, models_dir: str) -> 
     parser.add_argument("--models-dir", type=Path, default=Path(models_dir),
                         help="trained models are saved here and reused when present (delete to retrain)")
     parser.add_argument("--examples", type=int, default=100, help="images in the seeded subset that is attacked")
+    parser.add_argument("--target", choices=["random", "nearest"], default="random",
+                        help="random: a seeded random wrong label per image, the paper's practice; "
+                             "nearest: the closest wrong label (the untargeted minimum)")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 training images, one epoch, 10 examples")
 
@@ -64,8 +67,10 @@ def seeded_subset(images: torch.Tensor, labels: torch.Tensor, count: int, seed: 
     return images[order], labels[order]
 
 
-def minimal_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, AttackResult, torch.Tensor]:
-    """The closest adversarial example of every image (untargeted box-constrained search).
+def minimal_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
+                        target: str = "random") -> tuple[torch.Tensor, AttackResult, torch.Tensor]:
+    """The smallest adversarial example of every image that the box-constrained search finds for
+    ``target`` (``"random"``: a seeded random wrong label; ``"nearest"``: the closest wrong label).
 
     Returns ``(adversarial, result, correct)``: adversarial images for all rows (an image the model
     already gets wrong is its own adversarial example, distortion 0), the search's result on the
@@ -74,7 +79,7 @@ def minimal_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Te
     with torch.no_grad():
         correct = model(images).argmax(1) == labels
     attack = BoxLBFGS(loss="margin", seed=seed, progress=True)
-    result = attack(model, images[correct], labels[correct], target="nearest")
+    result = attack(model, images[correct], labels[correct], target=target)
     adversarial = images.clone()
     adversarial[correct] = result.adversarial.to(images.dtype)
     return adversarial, result, correct

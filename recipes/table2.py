@@ -58,10 +58,11 @@ def examples_for(name: str, model: torch.nn.Module, images: torch.Tensor, labels
     saved = args.table1 / "adversarial" / f"{name}.pt"
     if saved.exists():
         stored = torch.load(saved, map_location="cpu", weights_only=True)
-        if stored["images"].shape == images.shape and torch.equal(stored["images"], images):
+        same_images = stored["images"].shape == images.shape and torch.equal(stored["images"], images)
+        if same_images and stored.get("target") == args.target:
             print(f"{name}: adversarial examples from {saved}")
             return stored["adversarial"]
-    return minimal_adversarial(model, images, labels, args.seed)[0]
+    return minimal_adversarial(model, images, labels, args.seed, args.target)[0]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     matrix = {row: {column: error_rate(model, changed, labels) for column, model in models.items()}
               for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
-    results = {"examples": len(images), "errors": matrix, "mean_distortion": distortions}
+    results = {"examples": len(images), "target": args.target, "errors": matrix, "mean_distortion": distortions}
     text = markdown(args.models, matrix, distortions, len(images))
     write_results(args, results, text)
     wandb_run = start_wandb(args, "table2")

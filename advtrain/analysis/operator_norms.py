@@ -15,20 +15,23 @@ import math
 import torch
 import torch.nn.functional as F
 
-#: Above this many weight entries the Gram matrix is formed in float32 (AlexNet's FC layers:
-#: float64 costs twice the time for a relative change below 1e-5).
-FLOAT64_LIMIT = 4_000_000
+#: Gram matrices larger than this on a side are formed in float32 (AlexNet's 4096-wide FC layers:
+#: float64 costs twice the time for a relative change below 1e-5); smaller ones in float64.
+FLOAT64_GRAM_SIDE = 2048
+#: Convolution spectra with more entries than this are computed in complex64.
+FLOAT64_SPECTRUM_LIMIT = 32_000_000
 
 
 def matrix_norm(weight: torch.Tensor) -> float:
-    """The largest singular value of a matrix (``weight`` of shape ``(out, in)``).
+    """The largest singular value of a matrix (``weight`` of shape ``(out, in)``), to float32 rounding
+    (relative 1e-5) for matrices wider than FLOAT64_GRAM_SIDE on both sides, else float64.
 
     Computed as the square root of the largest eigenvalue of the smaller Gram matrix, which is
     exact and many times faster than a full SVD for the large fully connected layers of AlexNet.
     """
     if weight.dim() != 2:
         raise ValueError(f"matrix_norm expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
-    dtype = torch.float64 if weight.numel() <= FLOAT64_LIMIT else torch.float32
+    dtype = torch.float64 if min(weight.shape) <= FLOAT64_GRAM_SIDE else torch.float32
     w = weight.detach().to(dtype)
     return math.sqrt(largest_gram_eigenvalue(w.unsqueeze(0)))
 
@@ -57,7 +60,7 @@ def circular_conv_norm(kernel: torch.Tensor, grid: tuple[int, int], stride: tupl
     if n_h % s_h or n_w % s_w:
         raise ValueError(f"stride {stride} must divide the grid {grid}")
     out_channels, in_channels, kh, kw = kernel.shape
-    dtype = torch.float64 if kernel.numel() * n_h * n_w <= 8 * FLOAT64_LIMIT else torch.float32
+    dtype = torch.float64 if kernel.numel() * n_h * n_w <= FLOAT64_SPECTRUM_LIMIT else torch.float32
     rows = (torch.arange(kh) % n_h).view(kh, 1)
     cols = (torch.arange(kw) % n_w).view(1, kw)
     flat_index = (rows * n_w + cols).reshape(-1).to(kernel.device)
