@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
     images, labels = seeded_subset(*data.train_set.tensors, 10 if args.quick else args.examples, args.seed)
     models = {name: trained_model(name, args, data) for name in args.models}
     sets = {name: examples_for(name, model, images, labels, args) for name, model in models.items()}
-    sets.update({f"noise {s:g}": gaussian_noise(images, s, args.seed) for s in NOISE})
+    sets.update({f"noise {s:g}": gaussian_noise(images, s, args.seed, args.clip_noise) for s in NOISE})
     matrix = {row: {column: error_rate(model, changed, labels) for column, model in models.items()}
               for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}

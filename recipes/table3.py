@@ -65,10 +65,10 @@ def run(args: argparse.Namespace) -> dict:
     adversarial = {label: minimal_adversarial(model, images, labels, args.seed, args.target)[0]
                    for label, model in models.items()}
     sets = {f"distorted for {label}": changed for label, changed in adversarial.items()}
-    sets["Gaussian noise 0.06"] = gaussian_noise(images, 0.06, args.seed)
+    sets["Gaussian noise 0.06"] = gaussian_noise(images, 0.06, args.seed, args.clip_noise)
     sets.update({f"distorted for {label}, magnified to 0.1": magnified(images, changed, 0.1)
                  for label, changed in adversarial.items()})
-    sets["Gaussian noise 0.1"] = gaussian_noise(images, 0.1, args.seed + 1)
+    sets["Gaussian noise 0.1"] = gaussian_noise(images, 0.1, args.seed + 1, args.clip_noise)
     table4 = {row: {label: error_rate(model, changed, labels) for label, model in models.items()} for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
     results = {"examples": len(images), "target": args.target, "table3": table3, "table4": table4, "mean_distortion": distortions}

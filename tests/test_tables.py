@@ -46,8 +46,12 @@ def test_gaussian_noise_is_seeded_clipped_and_of_the_asked_size() -> None:
     images = torch.full((50, 1, 28, 28), 0.5)
     noisy = gaussian_noise(images, 0.1, seed=1)
     assert torch.equal(noisy, gaussian_noise(images, 0.1, seed=1))
-    assert 0.0 <= float(noisy.min()) and float(noisy.max()) <= 1.0
     assert float(distortion(images, noisy).mean()) == pytest.approx(0.1, rel=0.02)
+    assert float(noisy.mean()) == pytest.approx(0.5, abs=0.01)  # zero-mean
+    black = torch.zeros(50, 1, 28, 28)
+    clipped = gaussian_noise(black, 0.3, seed=1, clip=True)
+    assert 0.0 <= float(clipped.min()) and float(clipped.max()) <= 1.0
+    assert float(distortion(black, clipped).mean()) == pytest.approx(0.3 / 2 ** 0.5, rel=0.05)  # half survives
 
 
 def test_distortion_to_zero_accuracy_counts_wrong_images_as_zero_and_failures_as_infinite() -> None:
