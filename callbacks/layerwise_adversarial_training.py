@@ -47,7 +47,8 @@ class LayerwiseAdversarialTraining(Callback):
         layers: the layers whose outputs get pools (``"input"`` is the input itself), named as in
             the classifier's ``named_modules()``.
         capacity: the most examples each pool holds.
-        mix_fraction: the fraction of each batch's rows replaced by pool examples.
+        mix_fraction: the fraction of each batch's rows replaced by pool examples (0.05: on FC100-100-10
+            the lowest clean error of 0.25, 0.1 and 0.05, still 1.39× the weight-decay model's distortion).
         refresh_every: a layer's pool gets fresh examples every this many of its steps.
         refresh_size: recent clean training rows attacked at each refresh (the callback keeps the
             last ``refresh_size`` rows it has seen; attacking many rows at once is far cheaper per
@@ -80,7 +81,7 @@ class LayerwiseAdversarialTraining(Callback):
         layers: Sequence[str] = (INPUT,),
         *,
         capacity: int = 4096,
-        mix_fraction: float = 0.25,
+        mix_fraction: float = 0.05,
         refresh_every: int = 96,
         refresh_size: int = 256,
         warmup_steps: int = 0,

@@ -34,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=None,
                         help="state dicts of the MNIST model to compare (e.g. runs/adversarial-training/pools.pt)")
     parser.add_argument("--image-size", type=int, default=224, help="AlexNet's input size")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: AlexNet at 64×64")
     add_common_arguments(parser, "runs/lipschitz")
 
 
@@ -57,7 +58,8 @@ def models_to_bound(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module
     """The labelled models, their input shape and a line on their weights."""
     if args.model == "alexnet":
         model, weights_line = alexnet(args.weights, args.seed)
-        return [("alexnet", model)], (3, args.image_size, args.image_size), weights_line
+        size = 64 if args.quick else args.image_size
+        return [("alexnet", model)], (3, size, size), weights_line
     if not args.checkpoint:
         torch.manual_seed(args.seed)
         paper_model = build_model(args.model)

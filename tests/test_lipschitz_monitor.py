@@ -72,7 +72,7 @@ def test_lipschitz_recipe_alexnet_offline_uses_random_weights_and_says_so(
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     output = tmp_path / "run"
-    assert main(["lipschitz", "--model", "alexnet", "--weights", "IMAGENET1K_V1", "--image-size", "64",
+    assert main(["lipschitz", "--model", "alexnet", "--weights", "IMAGENET1K_V1", "--quick",
                  "--output", str(output), "--wandb", "offline"]) == 0
     printed = capsys.readouterr().out
     assert "could not load AlexNet weights IMAGENET1K_V1" in printed and "using random weights" in printed
