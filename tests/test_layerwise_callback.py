@@ -191,7 +191,7 @@ class Residual(nn.Module):
         (lambda: LayerwiseAdversarialTraining(["fc9"], module="model"), tiny_loader, r"unknown layer `fc9`; layers are: input, fc1"),
         (lambda: LayerwiseAdversarialTraining(["act1"], module="net"), tiny_loader, r"module `net` is not a submodule"),
         (lambda: LayerwiseAdversarialTraining(["fc2"], module="model"), tiny_loader, r"cannot be cut cleanly at `fc2`"),
-        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", capacity=3), tiny_loader,
+        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", capacity=3, mix_fraction=0.25), tiny_loader,
          r"capacity 3 is below the 4 rows mixed into each batch of 16"),
         (lambda: LayerwiseAdversarialTraining(["act1"], module="model", label_key="label"),
          lambda: DataLoader(DictBatches(), batch_size=16), r"a dict batch needs keys `x` and `label`"),
