@@ -67,7 +67,7 @@ def test_distortion_to_zero_accuracy_counts_wrong_images_as_zero_and_failures_as
 
 def test_table_recipes_quick_end_to_end(mnist_root: Path, tmp_path: Path) -> None:
     models = ["fc10-1e-4", "fc100-100-10"]
-    table1 = advtrain_cli(["table1", "--quick", "--models", *models, "--output", str(tmp_path / "t1"),
+    table1 = advtrain_cli(["table1", "--quick", "--target", "nearest", "--models", *models, "--output", str(tmp_path / "t1"),
                            "--models-dir", str(tmp_path / "models")], mnist_root, tmp_path)
     rows = json.loads((tmp_path / "t1" / "results.json").read_text())["rows"]
     assert [row["model"] for row in rows] == ["FC10(0.0001)", "FC100-100-10"]
@@ -80,7 +80,7 @@ def test_table_recipes_quick_end_to_end(mnist_root: Path, tmp_path: Path) -> Non
     assert series["table1/result/_type"] == ["table-file"] and series["table1/figure5/_type"] == ["image-file"]
     assert len(series["table1/fc100-100-10/test_err"]) == 1
 
-    table2 = advtrain_cli(["table2", "--quick", "--models", *models, "--table1", str(tmp_path / "t1"),
+    table2 = advtrain_cli(["table2", "--quick", "--target", "nearest", "--models", *models, "--table1", str(tmp_path / "t1"),
                            "--output", str(tmp_path / "t2"), "--models-dir", str(tmp_path / "models")], mnist_root, tmp_path)
     assert "fc100-100-10: loaded" in table2.stdout and "adversarial examples from" in table2.stdout
     results = json.loads((tmp_path / "t2" / "results.json").read_text())
@@ -91,7 +91,7 @@ def test_table_recipes_quick_end_to_end(mnist_root: Path, tmp_path: Path) -> Non
     (run_file,) = (tmp_path / "t2").glob("wandb/offline-run-*/run-*.wandb")
     assert history(run_file)["table2/result/_type"] == ["table-file"]
 
-    advtrain_cli(["table3", "--quick", "--output", str(tmp_path / "t3"), "--models-dir", str(tmp_path / "models3")],
+    advtrain_cli(["table3", "--quick", "--target", "nearest", "--output", str(tmp_path / "t3"), "--models-dir", str(tmp_path / "models3")],
                  mnist_root, tmp_path)
     results = json.loads((tmp_path / "t3" / "results.json").read_text())
     assert list(results["table3"]) == ["FC100", "FC123", "FC100′"]
