@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from advtrain.attacks import BoxLBFGS
+from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.checks import check_count
 from advtrain.layers import INPUT, Bounds, estimated_bounds, known_bounds, layer_names, split_at
 from advtrain.pool import AdversarialPool
@@ -56,6 +57,9 @@ class LayerwiseAdversarialTraining(Callback):
         warmup_steps, warmup_epochs: no pools (and no generation) before this global step and epoch.
         layer_weights: how often each layer is picked (default: cycle through them in turn).
         attack: the search that generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``).
+        target: the wrong label each fresh example is pushed to: ``"random"`` (the paper's
+            practice), ``"runner_up"``, ``"least_likely"`` or ``"nearest"`` (searches every wrong
+            class: that many times the generation cost).
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.
@@ -88,6 +92,7 @@ class LayerwiseAdversarialTraining(Callback):
         warmup_epochs: int = 0,
         layer_weights: Sequence[float] | None = None,
         attack: BoxLBFGS | None = None,
+        target: TargetPolicy = "random",
         module: str | None = None,
         input_key: str = "x",
         label_key: str = "y",
@@ -105,6 +110,8 @@ class LayerwiseAdversarialTraining(Callback):
             check_count(name, value)
         for name, value in (("warmup_steps", warmup_steps), ("warmup_epochs", warmup_epochs)):
             check_count(name, value, minimum=0)
+        if target not in POLICIES:
+            raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -119,6 +126,7 @@ class LayerwiseAdversarialTraining(Callback):
         self.warmup_epochs = warmup_epochs
         self.layer_weights = None if layer_weights is None else torch.tensor(weights)
         self.attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
+        self.target = target
         self.module = module
         self.input_key, self.label_key = input_key, label_key
         self.bounds_override = dict(bounds or {})
@@ -293,7 +301,7 @@ class LayerwiseAdversarialTraining(Callback):
             self.attack.seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
             if labels.numel():
                 lower, upper = self.boxes[layer]
-                result = self.attack(head, activations, labels, target="random",
+                result = self.attack(head, activations, labels, target=self.target,
                                      bounds=(_as_bound(lower, activations), _as_bound(upper, activations)))
                 self.pools[layer].add(result.adversarial[result.success], labels[result.success])
                 success, distortion = result.success_rate, result.mean_distortion

@@ -19,9 +19,11 @@ import pytorch_lightning as pl
 import torch
 
 from advtrain import Classifier
+from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.models import fc100_100_10
+from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import wandb_mode
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
@@ -52,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix-fraction", type=float, default=None)
     parser.add_argument("--refresh-every", type=int, default=None)
     parser.add_argument("--refresh-size", type=int, default=None)
+    parser.add_argument("--target", choices=POLICIES, default=None,
+                        help="the wrong label fresh pool examples are pushed to")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -80,7 +84,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
-        settings = {name: getattr(args, name) for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size")}
+        settings = {name: getattr(args, name) for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target")}
         callbacks.append(LayerwiseAdversarialTraining(
             args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(
@@ -99,9 +103,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "config.json").write_text(json.dumps({**vars(args), "output": str(args.output)}, indent=2))
     (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, seed=args.seed)
-    data.prepare_data()
-    data.setup()
+    data = prepared_mnist(args)
     test_images, test_labels = data.test_set.tensors
     evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed)
     subset = evaluation.subset(data.test_dataloader())

@@ -7,6 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import nn
 
@@ -33,6 +34,16 @@ def add_training_arguments(parser: argparse.ArgumentParser, models_dir: str) -> 
     parser.add_argument("--clip-noise", action="store_true", help="clip the Gaussian-noise controls to [0, 1]")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 training images, one epoch, 10 examples")
+
+
+def prepared_mnist(args: argparse.Namespace, train_subset: str = "all") -> MNISTDataModule:
+    """MNIST set up for a recipe: global seed set, all training images (or a paper half) for
+    training and none held out, read from ``args.data_dir``."""
+    pl.seed_everything(args.seed, workers=True)
+    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, train_subset=train_subset, seed=args.seed)
+    data.prepare_data()
+    data.setup()
+    return data
 
 
 def trained_model(name: str, args: argparse.Namespace, data: MNISTDataModule, label: str | None = None) -> nn.Module:

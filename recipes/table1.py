@@ -17,10 +17,8 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-import pytorch_lightning as pl
 import torch
 
-from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
 from advtrain.recipes.paper_models import (
     TABLE1_MODELS,
@@ -28,6 +26,7 @@ from advtrain.recipes.paper_models import (
     error_rate,
     mean_distortion_to_zero_accuracy,
     minimal_adversarial,
+    prepared_mnist,
     save_figure5,
     seeded_subset,
     trained_model,
@@ -63,10 +62,7 @@ def run(args: argparse.Namespace) -> list[Table1Row]:
     """Train (or load) each model, measure it, write and print the table."""
     start_run_folder(args)
     (args.output / "adversarial").mkdir(exist_ok=True)
-    pl.seed_everything(args.seed, workers=True)
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, seed=args.seed)
-    data.prepare_data()
-    data.setup()
+    data = prepared_mnist(args)
     train_images, train_labels = data.train_set.tensors
     test_images, test_labels = data.test_set.tensors
     examples = 10 if args.quick else args.examples

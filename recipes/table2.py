@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
-from advtrain.data import MNISTDataModule
 from advtrain.recipes.paper_models import (
     TABLE1_MODELS,
     add_training_arguments,
@@ -24,6 +22,7 @@ from advtrain.recipes.paper_models import (
     gaussian_noise,
     mean_change,
     minimal_adversarial,
+    prepared_mnist,
     seeded_subset,
     trained_model,
 )
@@ -68,10 +67,7 @@ def examples_for(name: str, model: torch.nn.Module, images: torch.Tensor, labels
 def run(args: argparse.Namespace) -> dict:
     """The cross-model error matrix and the noise rows."""
     start_run_folder(args)
-    pl.seed_everything(args.seed, workers=True)
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, seed=args.seed)
-    data.prepare_data()
-    data.setup()
+    data = prepared_mnist(args)
     images, labels = seeded_subset(*data.train_set.tensors, 10 if args.quick else args.examples, args.seed)
     models = {name: trained_model(name, args, data) for name in args.models}
     sets = {name: examples_for(name, model, images, labels, args) for name, model in models.items()}

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-import pytorch_lightning as pl
 
-from advtrain.data import MNISTDataModule
 from advtrain.recipes.paper_models import (
     add_training_arguments,
     error_rate,
@@ -23,6 +21,7 @@ from advtrain.recipes.paper_models import (
     magnified,
     mean_change,
     minimal_adversarial,
+    prepared_mnist,
     seeded_subset,
     trained_model,
 )
@@ -49,12 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Train the three models, make the example sets, measure every model on every set."""
     start_run_folder(args)
-    pl.seed_everything(args.seed, workers=True)
-    halves = {half: MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, train_subset=half, seed=args.seed)
-              for half in ("P1", "P2")}
-    for data in halves.values():
-        data.prepare_data()
-        data.setup()
+    halves = {half: prepared_mnist(args, train_subset=half) for half in ("P1", "P2")}
     test_images, test_labels = halves["P1"].test_set.tensors
     models, table3 = {}, {}
     for label, name, half in MODELS:

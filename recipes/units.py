@@ -16,13 +16,13 @@ import argparse
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from advtrain.analysis.units import TopActivating, layer_activations, random_directions, top_activating
 from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
+from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import add_common_arguments, log_image, log_table, start_run_folder, start_wandb, write_results
 from advtrain.recipes.train import error_on, train_model
 
@@ -86,10 +86,7 @@ def figure(rows: list[tuple[str, TopActivating]], path: Path, scale: int = 3) ->
 def run(args: argparse.Namespace) -> dict:
     """Train or load the net, find the top images per direction, draw and measure."""
     start_run_folder(args)
-    pl.seed_everything(args.seed, workers=True)
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, seed=args.seed)
-    data.prepare_data()
-    data.setup()
+    data = prepared_mnist(args)
     started = time.perf_counter()
     model = convnet(args, data)
     images, labels = data.test_set.tensors

@@ -161,6 +161,10 @@ def test_target_policies() -> None:
     least = choose_targets("least_likely", labels, logits, 5)
     masked = logits.scatter(1, labels[:, None], float("inf"))
     assert torch.equal(least, masked.argmin(1)) and (least != labels).all()
+    runner_up = choose_targets("runner_up", labels, logits, 5)
+    ranked = logits.argsort(1, descending=True)
+    second = torch.where(ranked[:, 0] == labels, ranked[:, 1], ranked[:, 0])  # the best wrong class
+    assert torch.equal(runner_up, second) and (runner_up != labels).all()
 
 
 BAD = [

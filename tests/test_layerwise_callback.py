@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from advtrain import Classifier
+from advtrain.attacks import BoxLBFGS
 from advtrain.callbacks import LayerwiseAdversarialTraining
 
 
@@ -113,6 +114,31 @@ def test_generation_restores_the_mode_and_logs_per_layer(tmp_path: Path) -> None
         for name in ("pool_size", "pool_error", "generation_success", "generation_seconds"):
             assert f"adv/{layer}/{name}" in trainer.logged_metrics
     assert 0.0 <= float(trainer.logged_metrics["adv/act2/generation_success"]) <= 1.0
+
+
+class TargetRecordingAttack(BoxLBFGS):
+    """The generation search, keeping the targets it was asked for and the labels it reached."""
+
+    def __call__(self, head, inputs, labels, target="random", bounds=(0.0, 1.0)):
+        with torch.no_grad():
+            logits = head(inputs)
+        self.runner_up = logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
+        result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        with torch.no_grad():
+            self.reached = head(result.adversarial).argmax(1)
+        self.success = result.success
+        return result
+
+
+def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    attack = TargetRecordingAttack(loss="margin", search_steps=2, iterations=10)
+    callback = LayerwiseAdversarialTraining(["act2"], module="model", refresh_size=16, capacity=64, attack=attack,
+                                            target="runner_up")
+    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
+    assert attack.success.sum() > 0
+    reached, expected = attack.reached[attack.success], attack.runner_up[attack.success]
+    assert torch.equal(reached, expected)
 
 
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
@@ -216,8 +242,9 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
     ("settings", "message"),
     [({"layers": []}, "layers must be a non-empty list"), ({"mix_fraction": 0.0}, r"mix_fraction must be in \(0, 1\]"),
      ({"capacity": 0}, "capacity must be a positive integer"),
-     ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)")],
-    ids=["no-layers", "mix", "capacity", "weights"],
+     ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
+     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'")],
+    ids=["no-layers", "mix", "capacity", "weights", "target"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}

@@ -151,7 +151,7 @@ class BoxLBFGS:
             head: a callable from a batch of inputs (or activations) to logits ``(N, C)``.
             inputs: ``(N, ...)`` clean inputs, inside ``bounds``.
             labels: ``(N,)`` true labels.
-            target: ``(N,)`` target labels, or ``"random"``, ``"least_likely"``, ``"nearest"``
+            target: ``(N,)`` target labels, or ``"random"``, ``"least_likely"``, ``"runner_up"``, ``"nearest"``
                 (untargeted: every wrong class is searched and the closest kept).
             bounds: ``(lower, upper)``, scalars or tensors broadcastable to one input; may be
                 infinite.

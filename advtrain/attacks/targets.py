@@ -8,8 +8,8 @@ import torch
 
 from advtrain.checks import check_labels
 
-TargetPolicy = Literal["random", "least_likely", "nearest"]
-POLICIES: tuple[str, ...] = ("random", "least_likely", "nearest")
+TargetPolicy = Literal["random", "least_likely", "runner_up", "nearest"]
+POLICIES: tuple[str, ...] = ("random", "least_likely", "runner_up", "nearest")
 
 
 def choose_targets(
@@ -23,8 +23,9 @@ def choose_targets(
     """Target labels ``(N,)`` from a tensor or a policy, each different from its true label.
 
     ``"random"`` draws a wrong label uniformly with a generator seeded by ``seed``;
-    ``"least_likely"`` takes the class with the lowest clean logit. (``"nearest"`` is searched by
-    the attack itself over every wrong class.)
+    ``"least_likely"`` takes the class with the lowest clean logit; ``"runner_up"`` the wrong class
+    with the highest, a one-search stand-in for ``"nearest"``, which the attack itself searches
+    over every wrong class.
 
     Raises:
         ValueError: an unknown policy, or targets of the wrong shape, out of range, or equal to a label.
@@ -43,4 +44,6 @@ def choose_targets(
         return (labels + offsets) % num_classes
     if target == "least_likely":
         return clean_logits.scatter(1, labels[:, None], float("inf")).argmin(1)
+    if target == "runner_up":
+        return clean_logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
     raise ValueError(f"target must be a LongTensor of labels or one of {POLICIES}, got {target!r}")
