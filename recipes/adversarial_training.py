@@ -1,9 +1,10 @@
 """``advtrain adversarial-training``: FC100-100-10 on MNIST three ways, as in the paper's Section 4.2.
 
 Weight decay only, dropout, and per-layer adversarial pools (input and both hidden layers), with
-the same recipe otherwise. Prints test error, mean minimal distortion on a fixed test subset and
-wall time for each. Reads top to bottom: settings, run folder, data, then for each way: model,
-trainer, fit, evaluate; then the table, to the terminal, the run folder and Weights & Biases.
+the same recipe otherwise. Prints test error, mean minimal distortion on a fixed test subset,
+wall time and training error for each. Reads top to bottom: settings, run folder, data, then for
+each way: model, trainer, fit, evaluate; then the table, to the terminal, the run folder and
+Weights & Biases.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class WayResult:
     test_error: float
     mean_distortion: float
     seconds: float
+    train_error: float
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,13 +107,15 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
     data = prepared_mnist(args)
     test_images, test_labels = data.test_set.tensors
+    train_images, train_labels = data.train_set.tensors
     evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed)
     subset = evaluation.subset(data.test_dataloader())
     results = []
     for way in args.ways:
         classifier, seconds = train_one_way(args, way, data)
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
-        results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds))
+        results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
+                                 error_on(classifier, train_images, train_labels)))
         torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
         _finish_wandb(args, results[-1])
     table = markdown(results)
@@ -135,7 +139,9 @@ def _finish_wandb(args: argparse.Namespace, result: WayResult) -> None:
 
 def markdown(results: list[WayResult]) -> str:
     """The comparison table."""
-    lines = ["| FC100-100-10 trained with | test error | mean minimal distortion | wall time |", "|---|---|---|---|"]
+    lines = ["| FC100-100-10 trained with | test error | mean minimal distortion | wall time | training error |",
+             "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} | {r.seconds:.0f} s |")
+        lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} | {r.seconds:.0f} s "
+                     f"| {100 * r.train_error:.2f}% |")
     return "\n".join(lines) + "\n"

@@ -54,8 +54,9 @@ def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root:
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    ways = [row["way"] for row in json.loads((tmp_path / "run" / "results.json").read_text())]
-    assert ways == ["weight-decay", "dropout", "pools"]
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [row["way"] for row in rows] == ["weight-decay", "dropout", "pools"]
+    assert all(0.0 <= row["train_error"] <= 1.0 and 0.0 <= row["test_error"] <= 1.0 for row in rows)
     assert "| pools |" in result.stdout
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3
