@@ -163,4 +163,4 @@ def nonnegative_linear_norm_bound(linear_map, input_shape: tuple[int, ...]) -> f
     with torch.enable_grad():
         out = linear_map(ones)
         (column_sums,) = torch.autograd.grad(out.sum(), ones)
-    return math.sqrt(float(out.max()) * float(column_sums.max()))
+    return math.sqrt(float(out.detach().max()) * float(column_sums.max()))
