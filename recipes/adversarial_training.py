@@ -10,8 +10,6 @@ Weights & Biases.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraini
 from advtrain.data import MNISTDataModule
 from advtrain.models import fc100_100_10
 from advtrain.recipes.paper_models import prepared_mnist
-from advtrain.recipes.run_folder import wandb_mode
+from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
@@ -76,7 +74,7 @@ def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
     from pytorch_lightning.loggers import WandbLogger
 
     return WandbLogger(project="advtrain", group="adversarial-training", name=way, save_dir=str(args.output),
-                       offline=mode == "offline", config={**vars(args), "output": str(args.output), "way": way})
+                       offline=mode == "offline", config={**config_of(args), "way": way})
 
 
 def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
@@ -103,9 +101,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
 
 def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "config.json").write_text(json.dumps({**vars(args), "output": str(args.output)}, indent=2))
-    (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    start_run_folder(args)
     data = prepared_mnist(args)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
@@ -119,10 +115,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
                                  error_on(classifier, train_images, train_labels)))
         torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
         _finish_wandb(args, results[-1])
-    table = markdown(results)
-    (args.output / "results.json").write_text(json.dumps([asdict(r) for r in results], indent=2))
-    (args.output / "results.md").write_text(table)
-    print("\n" + table + f"\nresults in {args.output}")
+    write_results(args, [asdict(r) for r in results], markdown(results))
     return results
 
 

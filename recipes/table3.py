@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from advtrain.recipes.paper_models import (
     add_training_arguments,
     error_rate,

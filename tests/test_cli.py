@@ -57,6 +57,8 @@ def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root:
     rows = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [row["way"] for row in rows] == ["weight-decay", "dropout", "pools"]
     assert all(0.0 <= row["train_error"] <= 1.0 and 0.0 <= row["test_error"] <= 1.0 for row in rows)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["quick"] is True
+    assert (tmp_path / "run" / "command.txt").read_text().startswith("advtrain adversarial-training --quick")
     assert "| pools |" in result.stdout
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3
