@@ -8,6 +8,7 @@ input shape it expects. Every model takes images ``(N, 1, 28, 28)`` with pixels 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -58,19 +59,29 @@ def fc10(weight_decay: float = 1e-4) -> PaperModel:
     return _mlp(f"FC10({weight_decay:g})", (), (weight_decay,), 0.0)
 
 
+def sigmoid_mlp(hidden: Sequence[int], dropout: float = 0.0) -> PaperModel:
+    """FC{hidden}-10: sigmoid layers of the given widths, penalties 1e-5 on each and 1e-6 on the
+    logits, as the paper's FC networks (optional dropout after each sigmoid layer)."""
+    widths = tuple(hidden)
+    if not widths or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+        raise ValueError(f"hidden must be one or more positive integer widths, got {list(hidden)!r}")
+    name = "FC" + "-".join(str(w) for w in widths) + "-10"
+    return _mlp(name, widths, (1e-5,) * len(widths) + (1e-6,), dropout)
+
+
 def fc100_100_10(dropout: float = 0.0) -> PaperModel:
     """FC100-100-10: two sigmoid layers of 100, penalties 1e-5, 1e-5, 1e-6 (optional dropout)."""
-    return _mlp("FC100-100-10", (100, 100), (1e-5, 1e-5, 1e-6), dropout)
+    return sigmoid_mlp((100, 100), dropout)
 
 
 def fc200_200_10(dropout: float = 0.0) -> PaperModel:
     """FC200-200-10: two sigmoid layers of 200, penalties 1e-5, 1e-5, 1e-6."""
-    return _mlp("FC200-200-10", (200, 200), (1e-5, 1e-5, 1e-6), dropout)
+    return sigmoid_mlp((200, 200), dropout)
 
 
 def fc123_456_10(dropout: float = 0.0) -> PaperModel:
     """FC123-456-10: sigmoid layers of 123 and 456, penalties 1e-5, 1e-5, 1e-6 (Table 3)."""
-    return _mlp("FC123-456-10", (123, 456), (1e-5, 1e-5, 1e-6), dropout)
+    return sigmoid_mlp((123, 456), dropout)
 
 
 def ae400_10() -> PaperModel:

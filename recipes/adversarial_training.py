@@ -21,7 +21,7 @@ from advtrain import Classifier
 from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
-from advtrain.models import fc100_100_10
+from advtrain.models import sigmoid_mlp
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of ``advtrain adversarial-training``."""
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100],
+                        help="widths of the sigmoid layers (default: the paper's FC100-100-10)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--penalty-scale", type=float, default=PENALTY_SCALES["fc100-100-10"])
@@ -56,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh-size", type=int, default=None)
     parser.add_argument("--target", choices=POLICIES, default=None,
                         help="the wrong label fresh pool examples are pushed to")
+    parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -78,14 +81,14 @@ def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
 
 
 def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
-    """Train FC100-100-10 one way; return the classifier and the seconds training took."""
+    """Train the sigmoid network (FC100-100-10 by default) one way; return the classifier and the seconds training took."""
     pl.seed_everything(args.seed, workers=True)
-    paper_model = fc100_100_10(dropout=args.dropout if way == "dropout" else 0.0)
+    paper_model = sigmoid_mlp(args.hidden, dropout=args.dropout if way == "dropout" else 0.0)
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
         settings = {name: getattr(args, name)
-                    for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target")}
+                    for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs")}
         callbacks.append(LayerwiseAdversarialTraining(
             args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
                                  error_on(classifier, train_images, train_labels)))
         torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
         _finish_wandb(args, results[-1])
-    write_results(args, [asdict(r) for r in results], markdown(results))
+    write_results(args, [asdict(r) for r in results], markdown(results, sigmoid_mlp(args.hidden).name))
     return results
 
 
@@ -131,9 +134,9 @@ def _finish_wandb(args: argparse.Namespace, result: WayResult) -> None:
         wandb.finish()
 
 
-def markdown(results: list[WayResult]) -> str:
+def markdown(results: list[WayResult], model_name: str = "FC100-100-10") -> str:
     """The comparison table."""
-    lines = ["| FC100-100-10 trained with | test error | mean minimal distortion | wall time | training error |",
+    lines = [f"| {model_name} trained with | test error | mean minimal distortion | wall time | training error |",
              "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} | {r.seconds:.0f} s "

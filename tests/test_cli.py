@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from advtrain.cli import RECIPES
 
 
@@ -62,3 +64,23 @@ def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root:
     assert "| pools |" in result.stdout
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3
+
+
+def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
+    pool_columns = {}
+    for warmup in ("0", "1"):  # --quick trains one epoch: a one-epoch warm-up never starts the pools
+        output = tmp_path / f"warmup-{warmup}"
+        result = subprocess.run(
+            [sys.executable, "-m", "advtrain.cli", "adversarial-training", "--quick", "--wandb", "off", "--ways", "pools",
+             "--hidden", "32", "16", "--warmup-epochs", warmup, "--output", str(output)],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| FC32-16-10 trained with |" in result.stdout
+        weights = torch.load(output / "pools.pt")
+        assert weights["fc1.weight"].shape == (32, 784) and weights["fc2.weight"].shape == (16, 32)
+        header = (output / "pools" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+        pool_columns[warmup] = {column for column in header if column.startswith("adv/")}
+    assert "adv/sigmoid2/pool_size" in pool_columns["0"]
+    assert pool_columns["1"] == set()

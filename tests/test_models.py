@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.models import MODEL_BUILDERS, ae400_10, build_model, fc100_100_10, pretrain_sparse_autoencoder
+from advtrain.models import (
+    MODEL_BUILDERS,
+    ae400_10,
+    build_model,
+    fc100_100_10,
+    pretrain_sparse_autoencoder,
+    sigmoid_mlp,
+)
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_BUILDERS))
@@ -31,6 +38,21 @@ def test_dropout_variant_inserts_dropout_after_each_hidden_layer() -> None:
     assert names == ["flatten", "fc1", "sigmoid1", "dropout1", "fc2", "sigmoid2", "dropout2", "logits"]
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         fc100_100_10(dropout=1.0)
+
+
+def test_sigmoid_mlp_takes_any_widths_with_the_paper_penalties() -> None:
+    paper_model = sigmoid_mlp([400, 30, 7])
+    assert paper_model.name == "FC400-30-7-10"
+    assert paper_model.penalties == {"fc1": 1e-5, "fc2": 1e-5, "fc3": 1e-5, "logits": 1e-6}
+    widths = [m.out_features for m in paper_model.module if isinstance(m, nn.Linear)]
+    assert widths == [400, 30, 7, 10]
+    assert paper_model.module(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("hidden", [[], [100, 0], [100, -5], [2.5], [True]])
+def test_sigmoid_mlp_rejects_widths_that_are_not_positive_integers(hidden: list) -> None:
+    with pytest.raises(ValueError, match="hidden must be one or more positive integer widths"):
+        sigmoid_mlp(hidden)
 
 
 def test_unknown_model_lists_the_choices() -> None:
