@@ -21,6 +21,7 @@ from advtrain import Classifier
 from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
+from advtrain.layers import layer_names
 from advtrain.models import sigmoid_mlp
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
@@ -81,7 +82,8 @@ def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
 
 
 def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
-    """Train the sigmoid network (FC100-100-10 by default) one way; return the classifier and the seconds training took."""
+    """Train the sigmoid network (FC100-100-10 by default) one way; return the classifier and the
+    seconds training took."""
     pl.seed_everything(args.seed, workers=True)
     paper_model = sigmoid_mlp(args.hidden, dropout=args.dropout if way == "dropout" else 0.0)
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
@@ -102,8 +104,23 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, time.perf_counter() - started
 
 
+def check_settings(args: argparse.Namespace) -> None:
+    """Fail before any training where ``--hidden`` is not a list of widths or ``--layers`` names a
+    layer the network lacks (the pools way would otherwise fail after the other ways trained)."""
+    try:
+        network = sigmoid_mlp(args.hidden)
+    except ValueError as error:
+        raise SystemExit(f"advtrain adversarial-training: --hidden: {error}") from error
+    names = layer_names(network.module)
+    unknown = [layer for layer in args.layers if layer not in names] if "pools" in args.ways else []
+    if unknown:
+        raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
+                         f"its layers are {', '.join(names)}")
+
+
 def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
+    check_settings(args)
     start_run_folder(args)
     data = prepared_mnist(args)
     test_images, test_labels = data.test_set.tensors

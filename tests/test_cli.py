@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from advtrain.cli import RECIPES
+from advtrain.cli import RECIPES, main
 
 
 def test_help_lists_every_recipe() -> None:
@@ -84,3 +85,15 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
         pool_columns[warmup] = {column for column in header if column.startswith("adv/")}
     assert "adv/sigmoid2/pool_size" in pool_columns["0"]
     assert pool_columns["1"] == set()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--hidden", "400"], "--layers sigmoid2: not a layer of FC400-10; its layers are input, flatten, fc1, sigmoid1, logits"),
+    (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
+])
+def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
+                                                                           tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as refusal:
+        main(["adversarial-training", *flags, "--wandb", "off", "--output", str(tmp_path / "run")])
+    assert str(refusal.value) == f"advtrain adversarial-training: {message}"
+    assert not (tmp_path / "run").exists()
