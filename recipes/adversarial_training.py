@@ -107,9 +107,10 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, time.perf_counter() - started
 
 
-def check_settings(args: argparse.Namespace) -> None:
-    """Fail before any training where ``--hidden`` is not a list of widths or ``--layers`` names a
-    layer the network lacks (the pools way would otherwise fail after the other ways trained)."""
+def check_settings(args: argparse.Namespace) -> str:
+    """The network's name; fails before any training where ``--hidden`` is not a list of widths or
+    ``--layers`` names a layer the network lacks (the pools way would otherwise fail after the other
+    ways trained)."""
     try:
         network = sigmoid_mlp(args.hidden)
     except ValueError as error:
@@ -119,11 +120,12 @@ def check_settings(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
                          f"its layers are {', '.join(names)}")
+    return network.name
 
 
 def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
-    check_settings(args)
+    network_name = check_settings(args)
     start_run_folder(args)
     data = prepared_mnist(args)
     test_images, test_labels = data.test_set.tensors
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
                                  error_on(classifier, train_images, train_labels)))
         torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
         _finish_wandb(args, results[-1])
-    write_results(args, [asdict(r) for r in results], markdown(results, sigmoid_mlp(args.hidden).name))
+    write_results(args, [asdict(r) for r in results], markdown(results, network_name))
     return results
 
 
