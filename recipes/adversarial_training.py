@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh-size", type=int, default=None)
     parser.add_argument("--target", choices=POLICIES, default=None,
                         help="the wrong label fresh pool examples are pushed to")
+    parser.add_argument("--max-distortion", type=float, default=None,
+                        help="pools keep only examples within this sqrt(mean r²) (default: no limit)")
     parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
@@ -93,7 +95,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     callbacks: list[pl.Callback] = []
     if way == "pools":
         settings = {name: getattr(args, name)
-                    for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs")}
+                    for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion")}
         callbacks.append(LayerwiseAdversarialTraining(
             args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(

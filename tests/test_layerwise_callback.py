@@ -141,6 +141,37 @@ def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: 
     assert torch.equal(reached, expected)
 
 
+
+class ResultRecordingAttack(BoxLBFGS):
+    """The generation search, keeping its inputs and its result."""
+
+    def __call__(self, head, inputs, labels, target="random", bounds=(0.0, 1.0)):
+        self.inputs = inputs.clone()
+        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        return self.result
+
+
+def _first_refresh(tmp_path: Path, max_distortion: float | None) -> tuple[LayerwiseAdversarialTraining, ResultRecordingAttack]:
+    attack = ResultRecordingAttack(loss="margin", search_steps=2, iterations=10)
+    callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
+                                            max_distortion=max_distortion)
+    trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
+    return callback, attack
+
+
+def test_max_distortion_keeps_only_the_examples_within_it(tmp_path: Path) -> None:
+    unlimited, attack = _first_refresh(tmp_path, None)
+    distortions = attack.result.distortion[attack.result.success]
+    assert len(unlimited.pools["input"]) == len(distortions) >= 4
+    limit = float(distortions.median())
+    limited, attack = _first_refresh(tmp_path, limit)
+    assert torch.equal(attack.result.distortion, unlimited.attack.result.distortion)  # the same search
+    pool = limited.pools["input"]
+    assert 0 < len(pool) == int((distortions <= limit).sum()) < len(distortions)
+    pooled = pool.examples[:len(pool)].flatten(1)
+    nearest = torch.cdist(pooled, attack.inputs.flatten(1)).min(1).values / pooled.shape[1] ** 0.5
+    assert bool((nearest <= limit + 1e-6).all())
+
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
     torch.manual_seed(0)
     classifier = pretrained_classifier()
@@ -243,8 +274,9 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
     [({"layers": []}, "layers must be a non-empty list"), ({"mix_fraction": 0.0}, r"mix_fraction must be in \(0, 1\]"),
      ({"capacity": 0}, "capacity must be a positive integer"),
      ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
-     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'")],
-    ids=["no-layers", "mix", "capacity", "weights", "target"],
+     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'"),
+     ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0")],
+    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}
