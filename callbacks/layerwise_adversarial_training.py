@@ -66,7 +66,8 @@ class LayerwiseAdversarialTraining(Callback):
         max_distortion: the largest ``sqrt(mean r²)`` of an example the pools keep (default: no
             limit). Successes that needed more are dropped: far enough from their origin they
             may truly look like the wrong class, and training on them with the true label teaches
-            label noise (on FC100-100-10, input pool, half of each batch fresh: 5.1% test error).
+            label noise (on FC100-100-10 with an input pool, half of each batch fresh and
+            unbounded gave 5.1% test error; a tenth gave 2.30%, and 1.70% within 0.05).
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.
