@@ -94,8 +94,8 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
-        settings = {name: getattr(args, name)
-                    for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion")}
+        names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion")
+        settings = {name: getattr(args, name) for name in names}
         callbacks.append(LayerwiseAdversarialTraining(
             args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(

@@ -116,23 +116,25 @@ def test_generation_restores_the_mode_and_logs_per_layer(tmp_path: Path) -> None
     assert 0.0 <= float(trainer.logged_metrics["adv/act2/generation_success"]) <= 1.0
 
 
-class TargetRecordingAttack(BoxLBFGS):
-    """The generation search, keeping the targets it was asked for and the labels it reached."""
+class RecordingAttack(BoxLBFGS):
+    """The generation search, keeping its inputs, each input's best wrong class, its result and
+    the labels it reached."""
 
     def __call__(self, head, inputs, labels, target="random", bounds=(0.0, 1.0)):
+        self.inputs = inputs.clone()
         with torch.no_grad():
             logits = head(inputs)
         self.runner_up = logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
-        result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
         with torch.no_grad():
-            self.reached = head(result.adversarial).argmax(1)
-        self.success = result.success
-        return result
+            self.reached = head(self.result.adversarial).argmax(1)
+        self.success = self.result.success
+        return self.result
 
 
 def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: Path) -> None:
     classifier = pretrained_classifier()
-    attack = TargetRecordingAttack(loss="margin", search_steps=2, iterations=10)
+    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
     callback = LayerwiseAdversarialTraining(["act2"], module="model", refresh_size=16, capacity=64, attack=attack,
                                             target="runner_up")
     trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
@@ -141,18 +143,8 @@ def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: 
     assert torch.equal(reached, expected)
 
 
-
-class ResultRecordingAttack(BoxLBFGS):
-    """The generation search, keeping its inputs and its result."""
-
-    def __call__(self, head, inputs, labels, target="random", bounds=(0.0, 1.0)):
-        self.inputs = inputs.clone()
-        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
-        return self.result
-
-
-def _first_refresh(tmp_path: Path, max_distortion: float | None) -> tuple[LayerwiseAdversarialTraining, ResultRecordingAttack]:
-    attack = ResultRecordingAttack(loss="margin", search_steps=2, iterations=10)
+def _first_refresh(tmp_path: Path, max_distortion: float | None) -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
+    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
                                             max_distortion=max_distortion)
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
@@ -171,6 +163,7 @@ def test_max_distortion_keeps_only_the_examples_within_it(tmp_path: Path) -> Non
     pooled = pool.examples[:len(pool)].flatten(1)
     nearest = torch.cdist(pooled, attack.inputs.flatten(1)).min(1).values / pooled.shape[1] ** 0.5
     assert bool((nearest <= limit + 1e-6).all())
+
 
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
     torch.manual_seed(0)
