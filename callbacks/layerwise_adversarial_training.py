@@ -15,14 +15,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from advtrain.attacks import BoxLBFGS
+from advtrain.attacks import AttackResult, BoxLBFGS
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.checks import check_count
 from advtrain.layers import INPUT, Bounds, estimated_bounds, known_bounds, layer_names, split_at
@@ -68,6 +68,10 @@ class LayerwiseAdversarialTraining(Callback):
             may truly look like the wrong class, and training on them with the true label teaches
             label noise (on FC100-100-10 with an input pool, half of each batch fresh and
             unbounded gave 5.1% test error; a tenth gave 2.30%, and 1.70% within 0.05).
+        beyond_max_distortion: what becomes of a success that needed more than ``max_distortion``:
+            ``"drop"`` it, or ``"shrink"`` its perturbation to ``max_distortion`` (the search's
+            direction at that budget, inside the box since the box is convex; the shrunk example
+            may no longer fool the model, and trains it like a fixed-budget attack would).
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.
@@ -102,6 +106,7 @@ class LayerwiseAdversarialTraining(Callback):
         attack: BoxLBFGS | None = None,
         target: TargetPolicy = "random",
         max_distortion: float | None = None,
+        beyond_max_distortion: Literal["drop", "shrink"] = "drop",
         module: str | None = None,
         input_key: str = "x",
         label_key: str = "y",
@@ -123,6 +128,8 @@ class LayerwiseAdversarialTraining(Callback):
             raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         if max_distortion is not None and not (max_distortion > 0 and math.isfinite(max_distortion)):
             raise ValueError(f"max_distortion must be positive and finite (or None), got {max_distortion}")
+        if beyond_max_distortion not in ("drop", "shrink"):
+            raise ValueError(f"beyond_max_distortion must be 'drop' or 'shrink', got {beyond_max_distortion!r}")
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -139,6 +146,7 @@ class LayerwiseAdversarialTraining(Callback):
         self.attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
         self.target = target
         self.max_distortion = max_distortion
+        self.beyond_max_distortion = beyond_max_distortion
         self.module = module
         self.input_key, self.label_key = input_key, label_key
         self.bounds_override = dict(bounds or {})
@@ -315,10 +323,8 @@ class LayerwiseAdversarialTraining(Callback):
                 lower, upper = self.boxes[layer]
                 result = self.attack(head, activations, labels, target=self.target,
                                      bounds=(_as_bound(lower, activations), _as_bound(upper, activations)))
-                kept = result.success
-                if self.max_distortion is not None:
-                    kept = kept & (result.distortion <= self.max_distortion)
-                self.pools[layer].add(result.adversarial[kept], labels[kept])
+                examples, kept = self._within_budget(activations, result)
+                self.pools[layer].add(examples[kept], labels[kept])
                 success, distortion = result.success_rate, result.mean_distortion
             else:
                 success, distortion = 0.0, float("nan")
@@ -334,6 +340,17 @@ class LayerwiseAdversarialTraining(Callback):
             "generation_distortion": distortion,
             "generation_seconds": seconds,
         }
+
+    def _within_budget(self, inputs: torch.Tensor, result: AttackResult) -> tuple[torch.Tensor, torch.Tensor]:
+        """The examples to pool and which of them to keep: the successes, with those beyond
+        ``max_distortion`` dropped or shrunk to it."""
+        if self.max_distortion is None:
+            return result.adversarial, result.success
+        if self.beyond_max_distortion == "drop":
+            return result.adversarial, result.success & (result.distortion <= self.max_distortion)
+        scale = (self.max_distortion / result.distortion).clamp(max=1.0)  # inf distortion (failures): 0
+        scale = scale.view(-1, *([1] * (inputs.ndim - 1))).to(inputs.dtype)
+        return inputs + scale * (result.adversarial - inputs), result.success
 
     def _pool_error(self, layer: str, head: nn.Module, sample: int = 256) -> float:
         """Fraction of (a sample of) the pool that the current model still gets wrong."""

@@ -18,8 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 from advtrain import Classifier
+from advtrain.attacks import BoxLBFGS
 from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
+from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.data import MNISTDataModule
 from advtrain.layers import layer_names
 from advtrain.models import sigmoid_mlp
@@ -64,7 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the wrong label fresh pool examples are pushed to")
     parser.add_argument("--max-distortion", type=float, default=None,
                         help="pools keep only examples within this sqrt(mean r²) (default: no limit)")
+    parser.add_argument("--beyond-max-distortion", choices=["drop", "shrink"], default=None,
+                        help="drop the examples beyond --max-distortion (the default) or shrink them to it")
     parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
+    # generation search: None keeps the callback's GENERATION_ATTACK
+    parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
+    parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations per value of c in generation")
+    parser.add_argument("--refine-steps", type=int, default=None,
+                        help="bisection steps pulling each generated example back towards the decision boundary")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -94,10 +103,12 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
-        names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion")
+        names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
+                 "beyond_max_distortion")
         settings = {name: getattr(args, name) for name in names}
         callbacks.append(LayerwiseAdversarialTraining(
-            args.layers, module="model", seed=args.seed, **{k: v for k, v in settings.items() if v is not None}))
+            args.layers, module="model", seed=args.seed, attack=generation_attack(args),
+            **{k: v for k, v in settings.items() if v is not None}))
     trainer = pl.Trainer(
         max_epochs=1 if args.quick else args.epochs, accelerator=args.accelerator, devices=1,
         logger=logger_for(args, way), callbacks=callbacks, enable_checkpointing=False,
@@ -109,10 +120,17 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, time.perf_counter() - started
 
 
+def generation_attack(args: argparse.Namespace) -> BoxLBFGS:
+    """The pools' search: the callback's ``GENERATION_ATTACK`` with the settings given on the command line."""
+    names = ("search_steps", "iterations", "refine_steps")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return BoxLBFGS(**{**GENERATION_ATTACK, **given})
+
+
 def check_settings(args: argparse.Namespace) -> str:
-    """The network's name; fails before any training where ``--hidden`` is not a list of widths or
-    ``--layers`` names a layer the network lacks (the pools way would otherwise fail after the other
-    ways trained)."""
+    """The network's name; fails before any training where ``--hidden`` is not a list of widths,
+    ``--layers`` names a layer the network lacks or the generation search's settings are invalid
+    (the pools way would otherwise fail after the other ways trained)."""
     try:
         network = sigmoid_mlp(args.hidden)
     except ValueError as error:
@@ -122,6 +140,10 @@ def check_settings(args: argparse.Namespace) -> str:
     if unknown:
         raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
                          f"its layers are {', '.join(names)}")
+    try:
+        generation_attack(args)
+    except ValueError as error:
+        raise SystemExit(f"advtrain adversarial-training: generation search: {error}") from error
     return network.name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
+from advtrain.recipes.adversarial_training import add_arguments, generation_attack
 
 
 def test_help_lists_every_recipe() -> None:
@@ -90,6 +93,7 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--hidden", "400"], "--layers sigmoid2: not a layer of FC400-10; its layers are input, flatten, fc1, sigmoid1, logits"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
+    (["--iterations", "0"], "generation search: iterations must be a positive integer, got 0"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:
@@ -97,3 +101,13 @@ def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags
         main(["adversarial-training", *flags, "--wandb", "off", "--output", str(tmp_path / "run")])
     assert str(refusal.value) == f"advtrain adversarial-training: {message}"
     assert not (tmp_path / "run").exists()
+
+
+def test_adversarial_training_sets_the_generation_search_from_its_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    given = generation_attack(parser.parse_args(["--search-steps", "1", "--iterations", "4", "--refine-steps", "0"]))
+    assert (given.search_steps, given.iterations, given.refine_steps) == (1, 4, 0)
+    assert given.loss == GENERATION_ATTACK["loss"]
+    default = generation_attack(parser.parse_args([]))
+    assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])

@@ -143,10 +143,11 @@ def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: 
     assert torch.equal(reached, expected)
 
 
-def _first_refresh(tmp_path: Path, max_distortion: float | None) -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
+def _first_refresh(tmp_path: Path, max_distortion: float | None,
+                   beyond: str = "drop") -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
     attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
-                                            max_distortion=max_distortion)
+                                            max_distortion=max_distortion, beyond_max_distortion=beyond)
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
     return callback, attack
 
@@ -163,6 +164,26 @@ def test_max_distortion_keeps_only_the_examples_within_it(tmp_path: Path) -> Non
     pooled = pool.examples[:len(pool)].flatten(1)
     nearest = torch.cdist(pooled, attack.inputs.flatten(1)).min(1).values / pooled.shape[1] ** 0.5
     assert bool((nearest <= limit + 1e-6).all())
+
+
+def test_max_distortion_can_shrink_the_examples_beyond_it_instead(tmp_path: Path) -> None:
+    unlimited, _ = _first_refresh(tmp_path, None)
+    limit = float(unlimited.attack.result.distortion[unlimited.attack.result.success].median())
+    shrunk, attack = _first_refresh(tmp_path, limit, beyond="shrink")
+    result = attack.result
+    inputs, adversarial = attack.inputs[result.success], result.adversarial[result.success]
+    pool = shrunk.pools["input"]
+    assert len(pool) == int(result.success.sum()) >= 4  # every success kept, in order
+    pooled = pool.examples[:len(pool)].view_as(adversarial)
+    within = result.distortion[result.success] <= limit
+    assert 0 < int(within.sum()) < len(within)
+    assert torch.equal(pooled[within], adversarial[within])  # those within the limit untouched
+    beyond_r, search_r = (pooled - inputs)[~within].flatten(1), (adversarial - inputs)[~within].flatten(1)
+    rms = beyond_r.pow(2).mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, limit))  # the rest exactly at the limit...
+    cosine = torch.nn.functional.cosine_similarity(beyond_r, search_r)
+    torch.testing.assert_close(cosine, torch.ones_like(cosine))  # ...along the search's own direction
+    assert bool(((pooled >= 0) & (pooled <= 1)).all())
 
 
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
@@ -268,8 +289,9 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
      ({"capacity": 0}, "capacity must be a positive integer"),
      ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
      ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'"),
-     ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0")],
-    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion"],
+     ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
+     ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'")],
+    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}
