@@ -129,7 +129,8 @@ def generation_attack(args: argparse.Namespace) -> BoxLBFGS:
 
 def check_settings(args: argparse.Namespace) -> str:
     """The network's name; fails before any training where ``--hidden`` is not a list of widths,
-    ``--layers`` names a layer the network lacks or the generation search's settings are invalid
+    ``--layers`` names a layer the network lacks, the generation search's settings are invalid or
+    ``--beyond-max-distortion`` comes without ``--max-distortion``
     (the pools way would otherwise fail after the other ways trained)."""
     try:
         network = sigmoid_mlp(args.hidden)
@@ -140,6 +141,8 @@ def check_settings(args: argparse.Namespace) -> str:
     if unknown:
         raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
                          f"its layers are {', '.join(names)}")
+    if args.beyond_max_distortion is not None and args.max_distortion is None:
+        raise SystemExit("advtrain adversarial-training: --beyond-max-distortion needs --max-distortion")
     try:
         generation_attack(args)
     except ValueError as error:

@@ -94,6 +94,7 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
     (["--hidden", "400"], "--layers sigmoid2: not a layer of FC400-10; its layers are input, flatten, fc1, sigmoid1, logits"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
     (["--iterations", "0"], "generation search: iterations must be a positive integer, got 0"),
+    (["--beyond-max-distortion", "shrink"], "--beyond-max-distortion needs --max-distortion"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:

@@ -290,8 +290,9 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
      ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
      ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'"),
      ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
-     ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'")],
-    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond"],
+     ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'"),
+     ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion")],
+    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond", "shrink-without-budget"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}
