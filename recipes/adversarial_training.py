@@ -103,12 +103,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
-        names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
-                 "beyond_max_distortion")
-        settings = {name: getattr(args, name) for name in names}
-        callbacks.append(LayerwiseAdversarialTraining(
-            args.layers, module="model", seed=args.seed, attack=generation_attack(args),
-            **{k: v for k, v in settings.items() if v is not None}))
+        callbacks.append(pools_callback(args))
     trainer = pl.Trainer(
         max_epochs=1 if args.quick else args.epochs, accelerator=args.accelerator, devices=1,
         logger=logger_for(args, way), callbacks=callbacks, enable_checkpointing=False,
@@ -127,11 +122,20 @@ def generation_attack(args: argparse.Namespace) -> BoxLBFGS:
     return BoxLBFGS(**{**GENERATION_ATTACK, **given})
 
 
+def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
+    """The pools way's callback: the pool settings given on the command line, the callback's own
+    defaults for the rest."""
+    names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
+             "beyond_max_distortion")
+    settings = {name: getattr(args, name) for name in names}
+    return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
+                                        **{k: v for k, v in settings.items() if v is not None})
+
+
 def check_settings(args: argparse.Namespace) -> str:
     """The network's name; fails before any training where ``--hidden`` is not a list of widths,
-    ``--layers`` names a layer the network lacks, the generation search's settings are invalid or
-    ``--beyond-max-distortion`` comes without ``--max-distortion``
-    (the pools way would otherwise fail after the other ways trained)."""
+    ``--layers`` names a layer the network lacks or the pools way's settings (pools or search) are
+    invalid (the pools way would otherwise fail after the other ways trained)."""
     try:
         network = sigmoid_mlp(args.hidden)
     except ValueError as error:
@@ -141,12 +145,11 @@ def check_settings(args: argparse.Namespace) -> str:
     if unknown:
         raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
                          f"its layers are {', '.join(names)}")
-    if args.beyond_max_distortion is not None and args.max_distortion is None:
-        raise SystemExit("advtrain adversarial-training: --beyond-max-distortion needs --max-distortion")
-    try:
-        generation_attack(args)
-    except ValueError as error:
-        raise SystemExit(f"advtrain adversarial-training: generation search: {error}") from error
+    if "pools" in args.ways:
+        try:
+            pools_callback(args)  # the callback and the search check their own settings
+        except ValueError as error:
+            raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
     return network.name
 
 

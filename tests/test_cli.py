@@ -93,8 +93,10 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--hidden", "400"], "--layers sigmoid2: not a layer of FC400-10; its layers are input, flatten, fc1, sigmoid1, logits"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
-    (["--iterations", "0"], "generation search: iterations must be a positive integer, got 0"),
-    (["--beyond-max-distortion", "shrink"], "--beyond-max-distortion needs --max-distortion"),
+    (["--iterations", "0"], "pools way: iterations must be a positive integer, got 0"),
+    (["--beyond-max-distortion", "shrink"],
+     "pools way: beyond_max_distortion='shrink' needs max_distortion, the budget to shrink to"),
+    (["--mix-fraction", "1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:
