@@ -68,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pools keep only examples within this sqrt(mean r²) (default: no limit)")
     parser.add_argument("--beyond-max-distortion", choices=["drop", "shrink"], default=None,
                         help="drop the examples beyond --max-distortion (the default) or shrink them to it")
+    parser.add_argument("--stretch-to-max-distortion", action="store_true",
+                        help="stretch the examples within --max-distortion out to it, as a fixed-budget attack's")
     parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
     # generation search: None keeps the callback's GENERATION_ATTACK
     parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
@@ -128,6 +130,7 @@ def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
              "beyond_max_distortion")
     settings = {name: getattr(args, name) for name in names}
+    settings["stretch_to_max_distortion"] = args.stretch_to_max_distortion or None
     return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
                                         **{k: v for k, v in settings.items() if v is not None})
 

@@ -14,7 +14,7 @@ import torch
 
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
-from advtrain.recipes.adversarial_training import add_arguments, generation_attack
+from advtrain.recipes.adversarial_training import add_arguments, generation_attack, pools_callback
 
 
 def test_help_lists_every_recipe() -> None:
@@ -97,6 +97,8 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
     (["--beyond-max-distortion", "shrink"],
      "pools way: beyond_max_distortion='shrink' needs max_distortion, the budget to shrink to"),
     (["--mix-fraction", "1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
+    (["--stretch-to-max-distortion"],
+     "pools way: stretch_to_max_distortion=True needs max_distortion, the budget to stretch to"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:
@@ -106,11 +108,14 @@ def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags
     assert not (tmp_path / "run").exists()
 
 
-def test_adversarial_training_sets_the_generation_search_from_its_flags() -> None:
+def test_adversarial_training_sets_the_generation_search_and_pools_from_its_flags() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     given = generation_attack(parser.parse_args(["--search-steps", "1", "--iterations", "4", "--refine-steps", "0"]))
     assert (given.search_steps, given.iterations, given.refine_steps) == (1, 4, 0)
     assert given.loss == GENERATION_ATTACK["loss"]
+    callback = pools_callback(parser.parse_args(["--max-distortion", "0.04", "--stretch-to-max-distortion"]))
+    assert callback.stretch_to_max_distortion and callback.max_distortion == 0.04
+    assert not pools_callback(parser.parse_args([])).stretch_to_max_distortion
     default = generation_attack(parser.parse_args([]))
     assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])

@@ -143,11 +143,12 @@ def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: 
     assert torch.equal(reached, expected)
 
 
-def _first_refresh(tmp_path: Path, max_distortion: float | None,
-                   beyond: str = "drop") -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
+def _first_refresh(tmp_path: Path, max_distortion: float | None, beyond: str = "drop",
+                   stretch: bool = False) -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
     attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
-                                            max_distortion=max_distortion, beyond_max_distortion=beyond)
+                                            max_distortion=max_distortion, beyond_max_distortion=beyond,
+                                            stretch_to_max_distortion=stretch)
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
     return callback, attack
 
@@ -184,6 +185,30 @@ def test_max_distortion_can_shrink_the_examples_beyond_it_instead(tmp_path: Path
     cosine = torch.nn.functional.cosine_similarity(beyond_r, search_r)
     torch.testing.assert_close(cosine, torch.ones_like(cosine))  # ...along the search's own direction
     assert bool(((pooled >= 0) & (pooled <= 1)).all())
+
+
+@pytest.mark.parametrize("beyond", ["drop", "shrink"])
+def test_examples_within_max_distortion_can_be_stretched_to_it(tmp_path: Path, beyond: str) -> None:
+    unlimited, _ = _first_refresh(tmp_path, None)
+    limit = float(unlimited.attack.result.distortion[unlimited.attack.result.success].median())
+    stretched, attack = _first_refresh(tmp_path, limit, beyond=beyond, stretch=True)
+    result = attack.result
+    inputs, adversarial = attack.inputs[result.success], result.adversarial[result.success]
+    distortion = result.distortion[result.success]
+    within = distortion <= limit
+    assert 0 < int(within.sum()) < len(within)
+    pool = stretched.pools["input"]
+    assert len(pool) == (int(within.sum()) if beyond == "drop" else len(within))  # kept in order
+    pooled = pool.examples[:len(pool)].view(len(pool), *inputs.shape[1:])
+    pooled_rows = within if beyond == "drop" else torch.ones_like(within)
+    origins, searched, found = inputs[pooled_rows], adversarial[pooled_rows], distortion[pooled_rows]
+    assert bool(((pooled >= 0) & (pooled <= 1)).all())  # clipped back into the box
+    expected = (origins + (limit / found)[:, None] * (searched - origins)).clamp(0, 1)
+    torch.testing.assert_close(pooled, expected)  # along the search's direction, out to the limit
+    rms = (pooled - origins).flatten(1).pow(2).mean(1).sqrt()
+    stretched_rows = found < limit
+    assert bool((rms[stretched_rows] > found[stretched_rows]).all())  # farther than the search went...
+    assert bool((rms <= limit + 1e-6).all())  # ...but never beyond the budget
 
 
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
@@ -291,8 +316,10 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
      ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'"),
      ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
      ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'"),
-     ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion")],
-    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond", "shrink-without-budget"],
+     ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion"),
+     ({"stretch_to_max_distortion": True}, r"stretch_to_max_distortion=True needs max_distortion")],
+    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond", "shrink-without-budget",
+         "stretch-without-budget"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}
