@@ -61,8 +61,9 @@ class LayerwiseAdversarialTraining(Callback):
         layer_weights: how often each layer is picked (default: cycle through them in turn).
         attack: the search that generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``).
         target: the wrong label each fresh example is pushed to: ``"random"`` (the paper's
-            practice), ``"runner_up"``, ``"least_likely"`` or ``"nearest"`` (searches every wrong
-            class: that many times the generation cost).
+            practice), ``"runner_up"``, ``"least_likely"``, ``"nearest"`` (searches every wrong
+            class: that many times the generation cost) or ``"untargeted"`` (one search towards
+            whichever wrong class is closest to hand).
         max_distortion: the largest ``sqrt(mean r²)`` of an example the pools keep (default: no
             limit). Successes that needed more are dropped: far enough from their origin they
             may truly look like the wrong class, and training on them with the true label teaches

@@ -152,6 +152,38 @@ def test_nearest_is_no_farther_than_any_single_target() -> None:
         assert (nearest.l2 <= single.l2 * 1.001).all()
 
 
+@pytest.mark.parametrize(("loss", "slack"), [("margin", 1.05), ("ce", 1.25)])
+def test_untargeted_finds_the_nearest_decision_boundary_in_one_search(loss: str, slack: float) -> None:
+    head = linear_head(classes=4).double()
+    inputs = torch.rand(8, 20, dtype=torch.float64)
+    labels = head(inputs).argmax(1).detach()
+    # leaving a linear model's class region means crossing the closest of its pairwise boundaries
+    exact = torch.stack([exact_minimum_l2(head, inputs, (labels + offset) % 4) for offset in (1, 2, 3)]).min(0).values
+    result = BoxLBFGS(loss=loss, search_steps=16)(head, inputs, labels, target="untargeted",
+                                                  bounds=(-math.inf, math.inf))
+    assert result.success.all()
+    with torch.no_grad():
+        reached = head(result.adversarial).argmax(1)
+    assert torch.equal(result.target, reached) and (reached != labels).all()
+    ratio = result.l2 / exact
+    assert (ratio >= 1 - 1e-9).all()
+    # the margin's pull follows the best other class, which is not always the nearest boundary;
+    # cross-entropy spreads its pull over every other class and lands further out
+    assert (ratio <= slack).all(), ratio
+    if loss == "margin":
+        assert float(ratio.median()) <= 1.001, ratio
+
+
+def test_untargeted_failures_report_the_runner_up_inside_the_box() -> None:
+    head = linear_head(classes=4)
+    inputs = torch.full((3, 20), 0.5)
+    labels = head(inputs).argmax(1).detach()
+    box = (inputs - 1e-4, inputs + 1e-4)  # far too small to leave the class
+    result = BoxLBFGS(search_steps=2)(head, inputs, labels, target="untargeted", bounds=box)
+    assert not result.success.any() and torch.equal(result.adversarial, inputs)
+    assert torch.equal(result.target, choose_targets("runner_up", labels, head(inputs).detach(), 4))
+
+
 def test_target_policies() -> None:
     labels = torch.tensor([0, 1, 2, 3, 4] * 20)
     logits = torch.randn(100, 5)

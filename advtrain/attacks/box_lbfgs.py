@@ -151,8 +151,11 @@ class BoxLBFGS:
             head: a callable from a batch of inputs (or activations) to logits ``(N, C)``.
             inputs: ``(N, ...)`` clean inputs, inside ``bounds``.
             labels: ``(N,)`` true labels.
-            target: ``(N,)`` target labels, or ``"random"``, ``"least_likely"``, ``"runner_up"``, ``"nearest"``
-                (untargeted: every wrong class is searched and the closest kept).
+            target: ``(N,)`` target labels, or ``"random"``, ``"least_likely"``, ``"runner_up"``,
+                ``"nearest"`` (every wrong class is searched and the closest kept: as many searches
+                as wrong classes) or ``"untargeted"`` (one search whose loss pushes the true class
+                below the best other one, so it may reach any wrong class; ``result.target`` then
+                holds the class each example reached, or the clean runner-up where it failed).
             bounds: ``(lower, upper)``, scalars or tensors broadcastable to one input; may be
                 infinite.
         """
@@ -166,6 +169,8 @@ class BoxLBFGS:
             check_labels("labels", labels, num_classes, count=inputs.shape[0])
             if isinstance(target, str) and target == "nearest":
                 return self._nearest(head, inputs, labels, lower, upper, num_classes)
+            if isinstance(target, str) and target == "untargeted":
+                return self._search(head, inputs, labels, lower, upper, untargeted=True)
             targets = choose_targets(target, labels, clean_logits, num_classes, seed=self.seed)
             return self._search(head, inputs, targets, lower, upper)
 
@@ -200,8 +205,15 @@ class BoxLBFGS:
             raise ValueError(f"head must return logits (N, C) with N = {count}, got {tuple(getattr(logits, 'shape', ()))}")
         return logits.shape[1]
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-example loss ``(n,)``: low where the head prefers the target."""
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, untargeted: bool = False) -> torch.Tensor:
+        """Per-example loss ``(n,)``: low where the head prefers the target (untargeted: where it
+        prefers any class to ``targets``, the true labels)."""
+        if untargeted:
+            others = logits.scatter(1, targets[:, None], float("-inf"))
+            if self.loss == "ce":  # -log(1 - p_true), stably
+                return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
+            true_logit = logits.gather(1, targets[:, None])[:, 0]
+            return (true_logit - others.amax(1) + self.confidence).clamp_min(0).pow(2)
         if self.loss == "ce":
             return nn.functional.cross_entropy(logits, targets, reduction="none")
         target_logit = logits.gather(1, targets[:, None])
@@ -209,7 +221,9 @@ class BoxLBFGS:
         return excess.pow(2).sum(1) - self.confidence**2
 
     def _search(self, head: Head, inputs: torch.Tensor, targets: torch.Tensor,
-                lower: torch.Tensor, upper: torch.Tensor) -> AttackResult:
+                lower: torch.Tensor, upper: torch.Tensor, untargeted: bool = False) -> AttackResult:
+        """Search every row; ``targets`` are the targets, or with ``untargeted`` the true labels to leave."""
+        reaches = _leaves if untargeted else _reaches
         shape, count = inputs.shape, inputs.shape[0]
         origin = inputs.flatten(1)  # (N, D)
         device, dtype = origin.device, origin.dtype
@@ -225,13 +239,13 @@ class BoxLBFGS:
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             x = x.detach().requires_grad_(True)
             logits = head(x.view(-1, *shape[1:]))
-            value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows])
+            value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted)
             (gradient,) = torch.autograd.grad(value.sum(), x)
             return value.detach(), gradient, logits.detach()
 
         def on_point(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> None:
             l2 = (x - origin[rows]).norm(dim=1)
-            better = (logits.argmax(1) == targets[rows]) & (l2 < best_l2[rows])
+            better = reaches(logits, targets[rows]) & (l2 < best_l2[rows])
             improved = rows[better]
             best[improved], best_l2[improved], best_c[improved] = x[better], l2[better], c[improved]
 
@@ -246,19 +260,20 @@ class BoxLBFGS:
             final, used, scale = solve(objective, on_point, start, lower, upper, scale)
             iterations += used
             with torch.no_grad():
-                reached = head(final.view(shape)).argmax(1) == targets
+                reached = reaches(head(final.view(shape)), targets)
             c_success = torch.where(reached, torch.maximum(c_success, c), c_success)
             c_failure = torch.where(reached, c_failure, torch.minimum(c_failure, c))
             c = torch.where(
                 torch.isinf(c_failure), c * self.c_growth,
                 torch.where(c_success == 0, c / self.c_growth, (c_success * c_failure).sqrt()),
             )
-        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape)
-        return self._result(head, inputs, best.view(shape), targets, lower, upper, best_l2, best_c, iterations)
+        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape, reaches)
+        return self._result(head, inputs, best.view(shape), targets, lower, upper, best_l2, best_c, iterations, untargeted)
 
     @torch.no_grad()
     def _refine(self, head: Head, origin: torch.Tensor, best: torch.Tensor, targets: torch.Tensor,
-                found: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+                found: torch.Tensor, shape: torch.Size,
+                reaches: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Shrink each success ``x + r`` to ``x + t·r`` with the smallest ``t`` in (0, 1] that still
         reaches the target (bisection; ``t = 1`` always does)."""
         perturbation = best - origin
@@ -266,7 +281,7 @@ class BoxLBFGS:
         high = torch.ones_like(low)  # succeeds
         for _ in range(self.refine_steps):
             middle = (low + high) / 2
-            reached = head((origin + middle[:, None] * perturbation).view(shape)).argmax(1) == targets
+            reached = reaches(head((origin + middle[:, None] * perturbation).view(shape)), targets)
             high = torch.where(reached, middle, high)
             low = torch.where(reached, low, middle)
         return torch.where(found[:, None], origin + high[:, None] * perturbation, best)
@@ -299,11 +314,17 @@ class BoxLBFGS:
         return final, used, scale
 
     @torch.no_grad()
-    def _result(self, head, inputs, adversarial, targets, lower, upper, l2, c, iterations) -> AttackResult:
-        """Verify every candidate with a fresh forward pass and the exact box."""
+    def _result(self, head, inputs, adversarial, targets, lower, upper, l2, c, iterations,
+                untargeted: bool = False) -> AttackResult:
+        """Verify every candidate with a fresh forward pass and the exact box (untargeted: ``targets``
+        are the true labels, and the result's targets become the classes reached)."""
         flat = adversarial.flatten(1)
         inside = ((flat >= lower) & (flat <= upper)).all(1)
-        success = torch.isfinite(l2) & inside & (head(adversarial).argmax(1) == targets)
+        logits = head(adversarial)
+        success = torch.isfinite(l2) & inside & (_leaves(logits, targets) if untargeted else _reaches(logits, targets))
+        if untargeted:
+            runner_up = head(inputs).scatter(1, targets[:, None], float("-inf")).argmax(1)
+            targets = torch.where(success, logits.argmax(1), runner_up)
         adversarial = torch.where(success.view(-1, *[1] * (inputs.ndim - 1)), adversarial, inputs)
         perturbation = adversarial - inputs
         l2 = torch.where(success, perturbation.flatten(1).norm(dim=1), torch.full_like(l2, math.inf))
@@ -322,3 +343,13 @@ class BoxLBFGS:
         result = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0))
         pick = result.l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
         return AttackResult(**{name: value[pick] for name, value in vars(result).items()})
+
+
+def _reaches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows whose prediction is their target."""
+    return logits.argmax(1) == targets
+
+
+def _leaves(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows whose prediction is not their true label (the untargeted search's success)."""
+    return logits.argmax(1) != labels

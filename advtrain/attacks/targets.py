@@ -8,8 +8,8 @@ import torch
 
 from advtrain.checks import check_labels
 
-TargetPolicy = Literal["random", "least_likely", "runner_up", "nearest"]
-POLICIES: tuple[str, ...] = ("random", "least_likely", "runner_up", "nearest")
+TargetPolicy = Literal["random", "least_likely", "runner_up", "nearest", "untargeted"]
+POLICIES: tuple[str, ...] = ("random", "least_likely", "runner_up", "nearest", "untargeted")
 
 
 def choose_targets(
@@ -25,7 +25,7 @@ def choose_targets(
     ``"random"`` draws a wrong label uniformly with a generator seeded by ``seed``;
     ``"least_likely"`` takes the class with the lowest clean logit; ``"runner_up"`` the wrong class
     with the highest, a one-search stand-in for ``"nearest"``, which the attack itself searches
-    over every wrong class.
+    over every wrong class. ``"untargeted"`` has no target label; the attack handles it too.
 
     Raises:
         ValueError: an unknown policy, or targets of the wrong shape, out of range, or equal to a label.
