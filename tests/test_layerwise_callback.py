@@ -313,7 +313,7 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
     [({"layers": []}, "layers must be a non-empty list"), ({"mix_fraction": 0.0}, r"mix_fraction must be in \(0, 1\]"),
      ({"capacity": 0}, "capacity must be a positive integer"),
      ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
-     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest'\), got 'closest'"),
+     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest', 'untargeted'\), got 'closest'"),
      ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
      ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'"),
      ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion"),
