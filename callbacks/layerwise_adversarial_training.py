@@ -79,7 +79,10 @@ class LayerwiseAdversarialTraining(Callback):
         stretch_to_max_distortion: also stretch the successes within ``max_distortion`` out to it,
             along the search's direction (then clipped to the box, which can leave them a little
             inside), so pooled examples sit at the budget like a fixed-budget attack's instead of
-            just across the decision boundary. Needs ``max_distortion``.
+            just across the decision boundary. Needs ``max_distortion``. On FC100-100-10 (input
+            pool, half of each batch of 128 attacked every step, 60 epochs, shrunk and stretched to
+            0.036) with ``target="untargeted"``: 1.36%, 1.38% and 1.55% test error over three seeds
+            at 1.42× to 1.46× weight decay's minimal distortion; with runner-up targets 1.52%.
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.
