@@ -368,13 +368,12 @@ class LayerwiseAdversarialTraining(Callback):
         kept = result.success & within if self.beyond_max_distortion == "drop" else result.success
         shrink = ~within & (self.beyond_max_distortion == "shrink")
         stretch = within & self.stretch_to_max_distortion
-        if not (shrink | stretch).any():
-            return result.adversarial, kept
-        # each row's factor on its perturbation; failures (infinite distortion, never kept) get 0
-        scale = self.max_distortion / result.distortion.clamp_min(torch.finfo(result.distortion.dtype).tiny)
         rescaled = (shrink | stretch).view(-1, *([1] * (inputs.ndim - 1)))
-        scale = torch.where(shrink | stretch, scale, torch.ones_like(scale)).view_as(rescaled).to(inputs.dtype)
-        examples = inputs + scale * (result.adversarial - inputs)
+        if not rescaled.any():
+            return result.adversarial, kept
+        # each row's factor on its perturbation (only the rescaled rows' are used); failures get 0
+        scale = self.max_distortion / result.distortion.clamp_min(torch.finfo(result.distortion.dtype).tiny)
+        examples = inputs + scale.view_as(rescaled).to(inputs.dtype) * (result.adversarial - inputs)
         if self.stretch_to_max_distortion:  # stretching can leave the box; shrinking cannot (it is convex)
             lower, upper = (torch.as_tensor(bound, dtype=examples.dtype, device=examples.device) for bound in box)
             examples = torch.clamp(examples, lower, upper)

@@ -130,8 +130,8 @@ def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
              "beyond_max_distortion")
     settings = {name: getattr(args, name) for name in names}
-    settings["stretch_to_max_distortion"] = args.stretch_to_max_distortion or None
     return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
+                                        stretch_to_max_distortion=args.stretch_to_max_distortion,
                                         **{k: v for k, v in settings.items() if v is not None})
 
 

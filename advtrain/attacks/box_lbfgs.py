@@ -11,6 +11,7 @@ the target is a candidate; the smallest one is kept.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -170,7 +171,9 @@ class BoxLBFGS:
             if isinstance(target, str) and target == "nearest":
                 return self._nearest(head, inputs, labels, lower, upper, num_classes)
             if isinstance(target, str) and target == "untargeted":
-                return self._search(head, inputs, labels, lower, upper, untargeted=True)
+                result = self._search(head, inputs, labels, lower, upper, untargeted=True)
+                runner_up = choose_targets("runner_up", labels, clean_logits, num_classes)
+                return replace(result, target=torch.where(result.success, result.target, runner_up))
             targets = choose_targets(target, labels, clean_logits, num_classes, seed=self.seed)
             return self._search(head, inputs, targets, lower, upper)
 
@@ -317,14 +320,13 @@ class BoxLBFGS:
     def _result(self, head, inputs, adversarial, targets, lower, upper, l2, c, iterations,
                 untargeted: bool = False) -> AttackResult:
         """Verify every candidate with a fresh forward pass and the exact box (untargeted: ``targets``
-        are the true labels, and the result's targets become the classes reached)."""
+        are the true labels, and the successes' targets become the classes they reached)."""
         flat = adversarial.flatten(1)
         inside = ((flat >= lower) & (flat <= upper)).all(1)
         logits = head(adversarial)
         success = torch.isfinite(l2) & inside & (_leaves(logits, targets) if untargeted else _reaches(logits, targets))
         if untargeted:
-            runner_up = head(inputs).scatter(1, targets[:, None], float("-inf")).argmax(1)
-            targets = torch.where(success, logits.argmax(1), runner_up)
+            targets = torch.where(success, logits.argmax(1), targets)
         adversarial = torch.where(success.view(-1, *[1] * (inputs.ndim - 1)), adversarial, inputs)
         perturbation = adversarial - inputs
         l2 = torch.where(success, perturbation.flatten(1).norm(dim=1), torch.full_like(l2, math.inf))
