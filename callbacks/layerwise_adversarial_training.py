@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from advtrain.attacks import AttackResult, BoxLBFGS
+from advtrain.attacks import AttackResult, BoxLBFGS, FastGradient
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.checks import check_count
 from advtrain.layers import INPUT, Bounds, estimated_bounds, known_bounds, layer_names, split_at
@@ -59,7 +59,9 @@ class LayerwiseAdversarialTraining(Callback):
             row than attacking few often).
         warmup_steps, warmup_epochs: no pools (and no generation) before this global step and epoch.
         layer_weights: how often each layer is picked (default: cycle through them in turn).
-        attack: the search that generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``).
+        attack: what generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``, a cheap
+            minimal-perturbation search), or a :class:`~advtrain.attacks.FastGradient` step of a fixed
+            size (one forward and backward pass per refresh).
         target: the wrong label each fresh example is pushed to: ``"random"`` (the paper's
             practice), ``"runner_up"``, ``"least_likely"``, ``"nearest"`` (searches every wrong
             class: that many times the generation cost) or ``"untargeted"`` (one search towards
@@ -83,6 +85,10 @@ class LayerwiseAdversarialTraining(Callback):
             pool, half of each batch of 128 attacked every step, 60 epochs, shrunk and stretched to
             0.036) with ``target="untargeted"``: 1.36%, 1.38% and 1.55% test error over three seeds
             at 1.42× to 1.46× weight decay's minimal distortion; with runner-up targets 1.52%.
+        pool_failures: pool every row a ``FastGradient`` attack stepped, fooled or not, as
+            fast-gradient adversarial training trains on them all (default: only the rows it fooled,
+            as for a search). Needs ``attack=FastGradient(...)``, whose step size is the budget, so
+            it does not combine with ``max_distortion``.
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.
@@ -114,11 +120,12 @@ class LayerwiseAdversarialTraining(Callback):
         warmup_steps: int = 0,
         warmup_epochs: int = 0,
         layer_weights: Sequence[float] | None = None,
-        attack: BoxLBFGS | None = None,
+        attack: BoxLBFGS | FastGradient | None = None,
         target: TargetPolicy = "random",
         max_distortion: float | None = None,
         beyond_max_distortion: Literal["drop", "shrink"] = "drop",
         stretch_to_max_distortion: bool = False,
+        pool_failures: bool = False,
         module: str | None = None,
         input_key: str = "x",
         label_key: str = "y",
@@ -146,6 +153,12 @@ class LayerwiseAdversarialTraining(Callback):
             raise ValueError("beyond_max_distortion='shrink' needs max_distortion, the budget to shrink to")
         if stretch_to_max_distortion and max_distortion is None:
             raise ValueError("stretch_to_max_distortion=True needs max_distortion, the budget to stretch to")
+        if pool_failures and not isinstance(attack, FastGradient):
+            raise ValueError("pool_failures=True needs attack=FastGradient(...): a search's failures have no "
+                             f"perturbation to train on; got attack={attack!r}")
+        if pool_failures and max_distortion is not None:
+            raise ValueError("pool_failures=True pools fixed-size steps (FastGradient's distortion sets their "
+                             "size); leave max_distortion at None")
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -164,6 +177,7 @@ class LayerwiseAdversarialTraining(Callback):
         self.max_distortion = max_distortion
         self.beyond_max_distortion = beyond_max_distortion
         self.stretch_to_max_distortion = stretch_to_max_distortion
+        self.pool_failures = pool_failures
         self.module = module
         self.input_key, self.label_key = input_key, label_key
         self.bounds_override = dict(bounds or {})
@@ -325,7 +339,8 @@ class LayerwiseAdversarialTraining(Callback):
     @torch.no_grad()
     def refresh(self, layer: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Attack ``inputs`` at ``layer`` on the current model (in eval mode) and add the successes
-        within ``max_distortion`` to the layer's pool, with their true labels."""
+        within ``max_distortion`` (or, with ``pool_failures``, every step) to the layer's pool, with
+        their true labels."""
         classifier = self._classifier
         bottom, head = self._cuts[layer]
         was_training = classifier.training
@@ -361,7 +376,10 @@ class LayerwiseAdversarialTraining(Callback):
     def _within_budget(self, inputs: torch.Tensor, result: AttackResult,
                        box: tuple[float | torch.Tensor, float | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The examples to pool and which of them to keep: the successes, with those beyond
-        ``max_distortion`` dropped or shrunk to it, and those within it stretched to it where asked."""
+        ``max_distortion`` dropped or shrunk to it, and those within it stretched to it where asked
+        (with ``pool_failures``: every row's fixed-size step)."""
+        if self.pool_failures:
+            return result.stepped, torch.ones_like(result.success)
         if self.max_distortion is None:
             return result.adversarial, result.success
         within = result.distortion <= self.max_distortion

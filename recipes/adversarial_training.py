@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from advtrain import Classifier
-from advtrain.attacks import BoxLBFGS
+from advtrain.attacks import BoxLBFGS, FastGradient
 from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
@@ -71,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stretch-to-max-distortion", action="store_true",
                         help="stretch the examples within --max-distortion out to it, as a fixed-budget attack's")
     parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
-    # generation search: None keeps the callback's GENERATION_ATTACK
+    # generation: the callback's GENERATION_ATTACK search (None keeps its settings) or a fast-gradient step
+    parser.add_argument("--generator", choices=["box-lbfgs", "fast-gradient"], default="box-lbfgs",
+                        help="what makes pool examples: the L-BFGS search or one fixed-size gradient step")
+    parser.add_argument("--step-distortion", type=float, default=0.036,
+                        help="the fast-gradient step's sqrt(mean r²) (0.036: an L2 step of about 1.0 on MNIST)")
+    parser.add_argument("--pool-failures", action="store_true",
+                        help="pool every fast-gradient step, not only those that fooled the model")
     parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations per value of c in generation")
     parser.add_argument("--refine-steps", type=int, default=None,
@@ -117,10 +123,16 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, time.perf_counter() - started
 
 
-def generation_attack(args: argparse.Namespace) -> BoxLBFGS:
-    """The pools' search: the callback's ``GENERATION_ATTACK`` with the settings given on the command line."""
+def generation_attack(args: argparse.Namespace) -> BoxLBFGS | FastGradient:
+    """What makes the pools' examples: the callback's ``GENERATION_ATTACK`` search with the settings
+    given on the command line, or a fast-gradient step of ``--step-distortion``."""
     names = ("search_steps", "iterations", "refine_steps")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.generator == "fast-gradient":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise ValueError(f"{flags} set the L-BFGS search, which --generator fast-gradient does not run")
+        return FastGradient(distortion=args.step_distortion)
     return BoxLBFGS(**{**GENERATION_ATTACK, **given})
 
 
@@ -132,6 +144,7 @@ def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     settings = {name: getattr(args, name) for name in names}
     return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
                                         stretch_to_max_distortion=args.stretch_to_max_distortion,
+                                        pool_failures=args.pool_failures,
                                         **{k: v for k, v in settings.items() if v is not None})
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from advtrain.attacks import FastGradient
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
 from advtrain.recipes.adversarial_training import add_arguments, generation_attack, pools_callback
@@ -99,12 +100,16 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
     (["--mix-fraction", "1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
     (["--stretch-to-max-distortion"],
      "pools way: stretch_to_max_distortion=True needs max_distortion, the budget to stretch to"),
+    (["--generator", "fast-gradient", "--search-steps", "1", "--iterations", "5"],
+     "pools way: --search-steps, --iterations set the L-BFGS search, which --generator fast-gradient does not run"),
+    (["--pool-failures"], "pools way: pool_failures=True needs attack=FastGradient(...): a search's failures have no "
+                          "perturbation to train on; got attack=BoxLBFGS("),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as refusal:
         main(["adversarial-training", *flags, "--wandb", "off", "--output", str(tmp_path / "run")])
-    assert str(refusal.value) == f"advtrain adversarial-training: {message}"
+    assert str(refusal.value).startswith(f"advtrain adversarial-training: {message}")
     assert not (tmp_path / "run").exists()
 
 
@@ -117,5 +122,9 @@ def test_adversarial_training_sets_the_generation_search_and_pools_from_its_flag
     callback = pools_callback(parser.parse_args(["--max-distortion", "0.04", "--stretch-to-max-distortion"]))
     assert callback.stretch_to_max_distortion and callback.max_distortion == 0.04
     assert not pools_callback(parser.parse_args([])).stretch_to_max_distortion
+    fast = pools_callback(parser.parse_args(["--generator", "fast-gradient", "--step-distortion", "0.05",
+                                             "--pool-failures", "--target", "untargeted"]))
+    assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05
+    assert fast.pool_failures and fast.target == "untargeted"
     default = generation_attack(parser.parse_args([]))
     assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from advtrain import Classifier
-from advtrain.attacks import BoxLBFGS
+from advtrain.attacks import BoxLBFGS, FastGradient
 from advtrain.callbacks import LayerwiseAdversarialTraining
 
 
@@ -211,6 +211,30 @@ def test_examples_within_max_distortion_can_be_stretched_to_it(tmp_path: Path, b
     assert bool((rms <= limit + 1e-6).all())  # ...but never beyond the budget
 
 
+class RecordingFastGradient(FastGradient):
+    """The fast-gradient step, keeping its inputs and its result."""
+
+    def __call__(self, head, inputs, labels, target="untargeted", bounds=(0.0, 1.0)):
+        self.inputs = inputs.clone()
+        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        return self.result
+
+
+@pytest.mark.parametrize("pool_failures", [False, True])
+def test_fast_gradient_pools_its_fooled_rows_or_every_step(tmp_path: Path, pool_failures: bool) -> None:
+    attack = RecordingFastGradient(distortion=0.05)
+    callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
+                                            target="untargeted", pool_failures=pool_failures)
+    trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
+    result, pool = attack.result, callback.pools["input"]
+    assert 0 < int(result.success.sum()) < len(result)  # some rows fooled, some not
+    expected = result.stepped if pool_failures else result.stepped[result.success]
+    assert len(pool) == len(expected)
+    torch.testing.assert_close(pool.examples[:len(pool)].view_as(expected), expected)
+    rms = (result.stepped - attack.inputs).pow(2).mean(1).sqrt()
+    assert bool((rms <= 0.05 + 1e-6).all()) and bool((rms > 0.04).any())  # fixed-size steps, some clipped
+
+
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
     torch.manual_seed(0)
     classifier = pretrained_classifier()
@@ -317,9 +341,12 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
      ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
      ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'"),
      ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion"),
-     ({"stretch_to_max_distortion": True}, r"stretch_to_max_distortion=True needs max_distortion")],
+     ({"stretch_to_max_distortion": True}, r"stretch_to_max_distortion=True needs max_distortion"),
+     ({"pool_failures": True}, r"pool_failures=True needs attack=FastGradient\(...\)"),
+     ({"pool_failures": True, "attack": FastGradient(), "max_distortion": 0.05},
+      r"pool_failures=True pools fixed-size steps .* leave max_distortion at None")],
     ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond", "shrink-without-budget",
-         "stretch-without-budget"],
+         "stretch-without-budget", "failures-without-fast-gradient", "failures-with-budget"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}

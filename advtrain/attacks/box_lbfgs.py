@@ -18,33 +18,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, check_attack_inputs, check_logits
 from advtrain.attacks.lbfgs import project, projected_lbfgs
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import TargetPolicy, choose_targets
-from advtrain.checks import check_count, check_finite, check_labels
+from advtrain.checks import check_count, check_labels
 
-Head = Callable[[torch.Tensor], torch.Tensor]
 Loss = Literal["ce", "margin"]
 Backend = Literal["auto", "torch", "scipy"]
-BoundsArg = tuple[float | torch.Tensor, float | torch.Tensor]
-
-
-class _FrozenParameters:
-    """Within the block, parameters need no gradient; afterwards flags and ``.grad`` are as before."""
-
-    def __init__(self, head: Head) -> None:
-        self.parameters = list(head.parameters()) if isinstance(head, nn.Module) else []
-
-    def __enter__(self) -> None:
-        self.flags = [parameter.requires_grad for parameter in self.parameters]
-        self.grads = [parameter.grad for parameter in self.parameters]
-        for parameter in self.parameters:
-            parameter.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for parameter, flag, grad in zip(self.parameters, self.flags, self.grads):
-            parameter.requires_grad_(flag)
-            parameter.grad = grad
 
 
 class BoxLBFGS:
@@ -160,13 +141,13 @@ class BoxLBFGS:
             bounds: ``(lower, upper)``, scalars or tensors broadcastable to one input; may be
                 infinite.
         """
-        with torch.inference_mode(False), torch.enable_grad(), _FrozenParameters(head):
+        with torch.inference_mode(False), torch.enable_grad(), FrozenParameters(head):
             inputs = inputs.detach().clone()
             labels = labels.detach().clone()
-            lower, upper = self._check(inputs, labels, bounds)
+            lower, upper = check_attack_inputs(inputs, bounds)
             with torch.no_grad():
                 clean_logits = head(inputs)
-            num_classes = self._check_logits(clean_logits, inputs.shape[0])
+            num_classes = check_logits(clean_logits, inputs.shape[0])
             check_labels("labels", labels, num_classes, count=inputs.shape[0])
             if isinstance(target, str) and target == "nearest":
                 return self._nearest(head, inputs, labels, lower, upper, num_classes)
@@ -176,37 +157,6 @@ class BoxLBFGS:
                 return replace(result, target=torch.where(result.success, result.target, runner_up))
             targets = choose_targets(target, labels, clean_logits, num_classes, seed=self.seed)
             return self._search(head, inputs, targets, lower, upper)
-
-    @staticmethod
-    def _check(inputs: torch.Tensor, labels: torch.Tensor, bounds: BoundsArg) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(inputs, torch.Tensor) or not inputs.dtype.is_floating_point or inputs.ndim < 2:
-            raise ValueError(f"inputs must be a floating-point tensor (N, ...), got {getattr(inputs, 'dtype', type(inputs))} "
-                             f"of shape {tuple(getattr(inputs, 'shape', ()))}")
-        check_finite("inputs", inputs)
-        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-            raise ValueError(f"bounds must be (lower, upper), got {bounds!r}")
-        try:
-            lower, upper = (torch.as_tensor(b, dtype=inputs.dtype, device=inputs.device).expand_as(inputs).contiguous()
-                            for b in bounds)
-        except RuntimeError as error:
-            raise ValueError(f"bounds must broadcast to the inputs' shape {tuple(inputs.shape)}: {error}") from error
-        if torch.isnan(lower).any() or torch.isnan(upper).any():
-            raise ValueError("bounds hold NaN")
-        if (lower > upper).any():
-            raise ValueError("bounds have lower > upper somewhere; give (lower, upper) in that order")
-        outside = (inputs < lower) | (inputs > upper)
-        if outside.any():
-            raise ValueError(
-                f"inputs lie outside the box at {int(outside.sum())} values (inputs span "
-                f"[{float(inputs.min()):.4g}, {float(inputs.max()):.4g}]); clamp them or widen bounds"
-            )
-        return lower.flatten(1), upper.flatten(1)
-
-    @staticmethod
-    def _check_logits(logits: torch.Tensor, count: int) -> int:
-        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != count:
-            raise ValueError(f"head must return logits (N, C) with N = {count}, got {tuple(getattr(logits, 'shape', ()))}")
-        return logits.shape[1]
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, untargeted: bool = False) -> torch.Tensor:
         """Per-example loss ``(n,)``: low where the head prefers the target (untargeted: where it

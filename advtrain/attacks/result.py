@@ -45,6 +45,6 @@ class AttackResult:
         """Mean distortion over the successful examples (``nan`` if none)."""
         return float(self.distortion[self.success].mean()) if bool(self.success.any()) else float("nan")
 
-    def to(self, device: torch.device | str) -> "AttackResult":
+    def to(self, device: torch.device | str) -> "AttackResult":  # the same class: subclasses add fields
         """The same result with every tensor on ``device``."""
-        return AttackResult(**{name: value.to(device) for name, value in vars(self).items()})
+        return type(self)(**{name: value.to(device) for name, value in vars(self).items()})

@@ -1,0 +1,70 @@
+"""What every attack checks and sets up before it runs: inputs, bounds, logits, frozen parameters."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from advtrain.checks import check_finite
+
+Head = Callable[[torch.Tensor], torch.Tensor]
+BoundsArg = tuple[float | torch.Tensor, float | torch.Tensor]
+
+
+def check_attack_inputs(inputs: torch.Tensor, bounds: BoundsArg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box as flat ``(N, n)`` lower and upper tensors, after checking that ``inputs`` is a finite
+    floating-point batch inside it.
+
+    Raises:
+        ValueError: not a floating-point ``(N, ...)`` tensor, non-finite values, malformed or NaN
+            bounds, lower above upper, or inputs outside the box.
+    """
+    if not isinstance(inputs, torch.Tensor) or not inputs.dtype.is_floating_point or inputs.ndim < 2:
+        raise ValueError(f"inputs must be a floating-point tensor (N, ...), got {getattr(inputs, 'dtype', type(inputs))} "
+                         f"of shape {tuple(getattr(inputs, 'shape', ()))}")
+    check_finite("inputs", inputs)
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds must be (lower, upper), got {bounds!r}")
+    try:
+        lower, upper = (torch.as_tensor(b, dtype=inputs.dtype, device=inputs.device).expand_as(inputs).contiguous()
+                        for b in bounds)
+    except RuntimeError as error:
+        raise ValueError(f"bounds must broadcast to the inputs' shape {tuple(inputs.shape)}: {error}") from error
+    if torch.isnan(lower).any() or torch.isnan(upper).any():
+        raise ValueError("bounds hold NaN")
+    if (lower > upper).any():
+        raise ValueError("bounds have lower > upper somewhere; give (lower, upper) in that order")
+    outside = (inputs < lower) | (inputs > upper)
+    if outside.any():
+        raise ValueError(
+            f"inputs lie outside the box at {int(outside.sum())} values (inputs span "
+            f"[{float(inputs.min()):.4g}, {float(inputs.max()):.4g}]); clamp them or widen bounds"
+        )
+    return lower.flatten(1), upper.flatten(1)
+
+
+def check_logits(logits: torch.Tensor, count: int) -> int:
+    """The number of classes, after checking that the head returned ``(count, C)`` logits."""
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != count:
+        raise ValueError(f"head must return logits (N, C) with N = {count}, got {tuple(getattr(logits, 'shape', ()))}")
+    return logits.shape[1]
+
+
+class FrozenParameters:
+    """Within the block, parameters need no gradient; afterwards flags and ``.grad`` are as before."""
+
+    def __init__(self, head: Head) -> None:
+        self.parameters = list(head.parameters()) if isinstance(head, nn.Module) else []
+
+    def __enter__(self) -> None:
+        self.flags = [parameter.requires_grad for parameter in self.parameters]
+        self.grads = [parameter.grad for parameter in self.parameters]
+        for parameter in self.parameters:
+            parameter.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for parameter, flag, grad in zip(self.parameters, self.flags, self.grads):
+            parameter.requires_grad_(flag)
+            parameter.grad = grad
