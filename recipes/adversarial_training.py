@@ -74,8 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # generation: the callback's GENERATION_ATTACK search (None keeps its settings) or a fast-gradient step
     parser.add_argument("--generator", choices=["box-lbfgs", "fast-gradient"], default="box-lbfgs",
                         help="what makes pool examples: the L-BFGS search or one fixed-size gradient step")
-    parser.add_argument("--step-distortion", type=float, default=0.036,
-                        help="the fast-gradient step's sqrt(mean r²) (0.036: an L2 step of about 1.0 on MNIST)")
+    parser.add_argument("--step-distortion", type=float, default=None,
+                        help="the fast-gradient step's sqrt(mean r²) (default 0.036: an L2 step of about 1.0 on MNIST)")
     parser.add_argument("--pool-failures", action="store_true",
                         help="pool every fast-gradient step, not only those that fooled the model")
     parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
@@ -132,7 +132,9 @@ def generation_attack(args: argparse.Namespace) -> BoxLBFGS | FastGradient:
         if given:
             flags = ", ".join("--" + name.replace("_", "-") for name in given)
             raise ValueError(f"{flags} set the L-BFGS search, which --generator fast-gradient does not run")
-        return FastGradient(distortion=args.step_distortion)
+        return FastGradient(distortion=0.036 if args.step_distortion is None else args.step_distortion)
+    if args.step_distortion is not None:
+        raise ValueError("--step-distortion sets the fast-gradient step; add --generator fast-gradient")
     return BoxLBFGS(**{**GENERATION_ATTACK, **given})
 
 

@@ -102,6 +102,8 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
      "pools way: stretch_to_max_distortion=True needs max_distortion, the budget to stretch to"),
     (["--generator", "fast-gradient", "--search-steps", "1", "--iterations", "5"],
      "pools way: --search-steps, --iterations set the L-BFGS search, which --generator fast-gradient does not run"),
+    (["--step-distortion", "0.05"],
+     "pools way: --step-distortion sets the fast-gradient step; add --generator fast-gradient"),
     (["--pool-failures"], "pools way: pool_failures=True needs attack=FastGradient(...): a search's failures have no "
                           "perturbation to train on; got attack=BoxLBFGS("),
 ])
@@ -126,5 +128,6 @@ def test_adversarial_training_sets_the_generation_search_and_pools_from_its_flag
                                              "--pool-failures", "--target", "untargeted"]))
     assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05
     assert fast.pool_failures and fast.target == "untargeted"
+    assert generation_attack(parser.parse_args(["--generator", "fast-gradient"])).distortion == 0.036
     default = generation_attack(parser.parse_args([]))
     assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])
