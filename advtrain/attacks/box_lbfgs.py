@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, check_attack_inputs, check_logits
+from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, checked_batch
 from advtrain.attacks.lbfgs import project, projected_lbfgs
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import TargetPolicy, choose_targets
-from advtrain.checks import check_count, check_labels
+from advtrain.checks import check_count
 
 Loss = Literal["ce", "margin"]
 Backend = Literal["auto", "torch", "scipy"]
@@ -142,13 +142,9 @@ class BoxLBFGS:
                 infinite.
         """
         with torch.inference_mode(False), torch.enable_grad(), FrozenParameters(head):
-            inputs = inputs.detach().clone()
-            labels = labels.detach().clone()
-            lower, upper = check_attack_inputs(inputs, bounds)
-            with torch.no_grad():
-                clean_logits = head(inputs)
-            num_classes = check_logits(clean_logits, inputs.shape[0])
-            check_labels("labels", labels, num_classes, count=inputs.shape[0])
+            batch = checked_batch(head, inputs, labels, bounds)
+            inputs, labels, lower, upper = batch.inputs, batch.labels, batch.lower, batch.upper
+            clean_logits, num_classes = batch.clean_logits, batch.num_classes
             if isinstance(target, str) and target == "nearest":
                 return self._nearest(head, inputs, labels, lower, upper, num_classes)
             if isinstance(target, str) and target == "untargeted":

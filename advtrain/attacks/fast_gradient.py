@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, check_attack_inputs, check_logits
+from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, checked_batch
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import TargetPolicy, choose_targets
-from advtrain.checks import check_labels
 
 
 @dataclass
@@ -73,13 +72,9 @@ class FastGradient:
             raise ValueError("FastGradient takes one step and cannot search every wrong class; "
                              "use target='untargeted' (or BoxLBFGS for 'nearest')")
         with torch.inference_mode(False), torch.enable_grad(), FrozenParameters(head):
-            inputs = inputs.detach().clone()
-            labels = labels.detach().clone()
-            lower, upper = check_attack_inputs(inputs, bounds)
-            with torch.no_grad():
-                clean_logits = head(inputs)
-            num_classes = check_logits(clean_logits, inputs.shape[0])
-            check_labels("labels", labels, num_classes, count=inputs.shape[0])
+            batch = checked_batch(head, inputs, labels, bounds)
+            inputs, labels, lower, upper = batch.inputs, batch.labels, batch.lower, batch.upper
+            clean_logits, num_classes = batch.clean_logits, batch.num_classes
             untargeted = isinstance(target, str) and target == "untargeted"
             targets = labels if untargeted else choose_targets(target, labels, clean_logits, num_classes, seed=self.seed)
             start = inputs.requires_grad_(True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from advtrain.checks import check_finite
+from advtrain.checks import check_finite, check_labels
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 BoundsArg = tuple[float | torch.Tensor, float | torch.Tensor]
@@ -50,6 +51,32 @@ def check_logits(logits: torch.Tensor, count: int) -> int:
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != count:
         raise ValueError(f"head must return logits (N, C) with N = {count}, got {tuple(getattr(logits, 'shape', ()))}")
     return logits.shape[1]
+
+
+@dataclass
+class CheckedBatch:
+    """A batch an attack may work on: detached copies of inputs and labels, the flat box, the clean
+    logits and the number of classes."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    lower: torch.Tensor
+    upper: torch.Tensor
+    clean_logits: torch.Tensor
+    num_classes: int
+
+
+def checked_batch(head: Head, inputs: torch.Tensor, labels: torch.Tensor, bounds: BoundsArg) -> CheckedBatch:
+    """Copy and check what an attack is given (:func:`check_attack_inputs`, :func:`check_logits`,
+    labels in range, one per row) and run the head once on the clean inputs."""
+    inputs = inputs.detach().clone()
+    labels = labels.detach().clone()
+    lower, upper = check_attack_inputs(inputs, bounds)
+    with torch.no_grad():
+        clean_logits = head(inputs)
+    num_classes = check_logits(clean_logits, inputs.shape[0])
+    check_labels("labels", labels, num_classes, count=inputs.shape[0])
+    return CheckedBatch(inputs, labels, lower, upper, clean_logits, num_classes)
 
 
 class FrozenParameters:
