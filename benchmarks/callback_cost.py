@@ -57,6 +57,26 @@ def timed_training(data: MNISTDataModule, epochs: int, pools: LayerwiseAdversari
     return timer.seconds
 
 
+def mean_after_warmup(seconds: list[float]) -> float:
+    """Mean epoch seconds, leaving out the first epoch (which warms up)."""
+    return sum(seconds[1:]) / len(seconds[1:])
+
+
+def measure_default(data: MNISTDataModule, epochs: int) -> dict:
+    """Epoch seconds without pools and with the callback's defaults on three pools; the ratio."""
+    plain_epoch = mean_after_warmup(timed_training(data, epochs, None))
+    pools = LayerwiseAdversarialTraining(["input", "sigmoid1", "sigmoid2"], module="model")
+    with_pools = timed_training(data, epochs, pools)
+    pools_epoch = mean_after_warmup(with_pools)
+    return {
+        "epoch_seconds_without": plain_epoch,
+        "epoch_seconds_with": pools_epoch,
+        "ratio": pools_epoch / plain_epoch,
+        "share_generating": pools.seconds_generating / sum(with_pools),
+        "pool_sizes": {layer: len(pool) for layer, pool in pools.pools.items()},
+    }
+
+
 def fresh_half_pools(generator: str) -> LayerwiseAdversarialTraining:
     """The README's fresh half-batch setting with either generator."""
     fresh = dict(mix_fraction=0.5, refresh_every=1, refresh_size=64, capacity=128, target="untargeted")
@@ -70,13 +90,12 @@ def fresh_half_pools(generator: str) -> LayerwiseAdversarialTraining:
 
 def measure_fresh_half(data: MNISTDataModule, epochs: int) -> dict:
     """Epoch seconds without pools and with each generator's fresh half-batch pools; the ratios."""
-    plain = timed_training(data, epochs, None)
-    plain_epoch = sum(plain[1:]) / len(plain[1:])
+    plain_epoch = mean_after_warmup(timed_training(data, epochs, None))
     result: dict = {"batch_size": data.batch_size, "epoch_seconds_without": plain_epoch}
     for generator in ("box-lbfgs", "fast-gradient"):
         pools = fresh_half_pools(generator)
         seconds = timed_training(data, epochs, pools)
-        epoch = sum(seconds[1:]) / len(seconds[1:])
+        epoch = mean_after_warmup(seconds)
         result[generator] = {"epoch_seconds_with": epoch, "ratio": epoch / plain_epoch,
                              "share_generating": pools.seconds_generating / sum(seconds)}
     result["box_lbfgs_over_fast_gradient"] = (result["box-lbfgs"]["epoch_seconds_with"]
@@ -96,25 +115,7 @@ def main() -> None:
     output = args.output or Path("benchmarks/results/callback_cost" + ("_fresh_half" if args.fresh_half else ""))
     data = MNISTDataModule(args.data_dir, batch_size=128 if args.fresh_half else DEFAULTS["batch_size"], val_size=0)
     data.prepare_data()
-    if args.fresh_half:
-        result = measure_fresh_half(data, args.epochs)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "results.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        return
-    plain = timed_training(data, args.epochs, None)
-    pools = LayerwiseAdversarialTraining(["input", "sigmoid1", "sigmoid2"], module="model")
-    with_pools = timed_training(data, args.epochs, pools)
-    plain_epoch = sum(plain[1:]) / len(plain[1:])
-    pools_epoch = sum(with_pools[1:]) / len(with_pools[1:])
-    generating_share = pools.seconds_generating / sum(with_pools)
-    result = {
-        "epoch_seconds_without": plain_epoch,
-        "epoch_seconds_with": pools_epoch,
-        "ratio": pools_epoch / plain_epoch,
-        "share_generating": generating_share,
-        "pool_sizes": {layer: len(pool) for layer, pool in pools.pools.items()},
-    }
+    result = (measure_fresh_half if args.fresh_half else measure_default)(data, args.epochs)
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
