@@ -103,7 +103,8 @@ class LayerwiseAdversarialTraining(Callback):
 
     Raises:
         ValueError: bad settings (here), or at setup, before the first step: an unknown layer, a
-            cut that is not clean, a batch it cannot read, a capacity below the rows mixed in.
+            cut that is not clean, a batch it cannot read or whose tensors are slices of a larger
+            tensor (writing pool rows into them would overwrite it), a capacity below the rows mixed in.
 
     Example::
 
@@ -255,6 +256,7 @@ class LayerwiseAdversarialTraining(Callback):
         if batch is None:
             return
         inputs, labels = self.read_batch(batch)
+        check_writable(inputs, labels)
         mixed = self.rows_to_mix(inputs.shape[0])
         if mixed > self.capacity:
             raise ValueError(f"capacity {self.capacity} is below the {mixed} rows mixed into each batch of "
@@ -315,6 +317,7 @@ class LayerwiseAdversarialTraining(Callback):
         pool = self.pools[layer]
         if len(pool) == 0:
             return
+        check_writable(inputs, labels)
         examples, pool_labels = pool.sample(mixed)
         labels[-mixed:] = pool_labels.to(labels.device)
         if layer == INPUT:
@@ -435,6 +438,20 @@ class LayerwiseAdversarialTraining(Callback):
         self.steps_taken.update(state["steps_taken"])
         self.generator.set_state(state["generator"])
         self._recent = [tuple(chunk) for chunk in state["recent"]]
+
+
+def check_writable(inputs: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse a batch whose tensors are windows into larger ones (slices of a dataset tensor): the
+    pool rows written into the batch would overwrite that tensor's rows.
+
+    Raises:
+        ValueError: naming the tensor and what to change.
+    """
+    for name, tensor in (("inputs", inputs), ("labels", labels)):
+        if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+            raise ValueError(f"the batch's {name} share memory with a larger tensor (a slice of a dataset tensor?): "
+                             "the pool rows written into the batch would overwrite it; have the loader yield "
+                             "copies (the default collate does, and so does indexing with an index tensor)")
 
 
 def _as_bound(bound: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

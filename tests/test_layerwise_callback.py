@@ -295,6 +295,17 @@ def test_dict_batches_with_configured_keys(tmp_path: Path) -> None:
     assert len(callback.pools["act1"]) > 0
 
 
+class SlicedBatches(torch.utils.data.IterableDataset):
+    """Batches that are slices of one stored tensor, as a hand-written loader might yield."""
+
+    def __init__(self) -> None:
+        self.inputs, self.labels = tiny_loader().dataset.tensors
+
+    def __iter__(self):
+        for start in range(0, len(self.inputs), 16):
+            yield self.inputs[start:start + 16], self.labels[start:start + 16]
+
+
 class Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -315,8 +326,10 @@ class Residual(nn.Module):
          r"capacity 3 is below the 4 rows mixed into each batch of 16"),
         (lambda: LayerwiseAdversarialTraining(["act1"], module="model", label_key="label"),
          lambda: DataLoader(DictBatches(), batch_size=16), r"a dict batch needs keys `x` and `label`"),
+        (lambda: LayerwiseAdversarialTraining(["input"], module="model"), lambda: DataLoader(SlicedBatches(), batch_size=None),
+         r"the batch's inputs share memory with a larger tensor"),
     ],
-    ids=["unknown-layer", "unknown-module", "unclean-cut", "capacity", "unreadable-batch"],
+    ids=["unknown-layer", "unknown-module", "unclean-cut", "capacity", "unreadable-batch", "batch-slices-a-dataset"],
 )
 def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, loader, message: str) -> None:
     steps = []
