@@ -1,0 +1,42 @@
+"""The plain-PyTorch fast-gradient peer (benchmarks/reference_fast_gradient.py): its step is what it says."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_reference():
+    spec = importlib.util.spec_from_file_location("reference_fast_gradient", REPO / "benchmarks" / "reference_fast_gradient.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_has_the_distortion_and_follows_the_loss_gradient() -> None:
+    reference = load_reference()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images = 0.25 + 0.5 * torch.rand(8, 1, 28, 28)  # far enough inside [0, 1] for 0.01 not to clip
+    labels = torch.arange(8)
+    stepped = reference.fast_gradient_step(model, images, labels, 0.01)
+    change = (stepped - images).flatten(1)
+    assert torch.allclose(change.pow(2).mean(1).sqrt(), torch.full((8,), 0.01), rtol=1e-4)
+    gradient = images.clone().requires_grad_(True)
+    grad, = torch.autograd.grad(nn.functional.cross_entropy(model(gradient), labels), gradient)
+    cosine = nn.functional.cosine_similarity(change, grad.flatten(1), dim=1)
+    assert torch.allclose(cosine, torch.ones(8), atol=1e-4)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_stays_in_the_box() -> None:
+    reference = load_reference()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images = torch.ones(4, 1, 28, 28)
+    stepped = reference.fast_gradient_step(model, images, torch.zeros(4, dtype=torch.long), 0.5)
+    assert stepped.min() >= 0 and stepped.max() <= 1
