@@ -174,6 +174,23 @@ def test_untargeted_finds_the_nearest_decision_boundary_in_one_search(loss: str,
         assert float(ratio.median()) <= 1.001, ratio
 
 
+@pytest.mark.parametrize("target", ["nearest", "untargeted", "random"])
+def test_refined_examples_stay_just_past_the_boundary_in_any_batch(target: str) -> None:
+    head = linear_head(dims=50, classes=5)
+    inputs = torch.rand(40, 50)
+    labels = head(inputs).argmax(1).detach()
+    result = BoxLBFGS(seed=0)(head, inputs, labels, target=target, bounds=(-math.inf, math.inf))
+    assert result.success.all()
+    with torch.no_grad():
+        logits = head(result.adversarial)
+        others = logits.scatter(1, result.target[:, None], -math.inf).amax(1)
+        lead = logits.gather(1, result.target[:, None])[:, 0] - others
+        assert (lead >= 5e-5).all(), lead.min()  # refined to a margin of zero, rounding could flip it
+        assert (lead <= 0.02).all(), lead.max()  # still the minimal example, not pushed further
+        alone = torch.stack([head(row[None])[0].argmax() for row in result.adversarial])
+    assert torch.equal(alone, result.target)
+
+
 def test_untargeted_failures_report_the_runner_up_inside_the_box() -> None:
     head = linear_head(classes=4)
     inputs = torch.full((3, 20), 0.5)

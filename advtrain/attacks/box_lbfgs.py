@@ -173,6 +173,7 @@ class BoxLBFGS:
                 lower: torch.Tensor, upper: torch.Tensor, untargeted: bool = False) -> AttackResult:
         """Search every row; ``targets`` are the targets, or with ``untargeted`` the true labels to leave."""
         reaches = _leaves if untargeted else _reaches
+        keeps = _leaves_by_margin if untargeted else _reaches_by_margin  # what may become the best example
         shape, count = inputs.shape, inputs.shape[0]
         origin = inputs.flatten(1)  # (N, D)
         device, dtype = origin.device, origin.dtype
@@ -194,7 +195,7 @@ class BoxLBFGS:
 
         def on_point(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> None:
             l2 = (x - origin[rows]).norm(dim=1)
-            better = reaches(logits, targets[rows]) & (l2 < best_l2[rows])
+            better = keeps(logits, targets[rows]) & (l2 < best_l2[rows])
             improved = rows[better]
             best[improved], best_l2[improved], best_c[improved] = x[better], l2[better], c[improved]
 
@@ -216,21 +217,23 @@ class BoxLBFGS:
                 torch.isinf(c_failure), c * self.c_growth,
                 torch.where(c_success == 0, c / self.c_growth, (c_success * c_failure).sqrt()),
             )
-        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape, reaches)
+        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape, keeps)
         return self._result(head, inputs, best.view(shape), targets, lower, upper, best_l2, best_c, iterations, untargeted)
 
     @torch.no_grad()
     def _refine(self, head: Head, origin: torch.Tensor, best: torch.Tensor, targets: torch.Tensor,
                 found: torch.Tensor, shape: torch.Size,
-                reaches: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                keeps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Shrink each success ``x + r`` to ``x + t·r`` with the smallest ``t`` in (0, 1] that still
-        reaches the target (bisection; ``t = 1`` always does)."""
+        ``keeps`` the target (bisection; ``t = 1`` always does): the search keeps only examples that
+        reach it by a logit margin of at least ``REFINE_MARGIN``, so that an example stays
+        adversarial when evaluated in another batch, whose sums round differently."""
         perturbation = best - origin
         low = torch.zeros(best.shape[0], device=best.device, dtype=best.dtype)  # fails (or untested)
         high = torch.ones_like(low)  # succeeds
         for _ in range(self.refine_steps):
             middle = (low + high) / 2
-            reached = reaches(head((origin + middle[:, None] * perturbation).view(shape)), targets)
+            reached = keeps(head((origin + middle[:, None] * perturbation).view(shape)), targets)
             high = torch.where(reached, middle, high)
             low = torch.where(reached, low, middle)
         return torch.where(found[:, None], origin + high[:, None] * perturbation, best)
@@ -301,3 +304,24 @@ def _reaches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _leaves(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rows whose prediction is not their true label (the untargeted search's success)."""
     return logits.argmax(1) != labels
+
+
+#: The logit margin past the decision boundary that the final bisection keeps: float32 logits of
+#: the same input differ by about 1e-6 between batch sizes, so an example refined to a margin of
+#: zero can stop being adversarial when evaluated in a different batch.
+REFINE_MARGIN = 1e-4
+
+
+def _others_max(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Each row's largest logit among the classes other than ``classes``."""
+    return logits.scatter(1, classes[:, None], -math.inf).amax(1)
+
+
+def _reaches_by_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Rows whose target logit leads every other by at least ``REFINE_MARGIN``."""
+    return logits.gather(1, targets[:, None])[:, 0] - _others_max(logits, targets) >= REFINE_MARGIN
+
+
+def _leaves_by_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Rows where some wrong class leads the true label's logit by at least ``REFINE_MARGIN``."""
+    return _others_max(logits, labels) - logits.gather(1, labels[:, None])[:, 0] >= REFINE_MARGIN
