@@ -306,9 +306,10 @@ def _leaves(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(1) != labels
 
 
-#: The logit margin past the decision boundary that the final bisection keeps: float32 logits of
-#: the same input differ by about 1e-6 between batch sizes, so an example refined to a margin of
-#: zero can stop being adversarial when evaluated in a different batch.
+#: The logit margin past the decision boundary that the search demands of the examples it keeps
+#: and its final bisection preserves: float32 logits of the same input differ by rounding between
+#: batch sizes, so an example refined to a margin of zero can stop being adversarial when evaluated
+#: in a different batch (the test recipes saw it on a CPU).
 REFINE_MARGIN = 1e-4
 
 
