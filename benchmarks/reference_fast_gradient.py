@@ -28,6 +28,7 @@ from torch import nn
 from advtrain.callbacks import AdversarialEvaluation
 from advtrain.data import MNISTDataModule, random_shift
 from advtrain.models import fc100_100_10
+from advtrain.recipes.paper_models import error_rate
 
 #: sqrt(mean r²) of one step: an L2 step of 1.0 on a 28×28 image (the recipe's --step-distortion default).
 STEP_DISTORTION = 0.036
@@ -41,12 +42,6 @@ def fast_gradient_step(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     direction = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     step = distortion * flat.shape[1] ** 0.5 * direction
     return (images.detach() + step.view_as(images)).clamp(0, 1)
-
-
-def error_rate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of ``images`` misclassified."""
-    with torch.no_grad():
-        return float((model(images).argmax(1) != labels).float().mean())
 
 
 def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: int, lr: float,

@@ -160,8 +160,10 @@ def check_settings(args: argparse.Namespace) -> str:
         network = sigmoid_mlp(args.hidden)
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --hidden: {error}") from error
-    if not 0 <= args.shift_pixels < 28:
-        raise SystemExit(f"advtrain adversarial-training: --shift-pixels must be in [0, 28) for 28×28 images, got {args.shift_pixels}")
+    try:
+        MNISTDataModule(args.data_dir, shift_pixels=args.shift_pixels)  # checks its settings, reads nothing
+    except ValueError as error:
+        raise SystemExit(f"advtrain adversarial-training: --shift-pixels: {error}") from error
     names = layer_names(network.module)
     unknown = [layer for layer in args.layers if layer not in names] if "pools" in args.ways else []
     if unknown:

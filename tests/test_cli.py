@@ -106,7 +106,7 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
      "pools way: --step-distortion sets the fast-gradient step; add --generator fast-gradient"),
     (["--pool-failures"], "pools way: pool_failures=True needs attack=FastGradient(...): a search's failures have no "
                           "perturbation to train on; got attack=BoxLBFGS("),
-    (["--shift-pixels", "-1"], "--shift-pixels must be in [0, 28) for 28×28 images, got -1"),
+    (["--shift-pixels", "-1"], "--shift-pixels: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
                                                                            tmp_path: Path) -> None:

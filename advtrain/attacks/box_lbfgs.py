@@ -161,8 +161,7 @@ class BoxLBFGS:
             others = logits.scatter(1, targets[:, None], float("-inf"))
             if self.loss == "ce":  # -log(1 - p_true), stably
                 return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
-            true_logit = logits.gather(1, targets[:, None])[:, 0]
-            return (true_logit - others.amax(1) + self.confidence).clamp_min(0).pow(2)
+            return (_lead(logits, targets) + self.confidence).clamp_min(0).pow(2)
         if self.loss == "ce":
             return nn.functional.cross_entropy(logits, targets, reduction="none")
         target_logit = logits.gather(1, targets[:, None])
@@ -313,16 +312,17 @@ def _leaves(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 REFINE_MARGIN = 1e-4
 
 
-def _others_max(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Each row's largest logit among the classes other than ``classes``."""
-    return logits.scatter(1, classes[:, None], -math.inf).amax(1)
+def _lead(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """How far each row's logit of ``classes`` lies above its largest other logit (negative: below)."""
+    others = logits.scatter(1, classes[:, None], float("-inf"))
+    return logits.gather(1, classes[:, None])[:, 0] - others.amax(1)
 
 
 def _reaches_by_margin(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Rows whose target logit leads every other by at least ``REFINE_MARGIN``."""
-    return logits.gather(1, targets[:, None])[:, 0] - _others_max(logits, targets) >= REFINE_MARGIN
+    return _lead(logits, targets) >= REFINE_MARGIN
 
 
 def _leaves_by_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rows where some wrong class leads the true label's logit by at least ``REFINE_MARGIN``."""
-    return _others_max(logits, labels) - logits.gather(1, labels[:, None])[:, 0] >= REFINE_MARGIN
+    return -_lead(logits, labels) >= REFINE_MARGIN
