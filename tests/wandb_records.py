@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -29,6 +30,8 @@ def records(path: Path) -> list[wandb_internal_pb2.Record]:
             offset += left_in_block
             continue
         _, length, kind = struct.unpack("<IHB", data[offset : offset + 7])
+        if offset + 7 + length > len(data):  # a chunk still being written
+            break
         chunk = data[offset + 7 : offset + 7 + length]
         offset += 7 + length
         if kind == 0 and length == 0:
@@ -51,10 +54,23 @@ def records(path: Path) -> list[wandb_internal_pb2.Record]:
     return out
 
 
+def finished_records(path: Path, timeout: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records of a run once its ``exit`` record is on disk: ``wandb.finish()`` can return before
+    the offline writer has flushed the file (wandb 0.31)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = records(path) if path.stat().st_size >= 7 else []
+        if any(record.WhichOneof("record_type") == "exit" for record in found):
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} has no exit record after {timeout:.0f} s: the run was not finished")
+        time.sleep(0.1)
+
+
 def history(path: Path) -> dict[str, list]:
-    """Each history key of the run with its logged values, in order."""
+    """Each history key of the finished run with its logged values, in order."""
     series: dict[str, list] = {}
-    for record in records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             for item in record.history.item:
                 key = item.key or "/".join(item.nested_key)
