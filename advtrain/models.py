@@ -1,4 +1,5 @@
-"""The paper's MNIST models (Table 1) as plain ``nn.Sequential`` with named layers.
+"""The paper's MNIST models (Table 1) as plain ``nn.Sequential`` with named layers, and a small
+residual network with batch norm.
 
 Each builder returns a :class:`PaperModel`: the module, its per-layer weight penalties (applied by
 :class:`advtrain.Classifier` as ``λ·Σw²/k`` with ``k`` the number of units in the layer) and the
@@ -113,6 +114,43 @@ def mnist_convnet() -> PaperModel:
     return PaperModel("ConvNet", nn.Sequential(layers), {"fc": 1e-5, "logits": 1e-6})
 
 
+def small_resnet(widths: Sequence[int] = (16, 32, 64), weight_decay: float = 5e-4) -> PaperModel:
+    """A residual convnet with batch norm for MNIST (not one of the paper's models): a 3×3 stem,
+    then one torchvision ``BasicBlock`` per stage (``stage1`` at 28×28, ``stage2`` and ``stage3``
+    halving the resolution), global average pooling and logits. Every convolution and the logits
+    carry the penalty of plain weight decay ``weight_decay`` (``λ = weight_decay · k / 2`` in
+    :class:`advtrain.Classifier`'s ``λ·Σw²/k``).
+
+    Its stage outputs end in a ReLU, so their boxes are ``[0, inf)``; ``stem``, ``stage1``,
+    ``stage2``, ``stage3`` are the natural layers for per-layer pools.
+    """
+    from torchvision.models.resnet import BasicBlock
+
+    if len(widths) != 3 or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"widths must be three positive channel counts, got {list(widths)!r}")
+    first, second, third = widths
+
+    def stage(inputs: int, outputs: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or inputs != outputs:
+            downsample = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+        return nn.Sequential(BasicBlock(inputs, outputs, stride=stride, downsample=downsample))
+
+    layers = OrderedDict(
+        stem=nn.Sequential(nn.Conv2d(1, first, 3, padding=1, bias=False), nn.BatchNorm2d(first), nn.ReLU(inplace=True)),
+        stage1=stage(first, first, 1),
+        stage2=stage(first, second, 2),
+        stage3=stage(second, third, 2),
+        pool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        logits=nn.Linear(third, 10),
+    )
+    module = nn.Sequential(layers)
+    penalties = {name: weight_decay * child.weight.shape[0] / 2 for name, child in module.named_modules()
+                 if isinstance(child, (nn.Conv2d, nn.Linear))}
+    return PaperModel("SmallResNet", module, penalties)
+
+
 #: Command-line names of the builders.
 MODEL_BUILDERS: dict[str, Callable[[], PaperModel]] = {
     "fc10-1e-4": lambda: fc10(1e-4),
@@ -123,6 +161,7 @@ MODEL_BUILDERS: dict[str, Callable[[], PaperModel]] = {
     "fc123-456-10": fc123_456_10,
     "ae400-10": ae400_10,
     "convnet": mnist_convnet,
+    "small-resnet": small_resnet,
 }
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from advtrain.attacks import AttackResult, BoxLBFGS
+from advtrain.attacks.targets import POLICIES, TargetPolicy
+from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
 
 
@@ -26,14 +28,17 @@ class AdversarialReport:
         adversarial_error: budget to the fraction misclassified as they are or with a perturbation of
             distortion (sqrt(mean r²)) at most that budget.
         mean_distortion: mean minimal distortion over the correctly classified examples the search
-            succeeded on.
-        success_rate: fraction of the correctly classified examples the search succeeded on.
+            succeeded on (``nan`` where it succeeded on none).
+        success_rate: fraction of the correctly classified examples the search succeeded on
+            (``nan`` where none was correctly classified).
+        attacked: how many examples were attacked (the correctly classified ones).
     """
 
     clean_error: float
     adversarial_error: dict[float, float]
     mean_distortion: float
     success_rate: float
+    attacked: int = 0
 
 
 def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Sequence[float]) -> AdversarialReport:
@@ -49,6 +54,7 @@ def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Seq
         adversarial_error=errors,
         mean_distortion=float(result.distortion[result.success].mean()) if bool(found.any()) else math.nan,
         success_rate=float(found.float().mean()) if found.numel() else math.nan,
+        attacked=int(found.numel()),
     )
 
 
@@ -69,12 +75,21 @@ class AdversarialEvaluation(Callback):
     Args:
         examples: size of the subset (the same examples every time).
         budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error.
-        attack: the search (default: ``BoxLBFGS(loss="margin")``), run untargeted (``"nearest"``).
+        attack: the search (default: ``BoxLBFGS(loss="margin")``).
+        target: the attack's target policy: ``"untargeted"`` (default: one search per example
+            towards whichever wrong class is nearest to hand), ``"nearest"`` (a search for every
+            wrong class, the closest kept: as many times the cost, and the exact minimum over
+            classes), or a targeted policy (``"random"``, ``"runner_up"``, ``"least_likely"``).
         module: the classifier as a named submodule of the LightningModule (default: its forward).
         bounds: the input box.
         figure_examples: columns of the Figure-5 image logged where the logger takes images; 0 for none.
-        input_key, label_key: where a dict dataset item keeps inputs and labels.
+        batch_keys: ``(inputs, labels)`` keys of dict dataset items (default: found by their usual
+            names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
         seed: seeds the subset.
+
+    Logs ``adv_<stage>/clean_err``, ``adv_<stage>/adv_err@<budget>`` and ``adv_<stage>/attacked``
+    (how many correctly classified examples were attacked); ``adv_<stage>/mean_distortion`` only
+    where the search succeeded on some example.
 
     Example::
 
@@ -89,24 +104,28 @@ class AdversarialEvaluation(Callback):
         examples: int = 100,
         budgets: Sequence[float] = (0.05, 0.1),
         attack: BoxLBFGS | None = None,
+        target: TargetPolicy = "untargeted",
         module: str | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
         figure_examples: int = 8,
-        input_key: str = "x",
-        label_key: str = "y",
+        batch_keys: tuple[str, str] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_count("examples", examples)
         if not budgets or any(not b > 0 for b in budgets):
             raise ValueError(f"budgets must be positive distortions, got {list(budgets)!r}")
+        if target not in POLICIES:
+            raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         self.examples = examples
         self.budgets = tuple(float(b) for b in budgets)
         self.attack = attack if attack is not None else BoxLBFGS(loss="margin")
+        self.target = target
         self.module = module
         self.bounds = bounds
         self.figure_examples = figure_examples
-        self.input_key, self.label_key = input_key, label_key
+        self.batch_keys = check_batch_keys(batch_keys)
+        self._keys: BatchKeys | None = self.batch_keys
         self.seed = seed
         self.reports: dict[str, AdversarialReport] = {}
 
@@ -114,19 +133,20 @@ class AdversarialEvaluation(Callback):
         """The fixed seeded subset of a loader's dataset."""
         dataset = loader.dataset
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[: self.examples]
-        batch = default_collate([dataset[int(i)] for i in order])
-        if isinstance(batch, Mapping):
-            return batch[self.input_key], batch[self.label_key]
-        return batch[0], batch[1]
+        return read_batch(default_collate([dataset[int(i)] for i in order]), self._keys)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Take the batch keys another advtrain callback was given, where this one has none."""
+        self._keys = shared_batch_keys(trainer, self.batch_keys)
 
     def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
-        """Clean predictions, then the untargeted search on the correct ones (model in eval mode)."""
+        """Clean predictions, then the search on the correct ones (model in eval mode)."""
         was_training = classifier.training
         classifier.eval()
         try:
             with torch.inference_mode(False), torch.no_grad():
                 correct = classifier(inputs).argmax(1) == labels
-            result = self.attack(classifier, inputs[correct], labels[correct], target="nearest", bounds=self.bounds)
+            result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
         finally:
             classifier.train(was_training)
         return adversarial_report(result, correct.cpu(), self.budgets), result
@@ -142,7 +162,9 @@ class AdversarialEvaluation(Callback):
         report, result = self.evaluate(classifier, inputs, labels)
         self.reports[stage] = report
         pl_module.log(f"adv_{stage}/clean_err", report.clean_error)
-        pl_module.log(f"adv_{stage}/mean_distortion", report.mean_distortion if report.mean_distortion == report.mean_distortion else 0.0)
+        pl_module.log(f"adv_{stage}/attacked", float(report.attacked))
+        if not math.isnan(report.mean_distortion):  # nothing found: no mean to log (0 would claim one)
+            pl_module.log(f"adv_{stage}/mean_distortion", report.mean_distortion)
         for budget, error in report.adversarial_error.items():
             pl_module.log(f"adv_{stage}/adv_err@{budget:g}", error)
         self._log_figure(trainer, stage, result)

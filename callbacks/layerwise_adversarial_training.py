@@ -2,18 +2,22 @@
 
 Follow one batch: ``on_train_batch_start`` keeps the batch's clean rows in a small buffer of
 recent rows, picks this step's layer k (:meth:`layer_for_step`), refreshes k's pool from the
-recent clean rows when due (:meth:`should_refresh`), then
-overwrites the batch's last rows with pool examples and their true labels. For ``"input"`` the
-rows are images; for a hidden layer a one-shot forward hook on layer k replaces those rows of k's
-output with the pool's activations, so they train only the layers above k: no gradient from
-them reaches layer k or below. The model's forward then runs as usual, and the logger receives
-each layer's pool size, pool error, generation success, distortion and time.
+recent clean rows when due (:meth:`should_refresh`), then overwrites the batch's last rows with
+pool examples and their true labels. For ``"input"`` the rows are images; for a hidden layer a
+one-shot forward hook on layer k replaces those rows of k's output with the pool's activations,
+so they train only the layers above k: no gradient from them reaches layer k or below, neither
+directly nor through the batch statistics of batch-norm layers above k
+(:class:`~advtrain.batch_statistics.SeparateBatchStatistics`). A forward pre-hook on the
+classifier first checks that the batch reached it unchanged in size, shape and order. The
+model's forward then runs as usual, and the logger receives each layer's pool size, pool error,
+generation success, distortion and time.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -23,9 +27,13 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from advtrain.attacks import AttackResult, BoxLBFGS, FastGradient
+from advtrain.attacks.inputs import head_for_rows
 from advtrain.attacks.targets import POLICIES, TargetPolicy
+from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
+from advtrain.batch_statistics import SeparateBatchStatistics
 from advtrain.checks import check_count
-from advtrain.layers import INPUT, Bounds, estimated_bounds, known_bounds, layer_names, split_at
+from advtrain.layers import (INPUT, UNBOUNDED, Bounds, LayerCut, LayerCutError, check_layer, cut_at, enclosing_modules,
+                             known_bounds, layer_names)
 from advtrain.pool import AdversarialPool
 
 #: Attack settings for generation: far cheaper than the evaluation defaults (an adversarial example
@@ -35,11 +43,14 @@ GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10)
 
 
 class _Injection:
-    """Pool activations waiting to replace the last rows of one layer's output in the next forward."""
+    """Pool activations waiting to replace the last rows of one layer's output in the next forward,
+    with the batch they were mixed into (to check that it reaches the classifier unchanged)."""
 
-    def __init__(self, layer: str, activations: torch.Tensor) -> None:
+    def __init__(self, layer: str, activations: torch.Tensor, batch_inputs: torch.Tensor) -> None:
         self.layer = layer
         self.activations = activations
+        self.batch_inputs = batch_inputs
+        self.checked = False  # the classifier's inputs were compared with the batch
 
 
 class LayerwiseAdversarialTraining(Callback):
@@ -96,21 +107,39 @@ class LayerwiseAdversarialTraining(Callback):
             rows' steps) over 120 epochs: 1.18%, 1.22% and 1.33% at 1.297× to 1.34×.
         module: the classifier as a named submodule of the LightningModule (default: the
             LightningModule's own forward is the classifier).
-        input_key, label_key: where a dict batch keeps inputs and labels.
-        bounds: per-layer boxes overriding the ones the layer types imply (others are estimated
-            per unit from the first batch's clean activations).
+        batch_keys: ``(inputs, labels)`` keys of a dict batch (default: found by their usual
+            names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
+        bounds: per-layer boxes ``{layer: (low, high)}`` (scalars or tensors of one example's shape)
+            overriding the defaults: ``(0, 1)`` for ``"input"``, the range a layer's type or last
+            operation implies (sigmoid, tanh, ReLU, a block ending in a ReLU...), else no bound.
+            Clean activations outside a layer's box (bounds set too tight) widen it for the rows
+            attacked, with a warning; the input box must hold the first batch.
         pool_device: where pools live (``"cpu"`` keeps accelerator memory free).
         seed: seeds layer choice, pool replacement and targets (offset by the rank under DDP).
 
+    A layer is any named submodule of the classifier that runs once per forward pass (a ResNet
+    stage ``layer2``, one block ``layer2.0``, ``encoder.layers.0`` of a transformer). Tensors that
+    bypass the layer (a skip connection around it) would carry the pool rows' gradient below it,
+    so such a layer is refused, with the enclosing modules that can be used instead. Hidden-layer
+    pools replace rows of the layer's output by position: the batch must reach the classifier
+    as the callback saw it. Augmentation that changes its size, shape or order inside
+    ``training_step`` is refused at the first step; augment in the data pipeline instead (input
+    pools are unaffected: their rows are ordinary batch rows, augmented like any other).
+
     Raises:
-        ValueError: bad settings (here), or at setup, before the first step: an unknown layer, a
-            cut that is not clean, a batch it cannot read or whose tensors are slices of a larger
-            tensor (writing pool rows into them would overwrite it), a capacity below the rows mixed in.
+        ValueError: bad settings (here), or before the first step: an unknown layer (the message
+            lists the layers), a layer that cannot be cut (run twice, or bypassed by a skip
+            connection), a batch it cannot read or whose tensors are slices of a larger tensor
+            (writing pool rows into them would overwrite it), a capacity below the rows mixed in,
+            an input box that does not hold the inputs; during training: a batch changed between
+            the callback and the classifier.
 
     Example::
 
-        trainer = pl.Trainer(callbacks=[LayerwiseAdversarialTraining(layers=["input", "sigmoid1", "sigmoid2"],
-                                                                     module="model")])
+        >>> import torchvision
+        >>> callback = LayerwiseAdversarialTraining(["input", "layer2", "layer3"], module="net")
+        >>> callback.layers
+        ['input', 'layer2', 'layer3']
 
     Reference: Szegedy et al. (2013), Section 4.2.
     """
@@ -133,13 +162,15 @@ class LayerwiseAdversarialTraining(Callback):
         stretch_to_max_distortion: bool = False,
         pool_failures: bool = False,
         module: str | None = None,
-        input_key: str = "x",
-        label_key: str = "y",
+        batch_keys: Sequence[str] | None = None,
         bounds: Mapping[str, Bounds] | None = None,
         pool_device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a list of layer names, got the string {layers!r}; "
+                             f"for one layer write [{layers!r}]")
         layers = list(layers)
         if not layers or len(set(layers)) != len(layers):
             raise ValueError(f"layers must be a non-empty list of distinct layer names, got {layers!r}")
@@ -165,6 +196,10 @@ class LayerwiseAdversarialTraining(Callback):
         if pool_failures and max_distortion is not None:
             raise ValueError("pool_failures=True pools fixed-size steps (FastGradient's distortion sets their "
                              "size); leave max_distortion at None")
+        unknown_bounds = [name for name in (bounds or {}) if name not in layers]
+        if unknown_bounds:
+            raise ValueError(f"bounds are given for {', '.join(map(repr, unknown_bounds))}, which is not among the "
+                             f"layers with pools {layers!r}")
         if layer_weights is not None:
             weights = [float(w) for w in layer_weights]
             if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -185,7 +220,7 @@ class LayerwiseAdversarialTraining(Callback):
         self.stretch_to_max_distortion = stretch_to_max_distortion
         self.pool_failures = pool_failures
         self.module = module
-        self.input_key, self.label_key = input_key, label_key
+        self.batch_keys = check_batch_keys(batch_keys)
         self.bounds_override = dict(bounds or {})
         self.seed = seed
         self.pools = {layer: AdversarialPool(capacity, device=pool_device, seed=seed + index)
@@ -196,9 +231,12 @@ class LayerwiseAdversarialTraining(Callback):
         self.stats: dict[str, dict[str, float]] = {}  # the last refresh of each layer
         self.seconds_generating = 0.0  # in this process, all refreshes together
         self._classifier: nn.Module | None = None
-        self._cuts: dict[str, tuple[nn.Module, nn.Module]] = {}
+        self._keys: BatchKeys | None = self.batch_keys
+        self._cuts: dict[str, LayerCut] = {}
         self._hooks: list[Any] = []
+        self._separate: SeparateBatchStatistics | None = None
         self._injection: _Injection | None = None
+        self._widened: set[str] = set()  # layers whose box was widened (warned once)
         self._recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # recent clean (inputs, labels)
 
     @property
@@ -220,23 +258,11 @@ class LayerwiseAdversarialTraining(Callback):
                              f"its children are: {children}") from error
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the classifier, cut it at every layer, hook the hidden layers."""
+        """Find the classifier and the batch keys; seed each rank."""
         if stage != "fit":
             return
-        classifier = self.classifier(pl_module)
-        names = layer_names(classifier)
-        for layer in [*self.layers, *self.bounds_override]:
-            if layer not in names:
-                raise ValueError(f"unknown layer `{layer}`; layers are: {', '.join(names)}")
-        self._classifier = classifier
-        self._cuts = {layer: split_at(classifier, layer) for layer in self.layers}  # raises on unclean cuts
-        for layer in self.layers:
-            if layer in self.bounds_override:
-                self.boxes.setdefault(layer, self.bounds_override[layer])
-            elif (box := known_bounds(classifier, layer)) is not None:
-                self.boxes.setdefault(layer, box)
-            if layer != INPUT:
-                self._hooks.append(classifier.get_submodule(layer).register_forward_hook(self._make_hook(layer)))
+        self._classifier = self.classifier(pl_module)
+        self._keys = shared_batch_keys(trainer, self.batch_keys)
         rank = trainer.global_rank
         if rank:  # each rank draws its own examples (a checkpoint restored later overrides this)
             self.generator.manual_seed(self.seed + 1000 * rank)
@@ -248,43 +274,96 @@ class LayerwiseAdversarialTraining(Callback):
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._separate is not None:
+            self._separate.remove()
+            self._separate = None
         self._injection = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Read one batch to check its format, the capacity and the boxes still to estimate."""
+        """Before the first step, on one batch: check its format and the capacity, cut the
+        classifier at every layer, set each layer's box, hook the hidden layers."""
         loader = trainer.train_dataloader
         batch = next(iter(loader)) if loader is not None else None
         if batch is None:
             return
-        inputs, labels = self.read_batch(batch)
+        inputs, labels = read_batch(batch, self._keys)
         check_writable(inputs, labels)
         mixed = self.rows_to_mix(inputs.shape[0])
         if mixed > self.capacity:
             raise ValueError(f"capacity {self.capacity} is below the {mixed} rows mixed into each batch of "
                              f"{inputs.shape[0]} (mix_fraction {self.mix_fraction}); raise capacity or lower mix_fraction")
-        missing = [layer for layer in self.layers if layer not in self.boxes]
-        if missing:
-            inputs = inputs.to(pl_module.device)
-            for layer in missing:
-                self.boxes[layer] = estimated_bounds(self._classifier, layer, inputs)
+        inputs = inputs.to(pl_module.device)
+        classifier = self._classifier
+        was_training = classifier.training
+        classifier.eval()
+        try:
+            with torch.no_grad():
+                for layer in self.layers:
+                    self._cuts[layer] = self._cut(classifier, layer, inputs)
+                    self.boxes[layer] = self._box(classifier, layer, inputs)
+        finally:
+            classifier.train(was_training)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = [classifier.register_forward_pre_hook(self._check_classifier_inputs),
+                       classifier.register_forward_hook(self._end_of_forward)]
+        self._hooks += [classifier.get_submodule(layer).register_forward_hook(self._make_hook(layer))
+                        for layer in self.layers if layer != INPUT]
+        if self._separate is None and any(layer != INPUT for layer in self.layers):
+            self._separate = SeparateBatchStatistics(classifier)
+
+    def _cut(self, classifier: nn.Module, layer: str, inputs: torch.Tensor) -> LayerCut:
+        """The classifier cut at ``layer``, checked on ``inputs``: a layer bypassed by tensors from
+        below is refused, naming the enclosing layers that are not."""
+        if layer == INPUT:
+            if not inputs.dtype.is_floating_point:
+                raise ValueError(f"an input pool needs floating-point inputs, got {inputs.dtype} (token ids?); "
+                                 "put the pool on a layer after the embedding instead")
+            return cut_at(classifier, layer, inputs)
+        check_layer(classifier, layer, inputs)
+        cut = cut_at(classifier, layer, inputs)
+        if cut.crosses(inputs):
+            names = layer_names(classifier, inputs)
+            clean = [name for name in enclosing_modules(layer) if name in names and not cut_at(classifier, name, inputs).crosses(inputs)]
+            instead = f"; layers enclosing it that can be used: {', '.join(clean)}" if clean else ""
+            raise LayerCutError(f"tensors computed below layer `{layer}` reach the logits around it (a skip connection): "
+                                f"the pool rows' gradient would train the layers below through them{instead}")
+        return cut
+
+    def _box(self, classifier: nn.Module, layer: str, inputs: torch.Tensor) -> Bounds:
+        """The layer's box: the override, the range its type implies, else unbounded; checked to
+        hold the clean inputs (for ``"input"``) or activations of the first batch."""
+        if layer in self.bounds_override:
+            box = self.bounds_override[layer]
+        else:
+            box = known_bounds(classifier, layer) or UNBOUNDED
+        activations = self._cuts[layer].bottom(inputs)
+        lower, upper = (torch.as_tensor(bound, dtype=activations.dtype, device=activations.device) for bound in box)
+        try:
+            outside = (activations < lower) | (activations > upper)
+        except RuntimeError as error:
+            raise ValueError(f"bounds for layer `{layer}` must broadcast to its output of shape "
+                             f"{tuple(activations.shape[1:])}: {error}") from error
+        if layer == INPUT and bool(outside.any()):
+            raise ValueError(f"the inputs span [{float(activations.min()):.4g}, {float(activations.max()):.4g}], outside "
+                             f"the input box {_describe(box)}; pass bounds={{'input': (low, high)}} with the range "
+                             "your inputs can take (e.g. normalised images)")
+        if bool(outside.any()):
+            self._warn_widened(layer, int(outside.sum()), box)
+        return box
+
+    def _warn_widened(self, layer: str, count: int, box: Bounds) -> None:
+        if layer not in self._widened:
+            self._widened.add(layer)
+            warnings.warn(f"layer `{layer}`: {count} clean activations lie outside its box {_describe(box)}; the box is "
+                          f"widened to hold the activations attacked. Pass bounds={{'{layer}': (low, high)}} to set it",
+                          stacklevel=2)
 
     # ---- one batch ----
 
     def read_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, labels)`` of a batch: a tuple or list ``(x, y, ...)`` or a dict."""
-        if isinstance(batch, Mapping):
-            if self.input_key not in batch or self.label_key not in batch:
-                raise ValueError(f"a dict batch needs keys `{self.input_key}` and `{self.label_key}` (set input_key and "
-                                 f"label_key); it has: {', '.join(map(str, batch))}")
-            inputs, labels = batch[self.input_key], batch[self.label_key]
-        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            inputs, labels = batch[0], batch[1]
-        else:
-            raise ValueError(f"cannot read a batch of type {type(batch).__name__}: expected (inputs, labels) "
-                             "or a dict with input_key and label_key")
-        if not isinstance(inputs, torch.Tensor) or not isinstance(labels, torch.Tensor) or labels.ndim != 1:
-            raise ValueError("the batch's inputs and labels must be tensors, labels of shape (N,)")
-        return inputs, labels
+        """``(inputs, labels)`` of a batch (:func:`advtrain.batch.read_batch`)."""
+        return read_batch(batch, self._keys)
 
     def rows_to_mix(self, batch_size: int) -> int:
         """How many rows of a batch come from the pool."""
@@ -324,7 +403,7 @@ class LayerwiseAdversarialTraining(Callback):
         if layer == INPUT:
             inputs[-mixed:] = examples.to(inputs.device, inputs.dtype).view_as(inputs[-mixed:])
         else:
-            self._injection = _Injection(layer, examples.to(inputs.device))
+            self._injection = _Injection(layer, examples.to(inputs.device), inputs)
 
     def _remember(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Keep the latest ``refresh_size`` clean rows (copies: the batch is about to be overwritten)."""
@@ -332,15 +411,57 @@ class LayerwiseAdversarialTraining(Callback):
         while sum(rows.shape[0] for rows, _ in self._recent[1:]) >= self.refresh_size:
             self._recent.pop(0)
 
+    def _check_classifier_inputs(self, module: nn.Module, args: tuple) -> None:
+        """Before the training forward with pool rows at a hidden layer: the classifier must get the
+        batch the callback mixed, rows in place (pool rows replace rows of the layer by position)."""
+        injection = self._injection
+        if injection is None or injection.checked or not module.training or not args or not isinstance(args[0], torch.Tensor):
+            return
+        injection.checked = True
+        given, mixed = args[0], injection.batch_inputs
+        remedy = ("hidden-layer pools replace the batch's last rows by position; augment in the data pipeline "
+                  "(the dataset's transform, or the LightningModule's on_after_batch_transfer) instead of training_step")
+        if given.shape[0] != mixed.shape[0]:
+            raise ValueError(f"layer `{injection.layer}`: the classifier got {given.shape[0]} rows, the batch the callback "
+                             f"mixed pool rows into had {mixed.shape[0]} (training_step changed the batch size); {remedy}")
+        if given.shape[1:] != mixed.shape[1:]:
+            raise ValueError(f"layer `{injection.layer}`: the classifier got inputs of shape {tuple(given.shape[1:])}, the "
+                             f"batch had {tuple(mixed.shape[1:])} (training_step cropped or resized it); {remedy}")
+        if given is mixed or given.dtype != mixed.dtype or torch.equal(given, mixed):
+            return
+        fingerprint = lambda rows: rows.detach().flatten(1).double().sum(1)  # noqa: E731 - one line, used twice
+        if torch.equal(fingerprint(given).sort().values, fingerprint(mixed).sort().values):
+            raise ValueError(f"layer `{injection.layer}`: the classifier got the batch's rows in another order "
+                             f"(training_step shuffled them); {remedy}")
+
+    def _end_of_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After the classifier's forward: batch norm back to normal; a pool that was never injected
+        (the layer did not run in train mode) is an error, not a silent skip."""
+        if self._separate is not None:
+            self._separate.disarm()
+        injection = self._injection
+        if injection is not None and module.training and injection.checked:
+            self._injection = None
+            raise RuntimeError(f"layer `{injection.layer}` did not run in the classifier's training forward, so its "
+                               "pool rows were not used; check that the forward pass reaches it")
+
     def _make_hook(self, layer: str):
         def replace_last_rows(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
             injection = self._injection
             if injection is None or injection.layer != layer or not module.training:
                 return None
             self._injection = None  # one shot: the training forward of this step
-            rows = injection.activations.shape[0]
-            activations = injection.activations.to(output.dtype).view(rows, *output.shape[1:])
-            return torch.cat([output[:-rows], activations], dim=0)  # no gradient path into the pool rows
+            activations = injection.activations
+            rows, batch = activations.shape[0], injection.batch_inputs.shape[0]
+            if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
+                raise ValueError(f"layer `{layer}` returned {tuple(getattr(output, 'shape', ()))} in training, where the "
+                                 f"batch the callback mixed had {batch} rows: the batch changed on its way to the layer")
+            if output.shape[1:] != activations.shape[1:]:
+                raise ValueError(f"layer `{layer}` returned rows of shape {tuple(output.shape[1:])} in training, its pool "
+                                 f"holds {tuple(activations.shape[1:])}: the inputs changed shape on the way (a crop?)")
+            if self._separate is not None:
+                self._separate.arm(rows)  # batch norm above this layer: pool rows on the clean rows' statistics
+            return torch.cat([output[:-rows], activations.to(output.dtype)], dim=0)  # no gradient path into the pool rows
 
         return replace_last_rows
 
@@ -350,31 +471,32 @@ class LayerwiseAdversarialTraining(Callback):
         within ``max_distortion`` (or, with ``pool_failures``, every step) to the layer's pool, with
         their true labels."""
         classifier = self._classifier
-        bottom, head = self._cuts[layer]
+        cut = self._cuts[layer]
         was_training = classifier.training
         classifier.eval()
         started = time.perf_counter()
         try:
-            activations = bottom(inputs)
-            correct = head(activations).argmax(1) == labels
-            activations, labels = activations[correct], labels[correct]
+            activations = cut.bottom(inputs)
+            head = cut.head_for(inputs)
+            rows = (head(activations).argmax(1) == labels).nonzero()[:, 0]
+            activations, labels, head = activations[rows], labels[rows], head_for_rows(head, rows)
             self.attack.seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
             if labels.numel():
-                lower, upper = self.boxes[layer]
-                box = (_as_bound(lower, activations), _as_bound(upper, activations))
+                box = self._box_holding(layer, activations)
                 result = self.attack(head, activations, labels, target=self.target, bounds=box)
                 examples, kept = self._within_budget(activations, result, box)
                 self.pools[layer].add(examples[kept], labels[kept])
                 success, distortion = result.success_rate, result.mean_distortion
-            else:
-                success, distortion = 0.0, float("nan")
-            pool_error = self._pool_error(layer, head)
+            else:  # nothing attacked: no success rate to report
+                success, distortion = float("nan"), float("nan")
+            pool_error = self._pool_error(layer, cut, inputs)
         finally:
             classifier.train(was_training)
         seconds = time.perf_counter() - started
         self.seconds_generating += seconds
         self.stats[layer] = {
             "pool_size": float(len(self.pools[layer])),
+            "generation_attacked": float(labels.numel()),
             "pool_error": pool_error,
             "generation_success": success,
             "generation_distortion": distortion,
@@ -405,14 +527,26 @@ class LayerwiseAdversarialTraining(Callback):
             examples = torch.clamp(examples, lower, upper)
         return torch.where(rescaled, examples, result.adversarial), kept
 
-    def _pool_error(self, layer: str, head: nn.Module, sample: int = 256) -> float:
+    def _box_holding(self, layer: str, activations: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """The layer's box, widened where needed to hold the clean ``activations`` about to be attacked."""
+        lower, upper = (_as_bound(bound, activations) for bound in self.boxes[layer])
+        low, high = (torch.as_tensor(bound, dtype=activations.dtype, device=activations.device) for bound in (lower, upper))
+        outside = (activations < low) | (activations > high)
+        if not bool(outside.any()):
+            return lower, upper
+        self._warn_widened(layer, int(outside.sum()), self.boxes[layer])
+        return torch.minimum(low, activations), torch.maximum(high, activations)
+
+    def _pool_error(self, layer: str, cut: LayerCut, inputs: torch.Tensor, sample: int = 256) -> float:
         """Fraction of (a sample of) the pool that the current model still gets wrong."""
         pool = self.pools[layer]
         if len(pool) == 0:
             return float("nan")
-        device = next(self._classifier.parameters()).device
         examples, labels = pool.sample(min(sample, len(pool)))
-        return float((head(examples.to(device)).argmax(1).cpu() != labels.cpu()).float().mean())
+        examples = examples.to(inputs.device)
+        # the cut is clean (nothing bypasses the layer), so any clean rows serve a replaying head
+        head = cut.head_for(inputs[torch.arange(len(examples), device=inputs.device) % inputs.shape[0]])
+        return float((head(examples).argmax(1).cpu() != labels.cpu()).float().mean())
 
     def _log(self, pl_module: pl.LightningModule, layer: str) -> None:
         for name, value in self.stats[layer].items():
@@ -422,11 +556,10 @@ class LayerwiseAdversarialTraining(Callback):
     # ---- checkpoints ----
 
     def state_dict(self) -> dict[str, Any]:
-        """Pools, boxes, counters, the recent clean rows and the random state."""
+        """Pools, counters, the recent clean rows and the random state."""
         return {
             "recent": [(inputs.cpu(), labels.cpu()) for inputs, labels in self._recent],
             "pools": {layer: pool.state_dict() for layer, pool in self.pools.items()},
-            "boxes": {layer: tuple(torch.as_tensor(b).cpu() for b in box) for layer, box in self.boxes.items()},
             "steps_taken": dict(self.steps_taken),
             "generator": self.generator.get_state(),
         }
@@ -435,7 +568,6 @@ class LayerwiseAdversarialTraining(Callback):
         """Restore :meth:`state_dict` (Lightning calls it after ``setup``, before training resumes)."""
         for layer, pool_state in state["pools"].items():
             self.pools[layer].load_state_dict(pool_state)
-        self.boxes.update({layer: tuple(box) for layer, box in state["boxes"].items()})
         self.steps_taken.update(state["steps_taken"])
         self.generator.set_state(state["generator"])
         self._recent = [tuple(chunk) for chunk in state["recent"]]
@@ -457,3 +589,8 @@ def check_writable(inputs: torch.Tensor, labels: torch.Tensor) -> None:
 
 def _as_bound(bound: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
     return bound.to(like.device, like.dtype) if isinstance(bound, torch.Tensor) else bound
+
+
+def _describe(box: Bounds) -> str:
+    return "(" + ", ".join(f"{float(b):g}" if not isinstance(b, torch.Tensor) or b.numel() == 1 else "per-unit tensor"
+                           for b in box) + ")"

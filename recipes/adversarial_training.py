@@ -1,10 +1,12 @@
-"""``advtrain adversarial-training``: FC100-100-10 on MNIST three ways, as in the paper's Section 4.2.
+"""``advtrain adversarial-training``: a network on MNIST trained several ways, as in the paper's Section 4.2.
 
-Weight decay only, dropout, and per-layer adversarial pools (input and both hidden layers), with
-the same recipe otherwise. Prints test error, mean minimal distortion on a fixed test subset,
-wall time and training error for each. Reads top to bottom: settings, run folder, data, then for
-each way: model, trainer, fit, evaluate; then the table, to the terminal, the run folder and
-Weights & Biases.
+By default FC100-100-10 three ways: weight decay only, dropout, and per-layer adversarial pools
+(input and both hidden layers), with the same recipe otherwise. ``--model small-resnet`` trains a
+batch-norm residual convnet (:func:`advtrain.models.small_resnet`) with weight decay, without and
+with pools at the input and its stage outputs. Prints test error, mean minimal distortion on a
+fixed test subset, wall time and training error for each. Reads top to bottom: settings, run
+folder, data, then for each way: model, trainer, fit, evaluate; then the table, to the terminal,
+the run folder and Weights & Biases.
 """
 
 from __future__ import annotations
@@ -23,13 +25,21 @@ from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.data import MNISTDataModule
-from advtrain.layers import layer_names
-from advtrain.models import sigmoid_mlp
+from advtrain.layers import LayerCutError, check_layer, cut_at
+from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
+MODELS = ("sigmoid-mlp", "small-resnet")
+#: Per-model defaults of the settings left at None on the command line.
+MODEL_DEFAULTS = {
+    "sigmoid-mlp": {"layers": ["input", "sigmoid1", "sigmoid2"], "penalty_scale": PENALTY_SCALES["fc100-100-10"],
+                    "lr": DEFAULTS["lr"], "batch_size": DEFAULTS["batch_size"], "eval_target": "nearest"},
+    "small-resnet": {"layers": ["input", "stage1", "stage2", "stage3"], "penalty_scale": 1.0, "lr": 0.1,
+                     "batch_size": 128, "eval_target": "untargeted"},
+}
 
 
 @dataclass
@@ -45,15 +55,23 @@ class WayResult:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of ``advtrain adversarial-training``."""
-    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS))
+    parser.add_argument("--model", choices=MODELS, default="sigmoid-mlp",
+                        help="sigmoid-mlp: the paper's FC networks (--hidden); small-resnet: a batch-norm residual convnet")
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=None,
+                        help="default: all three for sigmoid-mlp; weight-decay and pools for small-resnet")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100],
                         help="widths of the sigmoid layers (default: the paper's FC100-100-10)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
-    parser.add_argument("--penalty-scale", type=float, default=PENALTY_SCALES["fc100-100-10"])
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 (sigmoid-mlp), 128 (small-resnet)")
+    parser.add_argument("--lr", type=float, default=None, help="default: 0.3 (sigmoid-mlp), 0.1 (small-resnet)")
+    parser.add_argument("--penalty-scale", type=float, default=None,
+                        help="factor on the model's per-layer penalties (default: 300 for sigmoid-mlp, 1 for small-resnet)")
     parser.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden layer (the dropout way)")
-    parser.add_argument("--layers", nargs="+", default=["input", "sigmoid1", "sigmoid2"], help="layers with pools")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="layers with pools (default: input sigmoid1 sigmoid2; input stage1 stage2 stage3)")
+    parser.add_argument("--eval-target", choices=["nearest", "untargeted"], default=None,
+                        help="the minimal-distortion search: every wrong class (nearest, the sigmoid-mlp default) or one "
+                             "untargeted search (the small-resnet default)")
     # pool settings: None keeps LayerwiseAdversarialTraining's own (measured) defaults; the recipe's
     # three pools mix a larger share than the callback's default (see --mix-fraction)
     parser.add_argument("--capacity", type=int, default=None)
@@ -105,11 +123,29 @@ def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
                        offline=mode == "offline", config={**config_of(args), "way": way})
 
 
+def network(args: argparse.Namespace, way: str = "weight-decay") -> PaperModel:
+    """The network one way trains: the sigmoid MLP of ``--hidden`` (with dropout for that way) or
+    the small residual network."""
+    if args.model == "small-resnet":
+        return small_resnet()
+    return sigmoid_mlp(args.hidden, dropout=args.dropout if way == "dropout" else 0.0)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the settings left at None with the model's defaults (:data:`MODEL_DEFAULTS`)."""
+    for name, value in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.ways is None:
+        args.ways = list(WAYS) if args.model == "sigmoid-mlp" else ["weight-decay", "pools"]
+    return args
+
+
 def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
-    """Train the sigmoid network (FC100-100-10 by default) one way; return the classifier and the
-    seconds training took."""
+    """Train the network (FC100-100-10 by default) one way; return the classifier and the seconds
+    training took."""
     pl.seed_everything(args.seed, workers=True)
-    paper_model = sigmoid_mlp(args.hidden, dropout=args.dropout if way == "dropout" else 0.0)
+    paper_model = network(args, way)
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
     callbacks: list[pl.Callback] = []
     if way == "pools":
@@ -143,6 +179,7 @@ def generation_attack(args: argparse.Namespace) -> BoxLBFGS | FastGradient:
 def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     """The pools way's callback: the pool settings given on the command line, the callback's own
     defaults for the rest."""
+    resolve_defaults(args)
     names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
              "beyond_max_distortion")
     settings = {name: getattr(args, name) for name in names}
@@ -153,28 +190,38 @@ def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
 
 
 def check_settings(args: argparse.Namespace) -> str:
-    """The network's name; fails before any training where ``--hidden`` is not a list of widths,
-    ``--layers`` names a layer the network lacks or the pools way's settings (pools or search) are
-    invalid (the pools way would otherwise fail after the other ways trained)."""
+    """The network's name, after filling the model's defaults; fails before any training where
+    ``--hidden`` is not a list of widths, a way does not apply to the model, ``--layers`` names a
+    layer the network lacks or the pools way's settings (pools or search) are invalid (the pools
+    way would otherwise fail after the other ways trained)."""
+    resolve_defaults(args)
+    if args.epochs < 1:
+        raise SystemExit(f"advtrain adversarial-training: --epochs must be at least 1, got {args.epochs}")
+    if args.model == "small-resnet" and "dropout" in args.ways:
+        raise SystemExit("advtrain adversarial-training: --ways dropout: the small-resnet has no dropout layers; "
+                         "use weight-decay and pools")
     try:
-        network = sigmoid_mlp(args.hidden)
+        model = network(args)
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --hidden: {error}") from error
     try:
         MNISTDataModule(args.data_dir, shift_pixels=args.shift_pixels)  # checks its settings, reads nothing
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --shift-pixels: {error}") from error
-    names = layer_names(network.module)
-    unknown = [layer for layer in args.layers if layer not in names] if "pools" in args.ways else []
-    if unknown:
-        raise SystemExit(f"advtrain adversarial-training: --layers {' '.join(unknown)}: not a layer of {network.name}; "
-                         f"its layers are {', '.join(names)}")
     if "pools" in args.ways:
+        example = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
+        for layer in args.layers:
+            try:
+                check_layer(model.module, layer, example)
+                if cut_at(model.module, layer, example).crosses(example):
+                    raise LayerCutError(f"a skip connection bypasses layer `{layer}`")
+            except ValueError as error:
+                raise SystemExit(f"advtrain adversarial-training: --layers {layer}: {error}") from error
         try:
             pools_callback(args)  # the callback and the search check their own settings
         except ValueError as error:
             raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
-    return network.name
+    return model.name
 
 
 def run(args: argparse.Namespace) -> list[WayResult]:
@@ -184,7 +231,8 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     data = prepared_mnist(args, shift_pixels=args.shift_pixels)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
-    evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed)
+    evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed,
+                                       target=args.eval_target)
     subset = evaluation.subset(data.test_dataloader())
     results = []
     for way in args.ways:

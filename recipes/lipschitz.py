@@ -87,7 +87,7 @@ def markdown(tables: list[tuple[str, LipschitzTable]], weights_line: str) -> str
     for index, row in enumerate(first.rows):
         bounds = " | ".join(f"{table.rows[index].bound:.4g}" for _, table in tables)
         lines.append(f"| {row.name} | {row.kind} | {row.size} | {bounds} |")
-    lines.append("| product | | | " + " | ".join(f"{table.product:.4g}" for _, table in tables) + " |")
+    lines.append("| network (along the graph) | | | " + " | ".join(f"{table.network_bound:.4g}" for _, table in tables) + " |")
     return "\n".join(lines) + f"\n\nWeights: {weights_line}.\n"
 
 
@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> list[tuple[str, LipschitzTable]]:
             log_table(wandb_run, f"lipschitz/{label}", ["layer", "kind", "size", "input size", "upper bound", "note"],
                       [[r.name, r.kind, r.size, "×".join(map(str, r.input_size)),
                         r.bound if math.isfinite(r.bound) else None, r.note] for r in table.rows])
-            wandb_run.summary[f"lipschitz/{label}/product"] = table.product if math.isfinite(table.product) else None
+            bound = table.network_bound
+            wandb_run.summary[f"lipschitz/{label}/network_bound"] = bound if math.isfinite(bound) else None
         wandb_run.finish()
     return tables
 

@@ -81,3 +81,33 @@ def test_clean_and_adversarial_series_reach_the_offline_wandb_run(tmp_path: Path
     assert series["adv_val/clean_err"] == pytest.approx(series["val/err"])  # the subset is the whole set
     assert series["adv_val/figure/_type"] == ["images/separated"] * 2  # the Figure-5 image, each epoch
     assert len(list(run_file.parent.glob("files/media/images/adv_val/figure_*.png"))) == 2
+
+
+class CountingAttack:
+    """Records the target policy and the rows of every call; returns a result with no success."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, head, inputs, labels, *, target, bounds):
+        self.calls.append((target, len(labels)))
+        count = len(labels)
+        return AttackResult(adversarial=inputs, perturbation=torch.zeros_like(inputs),
+                            success=torch.zeros(count, dtype=torch.bool), distortion=torch.full((count,), math.inf),
+                            l2=torch.full((count,), math.inf), target=labels, c=torch.full((count,), math.nan),
+                            iterations=torch.zeros(count, dtype=torch.long))
+
+
+def test_defaults_to_one_untargeted_search_and_logs_nothing_as_zero_that_is_not(tmp_path: Path) -> None:
+    attack = CountingAttack()
+    callback = AdversarialEvaluation(examples=12, attack=attack, figure_examples=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback])
+    trainer.test(image_classifier(), DataLoader(image_data(), batch_size=16), verbose=False)
+    report = callback.reports["test"]
+    assert attack.calls == [("untargeted", report.attacked)] and report.attacked > 0
+    assert math.isnan(report.mean_distortion)  # nothing found
+    assert "adv_test/mean_distortion" not in trainer.logged_metrics  # not logged as 0
+    assert trainer.logged_metrics["adv_test/attacked"] == report.attacked
+    with pytest.raises(ValueError, match="target must be one of"):
+        AdversarialEvaluation(target="closest")

@@ -92,7 +92,12 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--hidden", "400"], "--layers sigmoid2: not a layer of FC400-10; its layers are input, flatten, fc1, sigmoid1, logits"),
+    (["--hidden", "400"], "--layers sigmoid2: unknown layer `sigmoid2`; layers are: input, flatten, fc1, sigmoid1, logits"),
+    (["--model", "small-resnet", "--ways", "dropout"], "--ways dropout: the small-resnet has no dropout layers"),
+    (["--model", "small-resnet", "--layers", "stage2.0.conv1"],
+     "--layers stage2.0.conv1: a skip connection bypasses layer `stage2.0.conv1`"),
+    (["--model", "small-resnet", "--layers", "stage2.0.relu"], "--layers stage2.0.relu: layer `stage2.0.relu` runs 2 times"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
     (["--iterations", "0"], "pools way: iterations must be a positive integer, got 0"),
     (["--beyond-max-distortion", "shrink"],

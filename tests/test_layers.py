@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.layers import LayerCutError, known_bounds, layer_bounds, layer_names, split_at
+from advtrain.layers import LayerCutError, cut_at, known_bounds, layer_bounds, layer_names, split_at
 from advtrain.models import fc100_100_10, mnist_convnet
+from tests.real_models import TransformerClassifier, resnet18
 
 
 class TwoBranch(nn.Module):
@@ -115,6 +116,86 @@ def test_untraceable_model_gets_a_clear_error() -> None:
 
     with pytest.raises(LayerCutError, match="neither an nn.Sequential nor traceable by torch.fx"):
         split_at(DataDependent(), "fc")
+    with pytest.raises(LayerCutError, match="cannot be traced by torch.fx .* pass example inputs"):
+        layer_names(DataDependent())
+    assert layer_names(DataDependent(), torch.rand(2, 2)) == ["input", "fc"]  # running it tells
+
+
+# ---- models we did not write: containers are layers, skip connections are held at clean values
+
+
+def test_resnet18_offers_containers_once_and_no_reused_module() -> None:
+    model = resnet18()
+    names = layer_names(model)
+    assert names == layer_names(model, torch.rand(2, 3, 32, 32))  # traced and run agree
+    assert len(names) == len(set(names))
+    assert {"layer2", "layer3", "layer2.0", "layer1.1", "maxpool", "avgpool"} <= set(names)
+    assert names.index("maxpool") < names.index("layer1.0.conv1") < names.index("layer1.0") < names.index("layer1")
+    assert "layer1.0.relu" not in names  # BasicBlock calls its ReLU twice
+    with pytest.raises(LayerCutError, match=r"`layer1.0.relu` runs 2 times .* enclosing module instead: layer1.0, layer1"):
+        cut_at(model, "layer1.0.relu", torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match=r"unknown layer `layer9`; layers are: input, conv1, bn1"):
+        cut_at(model, "layer9")
+
+
+@pytest.mark.parametrize("layer", ["input", "conv1", "maxpool", "layer1.0", "layer2", "layer3", "layer2.0.conv1",
+                                   "layer3.0.downsample", "avgpool"])
+def test_every_cut_of_resnet18_gives_back_the_model(layer: str) -> None:
+    model = resnet18().eval()
+    inputs = torch.rand(3, 3, 32, 32)
+    cut = cut_at(model, layer, inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.head_for(inputs)(cut.bottom(inputs)), model(inputs))
+    crosses = layer in ("layer2.0.conv1", "layer3.0.downsample")  # inside a block: the skip bypasses it
+    assert cut.crosses(inputs) == crosses
+
+
+def test_replayed_head_holds_the_skip_at_each_rows_clean_values() -> None:
+    model = resnet18().eval()
+    inputs = torch.rand(4, 3, 32, 32)
+    cut = cut_at(model, "layer2.0.conv1", inputs)
+    assert cut.crossing
+    with torch.no_grad():
+        activations = cut.bottom(inputs)
+        rows = torch.tensor([2, 0, 2])
+        selected = cut.head_for(inputs).select(rows)(activations[rows])
+        torch.testing.assert_close(selected, model(inputs)[rows])
+        with pytest.raises(ValueError, match="made for 4 rows, got 3; narrow it with head.select"):
+            cut.head_for(inputs)(activations[rows])
+        # only the layer's output moves: perturbing it changes the logits, the skip does not follow
+        moved = cut.head_for(inputs)(activations + 0.1)
+        assert not torch.allclose(moved, model(inputs))
+
+
+def test_transformer_encoder_layer_inside_nn_transformer_encoder() -> None:
+    model = TransformerClassifier().eval()
+    inputs = torch.rand(5, 6, 4)
+    names = layer_names(model, inputs)
+    assert {"embed", "encoder.layers.0", "encoder.layers.1", "encoder", "head"} <= set(names)
+    assert "encoder.layers.0.self_attn" not in names  # returns a tuple
+    cut = cut_at(model, "encoder.layers.0", inputs)
+    assert not cut.crosses(inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.head_for(inputs)(cut.bottom(inputs)), model(inputs))
+
+
+def test_in_place_layers_above_the_cut_leave_the_activations_alone() -> None:
+    model = resnet18().eval()  # bn1 is followed by ReLU(inplace=True)
+    inputs = torch.rand(2, 3, 32, 32)
+    cut = cut_at(model, "bn1", inputs)
+    activations = cut.bottom(inputs).detach().requires_grad_(True)
+    before = activations.detach().clone()
+    cut.head_for(inputs)(activations).sum().backward()
+    assert torch.equal(activations.detach(), before) and activations.grad is not None
+
+
+def test_boxes_of_blocks_that_end_in_a_known_activation() -> None:
+    model = resnet18()
+    assert known_bounds(model, "layer2") == (0.0, math.inf)  # a stage of BasicBlocks, each ending in ReLU
+    assert known_bounds(model, "layer2.1") == (0.0, math.inf)
+    assert known_bounds(model, "maxpool") == (0.0, math.inf)  # max-pooling of the stem's ReLU
+    assert known_bounds(model, "layer2.1.bn2") is None
+    assert known_bounds(TransformerClassifier(), "encoder.layers.0") is None  # ends in LayerNorm: unbounded
 
 
 def test_known_boxes_follow_the_layer_type() -> None:
@@ -136,7 +217,6 @@ def test_layer_bounds_estimates_overrides_and_refuses() -> None:
     low, high = boxes["fc2"]
     activations = split_at(model, "fc2")[0](inputs)
     assert low.shape == (100,) and torch.equal(low, activations.amin(0)) and torch.equal(high, activations.amax(0))
-    with pytest.raises(ValueError, match=r"layer `fc2` \(Linear\) has no range known from its type; pass inputs="):
-        layer_bounds(model, ["fc2"])
+    assert layer_bounds(model, ["fc2"]) == {"fc2": (-math.inf, math.inf)}  # no type range, no inputs: unbounded
     with pytest.raises(ValueError, match="unknown layer `fc7`"):
         layer_bounds(model, ["fc1"], overrides={"fc7": (0.0, 1.0)})

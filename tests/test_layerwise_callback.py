@@ -289,8 +289,7 @@ class DictClassifier(Classifier):
 def test_dict_batches_with_configured_keys(tmp_path: Path) -> None:
     classifier = pretrained_classifier()
     dict_classifier = DictClassifier(classifier.model, num_classes=3)
-    callback = LayerwiseAdversarialTraining(["act1"], module="model", input_key="image", label_key="target",
-                                            refresh_size=8, capacity=64)
+    callback = LayerwiseAdversarialTraining(["act1"], module="model", refresh_size=8, capacity=64)  # keys found by name
     trainer_for(tmp_path, [callback], max_steps=2).fit(dict_classifier, DataLoader(DictBatches(), batch_size=16))
     assert len(callback.pools["act1"]) > 0
 
@@ -321,11 +320,12 @@ class Residual(nn.Module):
     [
         (lambda: LayerwiseAdversarialTraining(["fc9"], module="model"), tiny_loader, r"unknown layer `fc9`; layers are: input, fc1"),
         (lambda: LayerwiseAdversarialTraining(["act1"], module="net"), tiny_loader, r"module `net` is not a submodule"),
-        (lambda: LayerwiseAdversarialTraining(["fc2"], module="model"), tiny_loader, r"cannot be cut cleanly at `fc2`"),
+        (lambda: LayerwiseAdversarialTraining(["fc2"], module="model"), tiny_loader,
+         r"tensors computed below layer `fc2` reach the logits around it \(a skip connection\)"),
         (lambda: LayerwiseAdversarialTraining(["act1"], module="model", capacity=3, mix_fraction=0.25), tiny_loader,
          r"capacity 3 is below the 4 rows mixed into each batch of 16"),
-        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", label_key="label"),
-         lambda: DataLoader(DictBatches(), batch_size=16), r"a dict batch needs keys `x` and `label`"),
+        (lambda: LayerwiseAdversarialTraining(["act1"], module="model", batch_keys=("image", "label")),
+         lambda: DataLoader(DictBatches(), batch_size=16), r"the dict batch has no key 'label' .* its keys are: image, target"),
         (lambda: LayerwiseAdversarialTraining(["input"], module="model"), lambda: DataLoader(SlicedBatches(), batch_size=None),
          r"the batch's inputs share memory with a larger tensor"),
     ],
@@ -338,7 +338,7 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
         def on_train_batch_end(self, *args):
             steps.append(1)
 
-    model = Residual() if "cut cleanly" in message else tiny_mlp()
+    model = Residual() if "skip connection" in message else tiny_mlp()
     classifier = Classifier(model, num_classes=3)
     with pytest.raises(ValueError, match=message):
         trainer_for(tmp_path, [make(), Count()], max_steps=2).fit(classifier, loader())

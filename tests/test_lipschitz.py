@@ -161,6 +161,7 @@ def test_table_rows_product_and_network_bound() -> None:
     assert [row.kind for row in table.rows] == ["Conv2d", "MaxPool2d", "relu", "flatten", "Linear"]
     assert table.traced_with == "torch.fx"
     assert table.product == pytest.approx(math.prod(row.bound for row in table.rows))
+    assert table.network_bound == pytest.approx(table.product)  # a chain
     assert table.rows[0].input_size == (1, 8, 8) and table.rows[4].input_size == (64,)
     assert "| conv | Conv2d | 1×3×3×4 | 1×1 | 1×8×8 |" in table.markdown()
     generator = torch.Generator().manual_seed(1)
@@ -178,18 +179,75 @@ class Residual(nn.Module):
         self.odd = nn.Bilinear(4, 4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.fc(x) + x)
+        return torch.exp(self.fc(x) + x) * x
 
 
 def test_unknown_steps_are_unbounded_rows_named_never_skipped() -> None:
     table = lipschitz_bounds(Residual(), (4,))
     by_kind = {row.kind: row for row in table.rows}
-    assert math.isinf(by_kind["add"].bound) and "not a chain" in by_kind["add"].note
+    assert by_kind["add"].bound == 1.0 and "sum of 2 branches" in by_kind["add"].note
+    assert by_kind["add"].from_input == pytest.approx(by_kind["Linear"].bound + 1.0)
     assert math.isinf(by_kind["exp"].bound) and "exp" in by_kind["exp"].note
-    assert math.isinf(table.product)
-    assert "Unbounded rows: add (add), exp (exp)" in table.notes[-1]
+    assert math.isinf(by_kind["mul"].bound) and "combines 2 tensors by mul: no rule bounds it" in by_kind["mul"].note
+    assert math.isinf(table.network_bound)
+    assert "Unbounded rows: exp (exp), mul (mul)" in table.notes[-1]
     row = module_bound("odd", nn.Bilinear(4, 4, 4), (4,), (4,))
     assert math.isinf(row.bound) and "Bilinear" in row.note
+
+
+class LinearResidualBlock(nn.Module):
+    """``x + conv2(conv1(x))``: linear, so power iteration finds its exact norm."""
+
+    def __init__(self, relu: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.conv1(x)
+        return x + self.conv2(torch.relu(hidden) if self.relu else hidden)
+
+
+def power_iteration(model: nn.Module, x: torch.Tensor, steps: int = 200) -> float:
+    """The norm of ``model``'s Jacobian at ``x`` (for a linear model: its operator norm) by power
+    iteration on ``JᵀJ``: a lower bound on the Lipschitz constant."""
+    v = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        v = v / v.norm()
+        _, jv = torch.autograd.functional.jvp(model, x, v)
+        _, v = torch.autograd.functional.vjp(model, x, jv)
+    v = v / v.norm()
+    return float(torch.autograd.functional.jvp(model, x, v)[1].norm())
+
+
+def test_residual_block_bound_sums_the_branches_and_holds_against_power_iteration() -> None:
+    torch.manual_seed(0)
+    block = LinearResidualBlock().double()
+    table = lipschitz_bounds(block, (3, 6, 6))
+    conv1, conv2 = (row.bound for row in table.rows if row.kind == "Conv2d")
+    assert table.network_bound == pytest.approx(1.0 + conv1 * conv2)
+    exact = power_iteration(block, torch.zeros(1, 3, 6, 6, dtype=torch.float64))
+    assert exact <= table.network_bound * (1 + 1e-9)
+    assert table.network_bound <= 2.5 * exact  # the sum of the branches is not loose here
+    nonlinear = LinearResidualBlock(relu=True).double()
+    nonlinear.load_state_dict(block.state_dict())
+    bound = lipschitz_bounds(nonlinear, (3, 6, 6)).network_bound
+    assert bound == pytest.approx(table.network_bound)
+    for seed in range(5):
+        x = torch.randn(1, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        assert power_iteration(nonlinear, x, steps=50) <= bound * (1 + 1e-9)
+
+
+def test_resnet18_gets_a_finite_network_bound() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    table = lipschitz_bounds(torchvision.models.resnet18(weights=None, num_classes=10), (3, 32, 32))
+    assert table.unbounded == [] and math.isfinite(table.network_bound)
+    adds = [row for row in table.rows if row.kind == "add"]
+    assert len(adds) == 8  # one per BasicBlock
+    assert table.network_bound < table.product  # sums, not products, where the skip meets the block
 
 
 class DataDependent(nn.Module):

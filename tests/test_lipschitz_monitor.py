@@ -39,9 +39,9 @@ def test_monitor_logs_bounds_each_epoch_and_resumes(tiny_data: tuple[torch.Tenso
     assert monitor.input_shape == (1, 28, 28)
     assert [entry["epoch"] for entry in monitor.history] == [0.0, 1.0]
     expected = lipschitz_bounds(classifier.model, (1, 28, 28))
-    assert trainer.callback_metrics["lipschitz/product"].item() == pytest.approx(expected.product, rel=1e-5)
+    assert trainer.callback_metrics["lipschitz/network_bound"].item() == pytest.approx(expected.network_bound, rel=1e-5)
     assert trainer.callback_metrics["lipschitz/fc1"].item() == pytest.approx(expected.rows[1].bound, rel=1e-5)
-    assert monitor.history[0]["lipschitz/product"] != monitor.history[1]["lipschitz/product"]  # training moved it
+    assert monitor.history[0]["lipschitz/network_bound"] != monitor.history[1]["lipschitz/network_bound"]  # training moved it
 
     path = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(path)
@@ -58,6 +58,14 @@ def test_monitor_every_n_epochs_and_bad_setting(tiny_data: tuple[torch.Tensor, t
     assert [entry["epoch"] for entry in monitor.history] == [1.0]
     with pytest.raises(ValueError, match="every_n_epochs"):
         LipschitzMonitor(every_n_epochs=0)
+    with pytest.raises(ValueError, match="give every_n_epochs or every_n_train_steps"):
+        LipschitzMonitor(every_n_epochs=None)
+
+
+def test_monitor_every_n_train_steps(tiny_data: tuple[torch.Tensor, torch.Tensor], tmp_path: Path) -> None:
+    monitor = LipschitzMonitor(module="model", every_n_epochs=None, every_n_train_steps=3)
+    fit(Classifier.from_paper_model(fc10(1e-4)), tiny_data, tmp_path, monitor, epochs=2)  # 4 steps an epoch
+    assert [entry["step"] for entry in monitor.history] == [3.0, 6.0]
 
 
 def test_lipschitz_recipe_alexnet_offline_uses_random_weights_and_says_so(
@@ -105,4 +113,4 @@ def test_lipschitz_recipe_compares_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="is not a state dict of fc100-100-10"):
         main(["lipschitz", "--model", "fc100-100-10", "--checkpoint", str(tmp_path / "other.pt"),
               "--output", str(output), "--wandb", "off"])
-    assert not math.isnan(tables["pools"]["product"])
+    assert not math.isnan(tables["pools"]["network_bound"])

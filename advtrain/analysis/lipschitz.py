@@ -2,15 +2,21 @@
 
 Follow one model: :func:`lipschitz_bounds` runs a zero input through it (traced by ``torch.fx``
 where it can be, else with hooks on its leaf modules) to learn each layer's input size, then
-asks :data:`MODULE_BOUNDS` (modules) or :data:`FUNCTION_BOUNDS` (operations written in
-``forward``) for each step's bound. The product over a chain of layers bounds the whole network:
-``‖φ(x) − φ(x + r)‖ ≤ (∏ L_k) ‖r‖``. A step with no rule is a row with an infinite bound and a
+asks :data:`MODULE_BOUNDS` (modules) or :func:`function_bound` (operations written in
+``forward``) for each step's bound. A step with no rule is a row with an infinite bound and a
 note naming it, never a silent gap.
+
+The bound of the whole network is composed along the graph: a step applied to one tensor
+multiplies that tensor's bound by its own (so over a chain of layers the bound is the product,
+``‖φ(x) − φ(x + r)‖ ≤ (∏ L_k) ‖r‖``); a sum or difference of branches is bounded by the sum of the
+branches' bounds (``‖Δ(f + g)‖ ≤ ‖Δf‖ + ‖Δg‖``), a concatenation by the root of the sum of their
+squares. So a residual network, ``x + F(x)`` block after block, gets a finite bound.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,6 +61,7 @@ class LayerBound:
     input_size: tuple[int, ...]
     bound: float
     note: str = ""
+    from_input: float = math.nan  # the bound from the network's input to this step's output, along the graph
 
     @property
     def size(self) -> str:
@@ -79,8 +86,17 @@ class LipschitzTable:
 
     @property
     def product(self) -> float:
-        """The product of every row's bound: a Lipschitz bound of the whole chain."""
+        """The product of every row's bound: a Lipschitz bound of the network where it is a chain."""
         return math.prod(row.bound for row in self.rows)
+
+    @property
+    def network_bound(self) -> float:
+        """The Lipschitz bound of the whole network, composed along its graph (module docstring):
+        the product of the rows for a chain, sums where branches meet."""
+        if not self.rows:
+            return 1.0
+        last = self.rows[-1].from_input
+        return self.product if math.isnan(last) else last
 
     @property
     def unbounded(self) -> list[LayerBound]:
@@ -89,14 +105,15 @@ class LipschitzTable:
 
     def markdown(self, weights_only: bool = False) -> str:
         """The table in Markdown, like the paper's Table 5 (``weights_only``: conv and FC rows only)."""
-        lines = ["| layer | kind | size | stride | input size | upper bound | note |", "|---|---|---|---|---|---|---|"]
+        lines = ["| layer | kind | size | stride | input size | upper bound | from the input | note |",
+                 "|---|---|---|---|---|---|---|---|"]
         for row in self.rows:
             if weights_only and row.weight_shape is None:
                 continue
             stride = "–" if row.stride is None else "×".join(map(str, row.stride))
             lines.append(f"| {row.name} | {row.kind} | {row.size} | {stride} | {'×'.join(map(str, row.input_size))} "
-                         f"| {row.bound:.4g} | {row.note} |")
-        lines.append(f"| product | | | | | {self.product:.4g} | |")
+                         f"| {row.bound:.4g} | {row.from_input:.4g} | {row.note} |")
+        lines.append(f"| network | | | | | | {self.network_bound:.4g} | along the graph |")
         return "\n".join(lines + [f"\n{note}" for note in self.notes]) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,8 +121,10 @@ class LipschitzTable:
         def clean(value: float) -> float | str:
             return "inf" if math.isinf(value) else value
 
-        rows = [{**asdict(row), "bound": clean(row.bound), "size": row.size} for row in self.rows]
-        return {"rows": rows, "product": clean(self.product), "traced_with": self.traced_with, "notes": self.notes}
+        rows = [{**asdict(row), "bound": clean(row.bound), "from_input": clean(row.from_input), "size": row.size}
+                for row in self.rows]
+        return {"rows": rows, "product": clean(self.product), "network_bound": clean(self.network_bound),
+                "traced_with": self.traced_with, "notes": self.notes}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,6 +278,21 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape[1:]) if meta is not None and hasattr(meta, "shape") else None
 
 
+#: Operations that add or subtract their data inputs: the bound of the result is the sum of theirs.
+_SUMS = {"add", "add_", "sub", "sub_", "iadd", "isub", operator.add.__name__, operator.sub.__name__}
+#: Operations that concatenate their data inputs: the root of the sum of their squared bounds.
+_CONCATENATIONS = {"cat", "concat", "concatenate", "stack", "hstack", "vstack"}
+
+
+def _combined(function_name: str, branches: list[float]) -> tuple[float, float, str] | None:
+    """``(row bound, bound from the input, note)`` of an operation on several data tensors, or None."""
+    if function_name in _SUMS:
+        return 1.0, sum(branches), f"sum of {len(branches)} branches: their bounds add"
+    if function_name in _CONCATENATIONS:
+        return 1.0, math.sqrt(sum(b * b for b in branches)), f"concatenates {len(branches)} branches"
+    return None
+
+
 def _rows_by_fx(model: nn.Module, example: torch.Tensor) -> list[LayerBound]:
     from torch.fx import GraphModule, Tracer
     from torch.fx.passes.shape_prop import ShapeProp
@@ -270,27 +304,34 @@ def _rows_by_fx(model: nn.Module, example: torch.Tensor) -> list[LayerBound]:
 
     graph_module = GraphModule(model, BoundTracer().trace(model))
     ShapeProp(graph_module).propagate(example)
-    on_data_path: set[Any] = set()
+    from_input: dict[Any, float] = {}  # data-path nodes: the bound from the network's input to them
     rows = []
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
-            on_data_path.add(node)
+            if not from_input:  # the first input is the data; others (masks, flags) are not perturbed
+                from_input[node] = 1.0
             continue
-        data_inputs = [arg for arg in node.all_input_nodes if arg in on_data_path]
+        data_inputs = [arg for arg in node.all_input_nodes if arg in from_input]
         if not data_inputs or node.op == "output" or _shape(node) is None:
             continue
-        on_data_path.add(node)
         input_shape = _shape(data_inputs[0]) or ()
         function_name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if len(data_inputs) > 1:
-            rows.append(LayerBound(node.name, function_name, None, None, input_shape, math.inf,
-                                   f"combines {len(data_inputs)} tensors: not a chain, the product bound does not apply"))
-        elif node.op == "call_module":
-            rows.append(module_bound(str(node.target), graph_module.get_submodule(node.target), input_shape, _shape(node)))
+            combined = _combined(function_name, [from_input[arg] for arg in data_inputs])
+            bound, reach, note = combined or (math.inf, math.inf, f"combines {len(data_inputs)} tensors by "
+                                              f"{function_name}: no rule bounds it")
+            row = LayerBound(node.name, function_name, None, None, input_shape, bound, note)
         else:
-            known = function_bound(function_name)
-            bound, note = known if known else (math.inf, f"no bound known for the operation {function_name}")
-            rows.append(LayerBound(node.name, function_name, None, None, input_shape, bound, note))
+            if node.op == "call_module":
+                row = module_bound(str(node.target), graph_module.get_submodule(node.target), input_shape, _shape(node))
+            else:
+                known = function_bound(function_name)
+                bound, note = known if known else (math.inf, f"no bound known for the operation {function_name}")
+                row = LayerBound(node.name, function_name, None, None, input_shape, bound, note)
+            reach = row.bound * from_input[data_inputs[0]]
+        row.from_input = reach
+        from_input[node] = reach
+        rows.append(row)
     return rows
 
 
@@ -310,7 +351,12 @@ def _rows_by_hooks(model: nn.Module, example: torch.Tensor) -> list[LayerBound]:
     finally:
         for handle in handles:
             handle.remove()
-    return [module_bound(name, module, input_shape, output_shape) for name, module, input_shape, output_shape in seen]
+    rows = [module_bound(name, module, input_shape, output_shape) for name, module, input_shape, output_shape in seen]
+    reach = 1.0
+    for row in rows:  # module hooks see no graph: the modules are taken as a chain
+        reach *= row.bound
+        row.from_input = reach
+    return rows
 
 
 def lipschitz_bounds(model: nn.Module, input_shape: Sequence[int]) -> LipschitzTable:
@@ -321,8 +367,8 @@ def lipschitz_bounds(model: nn.Module, input_shape: Sequence[int]) -> LipschitzT
         input_shape: one example's shape, e.g. ``(3, 224, 224)`` or ``(784,)``; conv bounds depend on it.
 
     Returns:
-        a :class:`LipschitzTable`; its ``product`` bounds the network's Lipschitz constant where the
-        network is a chain (a row says so where it is not).
+        a :class:`LipschitzTable`; its ``network_bound`` bounds the network's Lipschitz constant,
+        composed along the graph (sums where branches meet); infinite where a step has no rule.
 
     Raises:
         ValueError: an input shape the model cannot take.

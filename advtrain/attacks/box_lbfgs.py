@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, checked_batch
+from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, checked_batch, head_for_rows
 from advtrain.attacks.lbfgs import project, projected_lbfgs
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import TargetPolicy, choose_targets
@@ -187,7 +187,7 @@ class BoxLBFGS:
 
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             x = x.detach().requires_grad_(True)
-            logits = head(x.view(-1, *shape[1:]))
+            logits = head_for_rows(head, rows)(x.view(-1, *shape[1:]))
             value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted)
             (gradient,) = torch.autograd.grad(value.sum(), x)
             return value.detach(), gradient, logits.detach()
@@ -290,6 +290,7 @@ class BoxLBFGS:
         offsets = torch.arange(1, num_classes, device=labels.device)
         targets = ((labels[:, None] + offsets[None, :]) % num_classes).reshape(-1)  # (N·(C-1),)
         expanded = inputs.repeat_interleave(wrong, dim=0)
+        head = head_for_rows(head, torch.arange(count, device=inputs.device).repeat_interleave(wrong))
         result = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0))
         pick = result.l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
         return AttackResult(**{name: value[pick] for name, value in vars(result).items()})

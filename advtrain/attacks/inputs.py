@@ -14,6 +14,17 @@ Head = Callable[[torch.Tensor], torch.Tensor]
 BoundsArg = tuple[float | torch.Tensor, float | torch.Tensor]
 
 
+def head_for_rows(head: Head, rows: torch.Tensor) -> Head:
+    """The head for some rows (``rows``, indices that may repeat) of the batch it was made for.
+
+    A head that takes tensors from the clean inputs besides the activations (the head of a layer
+    with a skip connection around it, :func:`advtrain.layers.cut_at`) has ``select(rows)``; any
+    other head treats every row alike and is returned as it is.
+    """
+    select = getattr(head, "select", None)
+    return head if select is None else select(rows)
+
+
 def check_attack_inputs(inputs: torch.Tensor, bounds: BoundsArg) -> tuple[torch.Tensor, torch.Tensor]:
     """The box as flat ``(N, n)`` lower and upper tensors, after checking that ``inputs`` is a finite
     floating-point batch inside it.
