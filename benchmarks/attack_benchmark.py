@@ -122,7 +122,7 @@ def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Ro
     import foolbox
 
     images, labels = correctly_classified(model, images, labels, examples)
-    targets = choose_targets("random", labels, None, 10, seed=0)
+    targets = choose_targets("random", labels, None, 10, generator=torch.Generator().manual_seed(0))
     measured: dict[str, tuple[float, float, float]] = {}
     if name.startswith("fc10-"):
         measured["exact QP (SLSQP)"] = exact_softmax_regression(model, images, targets)
@@ -148,7 +148,7 @@ def benchmark_layer(name: str, layer: str, model, images, labels, examples: int)
     (box,) = layer_bounds(model, [layer]).values()
     with torch.no_grad():
         activations = bottom(images)
-    targets = choose_targets("random", labels, None, 10, seed=0)
+    targets = choose_targets("random", labels, None, 10, generator=torch.Generator().manual_seed(0))
     rows = []
     for loss in ("ce", "margin"):
         started = time.perf_counter()

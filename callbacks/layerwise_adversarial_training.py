@@ -19,27 +19,26 @@ import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from advtrain.attacks import AttackResult, BoxLBFGS, FastGradient
+from advtrain.attacks import Attack, BoxLBFGS
 from advtrain.attacks.inputs import head_for_rows
-from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.batch_statistics import SeparateBatchStatistics
 from advtrain.checks import check_count
 from advtrain.layers import (INPUT, UNBOUNDED, Bounds, LayerCut, LayerCutError, check_layer, cut_at, enclosing_modules,
                              known_bounds, layer_names)
 from advtrain.pool import AdversarialPool
+from advtrain.pooling import PoolingPolicy, Successes
 
-#: Attack settings for generation: far cheaper than the evaluation defaults (an adversarial example
-#: need not be minimal to train on) with the margin loss. On FC100-100-10 they find an example for
-#: every one of 256 rows at each layer in 0.1 to 0.3 s, with distortion within 10% of the full search.
-GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10)
+#: The default generator's settings: a cheap search (an adversarial example need not be minimal to
+#: train on) towards a random wrong class, the paper's practice. docs/ gives their measured cost.
+GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10, target="random")
 
 
 class _Injection:
@@ -57,89 +56,57 @@ class LayerwiseAdversarialTraining(Callback):
     """Per-layer adversarial pools mixed into training batches, layer by layer in turn.
 
     Args:
-        layers: the layers whose outputs get pools (``"input"`` is the input itself), named as in
-            the classifier's ``named_modules()``.
+        layers: the layers whose outputs get pools: ``"input"`` (the input itself) or any named
+            submodule of the classifier that runs once per forward pass (a ResNet stage
+            ``layer2``, one block ``layer2.0``, ``encoder.layers.0`` of a transformer).
         capacity: the most examples each pool holds.
-        mix_fraction: the fraction of each batch's rows replaced by pool examples, at least one row
-            (0.02: on FC100-100-10 with the default input pool, 1.69% and 1.62% test error over two
-            seeds against weight decay's 1.73% and 1.78%, at 1.46× and 1.49× its minimal distortion;
-            0.05 gave 1.95% and 0.1 gave 2.30%).
+        mix_fraction: the share of each batch's rows replaced by pool examples (at least one row).
         refresh_every: a layer's pool gets fresh examples every this many of its steps.
-        refresh_size: recent clean training rows attacked at each refresh (the callback keeps the
-            last ``refresh_size`` rows it has seen; attacking many rows at once is far cheaper per
-            row than attacking few often).
-        warmup_steps, warmup_epochs: no pools (and no generation) before this global step and epoch.
-        layer_weights: how often each layer is picked (default: cycle through them in turn).
-        attack: what generates examples (default: ``BoxLBFGS(**GENERATION_ATTACK)``, a cheap
-            minimal-perturbation search), or a :class:`~advtrain.attacks.FastGradient` step of a fixed
-            size (one forward and backward pass per refresh).
-        target: the wrong label each fresh example is pushed to: ``"random"`` (the paper's
-            practice), ``"runner_up"``, ``"least_likely"``, ``"nearest"`` (searches every wrong
-            class: that many times the generation cost) or ``"untargeted"`` (one search towards
-            whichever wrong class is closest to hand).
-        max_distortion: the largest ``sqrt(mean r²)`` of an example the pools keep (default: no
-            limit). Successes that needed more are dropped: far enough from their origin they
-            may truly look like the wrong class, and training on them with the true label teaches
-            label noise (on FC100-100-10 with an input pool, half of each batch fresh and
-            unbounded gave 5.1% test error; a tenth gave 2.30%, and 1.70% within 0.05).
-        beyond_max_distortion: what becomes of a success that needed more than ``max_distortion``:
-            ``"drop"`` it, or ``"shrink"`` its perturbation to ``max_distortion`` (the search's
-            direction at that budget, inside the box since the box is convex; the shrunk example
-            may no longer fool the model, and trains it like a fixed-budget attack would). On
-            FC100-100-10, an input pool at half of each batch attacked every step, shrunk to 0.036
-            with runner-up targets: 1.56% and 1.75% test error over two seeds, 1.42% and 1.49%
-            with batches of 128 over 60 epochs; dropping instead gave 1.92%.
-        stretch_to_max_distortion: also stretch the successes within ``max_distortion`` out to it,
-            along the search's direction (then clipped to the box, which can leave them a little
-            inside), so pooled examples sit at the budget like a fixed-budget attack's instead of
-            just across the decision boundary. Needs ``max_distortion``. On FC100-100-10 (input
-            pool, half of each batch of 128 attacked every step, 60 epochs, shrunk and stretched to
-            0.036) with ``target="untargeted"``: 1.36%, 1.38% and 1.55% test error over three seeds
-            at 1.42× to 1.46× weight decay's minimal distortion; with runner-up targets 1.52%.
-        pool_failures: pool every row a ``FastGradient`` attack stepped, fooled or not, as
-            fast-gradient adversarial training trains on them all (default: only the rows it fooled,
-            as for a search). Needs ``attack=FastGradient(...)``, whose step size is the budget, so
-            it does not combine with ``max_distortion``. On FC100-100-10 (input pool, half of each
-            batch of 128 from steps of 0.036 of its other half, untargeted, pools of 128, 60 epochs):
-            1.48%, 1.31% and 1.34% test error over three seeds at 1.35× to 1.39× weight decay's minimal
-            distortion, as the stretched L-BFGS search gives, at a seventh to a tenth of its generation
-            time; with pools of 64 (``capacity`` equal to the rows stepped, so each batch gets its own
-            rows' steps) over 120 epochs: 1.18%, 1.22% and 1.33% at 1.297× to 1.34×.
+        refresh_size: how many recent clean training rows each refresh attacks.
+        attack: the generator, any :class:`~advtrain.attacks.Attack` run with its own target
+            policy (default: ``BoxLBFGS(**GENERATION_ATTACK)``, a cheap search towards random
+            wrong classes; ``FastGradient(...)`` or ``PGD(...)`` for fixed-budget steps).
+        pooling: what the pools keep of each result (default :class:`~advtrain.pooling.Successes`;
+            :class:`~advtrain.pooling.WithinBudget` holds them to a budget,
+            :class:`~advtrain.pooling.EveryStep` keeps every fixed-budget step).
         module: the classifier as a named submodule of the LightningModule (default: the
-            LightningModule's own forward is the classifier).
-        batch_keys: ``(inputs, labels)`` keys of a dict batch (default: found by their usual
-            names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
+            LightningModule's own forward).
         bounds: per-layer boxes ``{layer: (low, high)}`` (scalars or tensors of one example's shape)
             overriding the defaults: ``(0, 1)`` for ``"input"``, the range a layer's type or last
             operation implies (sigmoid, tanh, ReLU, a block ending in a ReLU...), else no bound.
-            Clean activations outside a layer's box (bounds set too tight) widen it for the rows
-            attacked, with a warning; the input box must hold the first batch.
+            Clean activations outside a layer's box widen it for the rows attacked, with a warning;
+            the input box must hold the first batch.
+        batch_keys: ``(inputs, labels)`` keys of a dict batch (default: found by their usual
+            names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
         pool_device: where pools live (``"cpu"`` keeps accelerator memory free).
-        seed: seeds layer choice, pool replacement and targets (offset by the rank under DDP).
+        seed: seeds the generator handed to the attack, and pool replacement (offset by the rank
+            under DDP).
 
-    A layer is any named submodule of the classifier that runs once per forward pass (a ResNet
-    stage ``layer2``, one block ``layer2.0``, ``encoder.layers.0`` of a transformer). Tensors that
-    bypass the layer (a skip connection around it) would carry the pool rows' gradient below it,
-    so such a layer is refused, with the enclosing modules that can be used instead. Hidden-layer
-    pools replace rows of the layer's output by position: the batch must reach the classifier
-    as the callback saw it. Augmentation that changes its size, shape or order inside
-    ``training_step`` is refused at the first step; augment in the data pipeline instead (input
-    pools are unaffected: their rows are ordinary batch rows, augmented like any other).
+    Override :meth:`layer_for_step` (which layer a step uses), :meth:`should_refresh` (when a pool
+    gets fresh examples) or :meth:`is_active` (e.g. a warm-up without pools) for other schedules.
+
+    A layer bypassed by tensors from below (a skip connection around it) would let the pool rows'
+    gradient reach the layers below through them, and is refused with the enclosing modules that
+    work. Hidden-layer pools replace rows of the layer's output by position: the batch must reach
+    the classifier as the callback saw it; augmentation that changes its size, shape or order
+    inside ``training_step`` is refused at the first step (input pools are ordinary batch rows,
+    augmented like any other).
 
     Raises:
-        ValueError: bad settings (here), or before the first step: an unknown layer (the message
-            lists the layers), a layer that cannot be cut (run twice, or bypassed by a skip
-            connection), a batch it cannot read or whose tensors are slices of a larger tensor
-            (writing pool rows into them would overwrite it), a capacity below the rows mixed in,
-            an input box that does not hold the inputs; during training: a batch changed between
-            the callback and the classifier.
+        ValueError: bad settings, a pooling policy the attack cannot serve (here); before the
+            first step: an unknown layer (the message lists the layers), a layer that cannot be
+            cut, a batch it cannot read or whose tensors are slices of a larger tensor, a capacity
+            below the rows mixed in, an input box that does not hold the inputs; during training:
+            a batch changed between the callback and the classifier.
 
     Example::
 
-        >>> import torchvision
-        >>> callback = LayerwiseAdversarialTraining(["input", "layer2", "layer3"], module="net")
-        >>> callback.layers
-        ['input', 'layer2', 'layer3']
+        >>> from advtrain.attacks import FastGradient
+        >>> from advtrain.pooling import EveryStep
+        >>> callback = LayerwiseAdversarialTraining(["input", "layer2"], module="net",
+        ...                                         attack=FastGradient(distortion=0.036), pooling=EveryStep())
+        >>> callback.layers, callback.attack
+        (['input', 'layer2'], FastGradient(target='untargeted', distortion=0.036))
 
     Reference: Szegedy et al. (2013), Section 4.2.
     """
@@ -152,18 +119,11 @@ class LayerwiseAdversarialTraining(Callback):
         mix_fraction: float = 0.02,
         refresh_every: int = 96,
         refresh_size: int = 256,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        layer_weights: Sequence[float] | None = None,
-        attack: BoxLBFGS | FastGradient | None = None,
-        target: TargetPolicy = "random",
-        max_distortion: float | None = None,
-        beyond_max_distortion: Literal["drop", "shrink"] = "drop",
-        stretch_to_max_distortion: bool = False,
-        pool_failures: bool = False,
+        attack: Attack | None = None,
+        pooling: PoolingPolicy | None = None,
         module: str | None = None,
-        batch_keys: Sequence[str] | None = None,
         bounds: Mapping[str, Bounds] | None = None,
+        batch_keys: Sequence[str] | None = None,
         pool_device: str | torch.device = "cpu",
         seed: int = 0,
     ) -> None:
@@ -178,50 +138,25 @@ class LayerwiseAdversarialTraining(Callback):
             raise ValueError(f"mix_fraction must be in (0, 1], got {mix_fraction}")
         for name, value in (("capacity", capacity), ("refresh_every", refresh_every), ("refresh_size", refresh_size)):
             check_count(name, value)
-        for name, value in (("warmup_steps", warmup_steps), ("warmup_epochs", warmup_epochs)):
-            check_count(name, value, minimum=0)
-        if target not in POLICIES:
-            raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
-        if max_distortion is not None and not (max_distortion > 0 and math.isfinite(max_distortion)):
-            raise ValueError(f"max_distortion must be positive and finite (or None), got {max_distortion}")
-        if beyond_max_distortion not in ("drop", "shrink"):
-            raise ValueError(f"beyond_max_distortion must be 'drop' or 'shrink', got {beyond_max_distortion!r}")
-        if beyond_max_distortion == "shrink" and max_distortion is None:
-            raise ValueError("beyond_max_distortion='shrink' needs max_distortion, the budget to shrink to")
-        if stretch_to_max_distortion and max_distortion is None:
-            raise ValueError("stretch_to_max_distortion=True needs max_distortion, the budget to stretch to")
-        if pool_failures and not isinstance(attack, FastGradient):
-            raise ValueError("pool_failures=True needs attack=FastGradient(...): a search's failures have no "
-                             f"perturbation to train on; got attack={attack!r}")
-        if pool_failures and max_distortion is not None:
-            raise ValueError("pool_failures=True pools fixed-size steps (FastGradient's distortion sets their "
-                             "size); leave max_distortion at None")
+        attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
+        if not callable(attack):
+            raise ValueError(f"attack must be an advtrain Attack, got {attack!r}")
+        pooling = pooling if pooling is not None else Successes()
+        pooling.check(attack)
         unknown_bounds = [name for name in (bounds or {}) if name not in layers]
         if unknown_bounds:
             raise ValueError(f"bounds are given for {', '.join(map(repr, unknown_bounds))}, which is not among the "
                              f"layers with pools {layers!r}")
-        if layer_weights is not None:
-            weights = [float(w) for w in layer_weights]
-            if len(weights) != len(layers) or any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"layer_weights must give one non-negative weight per layer ({len(layers)}), "
-                                 f"not all zero; got {list(layer_weights)!r}")
         self.layers = layers
         self.capacity = capacity
         self.mix_fraction = mix_fraction
         self.refresh_every = refresh_every
         self.refresh_size = refresh_size
-        self.warmup_steps = warmup_steps
-        self.warmup_epochs = warmup_epochs
-        self.layer_weights = None if layer_weights is None else torch.tensor(weights)
-        self.attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
-        self.target = target
-        self.max_distortion = max_distortion
-        self.beyond_max_distortion = beyond_max_distortion
-        self.stretch_to_max_distortion = stretch_to_max_distortion
-        self.pool_failures = pool_failures
+        self.attack = attack
+        self.pooling = pooling
         self.module = module
-        self.batch_keys = check_batch_keys(batch_keys)
         self.bounds_override = dict(bounds or {})
+        self.batch_keys = check_batch_keys(batch_keys)
         self.seed = seed
         self.pools = {layer: AdversarialPool(capacity, device=pool_device, seed=seed + index)
                       for index, layer in enumerate(layers)}
@@ -289,6 +224,9 @@ class LayerwiseAdversarialTraining(Callback):
         inputs, labels = read_batch(batch, self._keys)
         check_writable(inputs, labels)
         mixed = self.rows_to_mix(inputs.shape[0])
+        if round(self.mix_fraction * inputs.shape[0]) < 1:
+            warnings.warn(f"mix_fraction {self.mix_fraction} of a batch of {inputs.shape[0]} rows rounds to no row; one "
+                          f"row of each batch ({1 / inputs.shape[0]:.1%}) is mixed in instead", stacklevel=2)
         if mixed > self.capacity:
             raise ValueError(f"capacity {self.capacity} is below the {mixed} rows mixed into each batch of "
                              f"{inputs.shape[0]} (mix_fraction {self.mix_fraction}); raise capacity or lower mix_fraction")
@@ -370,10 +308,12 @@ class LayerwiseAdversarialTraining(Callback):
         return max(1, round(self.mix_fraction * batch_size))
 
     def layer_for_step(self, step: int) -> str:
-        """The layer whose pool this step uses: in turn, or drawn by ``layer_weights``."""
-        if self.layer_weights is None:
-            return self.layers[step % len(self.layers)]
-        return self.layers[int(torch.multinomial(self.layer_weights, 1, generator=self.generator))]
+        """The layer whose pool this step uses: each in turn (override for other schedules)."""
+        return self.layers[step % len(self.layers)]
+
+    def is_active(self, trainer: pl.Trainer) -> bool:
+        """Whether this step mixes pools in (and refreshes them): always (override for a warm-up)."""
+        return True
 
     def should_refresh(self, layer: str) -> bool:
         """Whether this step of ``layer`` generates fresh examples: its first, then every ``refresh_every``-th."""
@@ -381,7 +321,7 @@ class LayerwiseAdversarialTraining(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Refresh this step's pool if due, then mix it into the batch."""
-        if trainer.global_step < self.warmup_steps or trainer.current_epoch < self.warmup_epochs:
+        if not self.is_active(trainer):
             return
         inputs, labels = self.read_batch(batch)
         layer = self.layer_for_step(trainer.global_step)
@@ -467,9 +407,8 @@ class LayerwiseAdversarialTraining(Callback):
 
     @torch.no_grad()
     def refresh(self, layer: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Attack ``inputs`` at ``layer`` on the current model (in eval mode) and add the successes
-        within ``max_distortion`` (or, with ``pool_failures``, every step) to the layer's pool, with
-        their true labels."""
+        """Attack ``inputs`` at ``layer`` on the current model (in eval mode) and add what the pooling
+        policy keeps to the layer's pool, with the true labels."""
         classifier = self._classifier
         cut = self._cuts[layer]
         was_training = classifier.training
@@ -480,11 +419,10 @@ class LayerwiseAdversarialTraining(Callback):
             head = cut.head_for(inputs)
             rows = (head(activations).argmax(1) == labels).nonzero()[:, 0]
             activations, labels, head = activations[rows], labels[rows], head_for_rows(head, rows)
-            self.attack.seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))
             if labels.numel():
                 box = self._box_holding(layer, activations)
-                result = self.attack(head, activations, labels, target=self.target, bounds=box)
-                examples, kept = self._within_budget(activations, result, box)
+                result = self.attack(head, activations, labels, bounds=box, generator=self.generator)
+                examples, kept = self.pooling(activations, result, box)
                 self.pools[layer].add(examples[kept], labels[kept])
                 success, distortion = result.success_rate, result.mean_distortion
             else:  # nothing attacked: no success rate to report
@@ -502,30 +440,6 @@ class LayerwiseAdversarialTraining(Callback):
             "generation_distortion": distortion,
             "generation_seconds": seconds,
         }
-
-    def _within_budget(self, inputs: torch.Tensor, result: AttackResult,
-                       box: tuple[float | torch.Tensor, float | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The examples to pool and which of them to keep: the successes, with those beyond
-        ``max_distortion`` dropped or shrunk to it, and those within it stretched to it where asked
-        (with ``pool_failures``: every row's fixed-size step)."""
-        if self.pool_failures:
-            return result.stepped, torch.ones_like(result.success)
-        if self.max_distortion is None:
-            return result.adversarial, result.success
-        within = result.distortion <= self.max_distortion
-        kept = result.success & within if self.beyond_max_distortion == "drop" else result.success
-        shrink = ~within & (self.beyond_max_distortion == "shrink")
-        stretch = within & self.stretch_to_max_distortion
-        rescaled = (shrink | stretch).view(-1, *([1] * (inputs.ndim - 1)))
-        if not rescaled.any():
-            return result.adversarial, kept
-        # each row's factor on its perturbation (only the rescaled rows' are used); failures get 0
-        scale = self.max_distortion / result.distortion.clamp_min(torch.finfo(result.distortion.dtype).tiny)
-        examples = inputs + scale.view_as(rescaled).to(inputs.dtype) * (result.adversarial - inputs)
-        if self.stretch_to_max_distortion:  # stretching can leave the box; shrinking cannot (it is convex)
-            lower, upper = (torch.as_tensor(bound, dtype=examples.dtype, device=examples.device) for bound in box)
-            examples = torch.clamp(examples, lower, upper)
-        return torch.where(rescaled, examples, result.adversarial), kept
 
     def _box_holding(self, layer: str, activations: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
         """The layer's box, widened where needed to hold the clean ``activations`` about to be attacked."""

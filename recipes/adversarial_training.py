@@ -20,13 +20,14 @@ import pytorch_lightning as pl
 import torch
 
 from advtrain import Classifier
-from advtrain.attacks import BoxLBFGS, FastGradient
+from advtrain.attacks import PGD, Attack, BoxLBFGS, FastGradient
 from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.data import MNISTDataModule
 from advtrain.layers import LayerCutError, check_layer, cut_at
 from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
+from advtrain.pooling import EveryStep, PoolingPolicy, Successes, WithinBudget
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
@@ -81,21 +82,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refresh-every", type=int, default=None)
     parser.add_argument("--refresh-size", type=int, default=None)
     parser.add_argument("--target", choices=POLICIES, default=None,
-                        help="the wrong label fresh pool examples are pushed to")
-    parser.add_argument("--max-distortion", type=float, default=None,
-                        help="pools keep only examples within this sqrt(mean r²) (default: no limit)")
-    parser.add_argument("--beyond-max-distortion", choices=["drop", "shrink"], default=None,
-                        help="drop the examples beyond --max-distortion (the default) or shrink them to it")
-    parser.add_argument("--stretch-to-max-distortion", action="store_true",
-                        help="stretch the examples within --max-distortion out to it, as a fixed-budget attack's")
-    parser.add_argument("--warmup-epochs", type=int, default=None, help="epochs of clean training before the pools start")
-    # generation: the callback's GENERATION_ATTACK search (None keeps its settings) or a fast-gradient step
-    parser.add_argument("--generator", choices=["box-lbfgs", "fast-gradient"], default="box-lbfgs",
-                        help="what makes pool examples: the L-BFGS search or one fixed-size gradient step")
+                        help="the wrong label fresh pool examples are pushed to (default: random for the L-BFGS "
+                             "search, untargeted for the fixed-budget steps)")
+    parser.add_argument("--pooling", choices=["successes", "within-budget", "every-step"], default="successes",
+                        help="what the pools keep: the attack's successes, successes held to --budget, or every "
+                             "fixed-budget step fooled or not")
+    parser.add_argument("--budget", type=float, default=None, help="the sqrt(mean r²) of --pooling within-budget")
+    parser.add_argument("--beyond", choices=["drop", "project"], default="drop",
+                        help="--pooling within-budget: drop the successes beyond --budget or project them onto it")
+    parser.add_argument("--stretch", action="store_true",
+                        help="--pooling within-budget: stretch the successes within --budget out to it")
+    # generation: the callback's GENERATION_ATTACK search (None keeps its settings) or a fixed-budget step
+    parser.add_argument("--generator", choices=["box-lbfgs", "fast-gradient", "pgd-linf", "pgd-l2"], default="box-lbfgs",
+                        help="what makes pool examples: the L-BFGS search, one fixed-size gradient step, or PGD")
     parser.add_argument("--step-distortion", type=float, default=None,
                         help="the fast-gradient step's sqrt(mean r²) (default 0.036: an L2 step of about 1.0 on MNIST)")
-    parser.add_argument("--pool-failures", action="store_true",
-                        help="pool every fast-gradient step, not only those that fooled the model")
+    parser.add_argument("--epsilon", type=float, default=None, help="the PGD budget (max |r| for pgd-linf, ‖r‖₂ for pgd-l2)")
+    parser.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
     parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
     parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations per value of c in generation")
     parser.add_argument("--refine-steps", type=int, default=None,
@@ -161,31 +164,48 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, time.perf_counter() - started
 
 
-def generation_attack(args: argparse.Namespace) -> BoxLBFGS | FastGradient:
+def generation_attack(args: argparse.Namespace) -> Attack:
     """What makes the pools' examples: the callback's ``GENERATION_ATTACK`` search with the settings
-    given on the command line, or a fast-gradient step of ``--step-distortion``."""
+    given on the command line, a fast-gradient step of ``--step-distortion`` or PGD of ``--epsilon``;
+    pushed to ``--target`` where given."""
     names = ("search_steps", "iterations", "refine_steps")
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    if args.generator == "fast-gradient":
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise ValueError(f"{flags} set the L-BFGS search, which --generator fast-gradient does not run")
-        return FastGradient(distortion=0.036 if args.step_distortion is None else args.step_distortion)
-    if args.step_distortion is not None:
+    target = {"target": args.target} if args.target is not None else {}
+    if args.generator != "box-lbfgs" and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(f"{flags} set the L-BFGS search, which --generator {args.generator} does not run")
+    if args.step_distortion is not None and args.generator != "fast-gradient":
         raise ValueError("--step-distortion sets the fast-gradient step; add --generator fast-gradient")
-    return BoxLBFGS(**{**GENERATION_ATTACK, **given})
+    if args.epsilon is not None and not args.generator.startswith("pgd"):
+        raise ValueError("--epsilon sets the PGD budget; add --generator pgd-linf or pgd-l2")
+    if args.generator == "fast-gradient":
+        return FastGradient(distortion=0.036 if args.step_distortion is None else args.step_distortion, **target)
+    if args.generator.startswith("pgd"):
+        if args.epsilon is None:
+            raise ValueError(f"--generator {args.generator} needs --epsilon, its budget")
+        return PGD(epsilon=args.epsilon, norm=args.generator.removeprefix("pgd-"), steps=args.pgd_steps, **target)
+    return BoxLBFGS(**{**GENERATION_ATTACK, **given, **target})
+
+
+def pooling_policy(args: argparse.Namespace) -> PoolingPolicy:
+    """What the pools keep, from ``--pooling`` (with ``--budget``, ``--beyond`` and ``--stretch``)."""
+    if args.pooling != "within-budget" and (args.budget is not None or args.stretch or args.beyond != "drop"):
+        raise ValueError("--budget, --beyond and --stretch hold pooled examples to a budget; add --pooling within-budget")
+    if args.pooling == "within-budget":
+        if args.budget is None:
+            raise ValueError("--pooling within-budget needs --budget, the sqrt(mean r²) to hold examples to")
+        return WithinBudget(args.budget, beyond=args.beyond, stretch=args.stretch)
+    return EveryStep() if args.pooling == "every-step" else Successes()
 
 
 def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     """The pools way's callback: the pool settings given on the command line, the callback's own
     defaults for the rest."""
     resolve_defaults(args)
-    names = ("capacity", "mix_fraction", "refresh_every", "refresh_size", "target", "warmup_epochs", "max_distortion",
-             "beyond_max_distortion")
+    names = ("capacity", "mix_fraction", "refresh_every", "refresh_size")
     settings = {name: getattr(args, name) for name in names}
     return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
-                                        stretch_to_max_distortion=args.stretch_to_max_distortion,
-                                        pool_failures=args.pool_failures,
+                                        pooling=pooling_policy(args),
                                         **{k: v for k, v in settings.items() if v is not None})
 
 

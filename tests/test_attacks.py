@@ -66,11 +66,11 @@ def test_more_search_steps_do_not_increase_distortion() -> None:
     head = linear_head()
     inputs = torch.rand(12, 20)
     labels = head(inputs).argmax(1).detach()
-    few = BoxLBFGS(search_steps=2, refine_steps=0)(head, inputs, labels)
-    many = BoxLBFGS(search_steps=10, refine_steps=0)(head, inputs, labels)
+    few = BoxLBFGS(loss="ce", search_steps=2, refine_steps=0, target="random")(head, inputs, labels)
+    many = BoxLBFGS(loss="ce", search_steps=10, refine_steps=0, target="random")(head, inputs, labels)
     both = few.success & many.success
     assert both.sum() >= 10 and many.l2[both].mean() < 0.95 * few.l2[both].mean()
-    refined = BoxLBFGS(search_steps=10)(head, inputs, labels)  # same path, then pulled back
+    refined = BoxLBFGS(loss="ce", search_steps=10, target="random")(head, inputs, labels)  # same path, then pulled back
     assert torch.equal(refined.success, many.success)
     assert (refined.l2[both] <= many.l2[both] + 1e-6).all() and refined.l2[both].mean() < many.l2[both].mean()
 
@@ -179,7 +179,7 @@ def test_refined_examples_stay_just_past_the_boundary_in_any_batch(target: str) 
     head = linear_head(dims=50, classes=5)
     inputs = torch.rand(40, 50)
     labels = head(inputs).argmax(1).detach()
-    result = BoxLBFGS(seed=0)(head, inputs, labels, target=target, bounds=(-math.inf, math.inf))
+    result = BoxLBFGS()(head, inputs, labels, target=target, bounds=(-math.inf, math.inf))
     assert result.success.all()
     with torch.no_grad():
         logits = head(result.adversarial)
@@ -204,8 +204,9 @@ def test_untargeted_failures_report_the_runner_up_inside_the_box() -> None:
 def test_target_policies() -> None:
     labels = torch.tensor([0, 1, 2, 3, 4] * 20)
     logits = torch.randn(100, 5)
-    random = choose_targets("random", labels, logits, 5, seed=1)
-    assert (random != labels).all() and torch.equal(random, choose_targets("random", labels, logits, 5, seed=1))
+    random = choose_targets("random", labels, logits, 5, generator=torch.Generator().manual_seed(1))
+    again = choose_targets("random", labels, logits, 5, generator=torch.Generator().manual_seed(1))
+    assert (random != labels).all() and torch.equal(random, again)
     assert len(set(random.tolist())) == 5
     least = choose_targets("least_likely", labels, logits, 5)
     masked = logits.scatter(1, labels[:, None], float("inf"))
@@ -223,7 +224,7 @@ BAD = [
     ("label-count", dict(labels=torch.tensor([0, 1, 2])), r"labels has 3 entries but the inputs have 2"),
     ("target-range", dict(target=torch.tensor([1, 5])), r"target must lie in \[0, 3\)"),
     ("target-is-label", dict(target=torch.tensor([0, 2])), r"target equals the true label for 1 examples"),
-    ("unknown-policy", dict(target="farthest"), r"target must be a LongTensor of labels or one of \('random'"),
+    ("unknown-policy", dict(target="farthest"), r"target must be a tensor of labels or one of \('random'"),
     ("bounds-order", dict(bounds=(1.0, 0.0)), r"bounds have lower > upper"),
     ("bounds-shape", dict(bounds=(torch.zeros(7), 1.0)), r"bounds must broadcast to the inputs' shape \(2, 20\)"),
     ("integer-inputs", dict(inputs=torch.zeros(2, 20, dtype=torch.long)), r"inputs must be a floating-point tensor"),
@@ -252,5 +253,5 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
 
 
 def test_repr_shows_the_settings() -> None:
-    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(loss='ce'")
-    assert "c_init=1.0" in repr(BoxLBFGS()) and "c_init=0.1" in repr(BoxLBFGS(loss="margin"))
+    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='margin'")
+    assert "c_init=0.1" in repr(BoxLBFGS()) and "c_init=1.0" in repr(BoxLBFGS(loss="ce"))

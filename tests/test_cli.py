@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from advtrain.attacks import FastGradient
+from advtrain.attacks import PGD, FastGradient
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
+from advtrain.pooling import EveryStep, Successes, WithinBudget
 from advtrain.recipes.adversarial_training import add_arguments, generation_attack, pools_callback
 
 
@@ -71,24 +72,23 @@ def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root:
     assert len(runs) == 3
 
 
-def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: Path, tmp_path: Path) -> None:
+def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
-    pool_columns = {}
-    for warmup in ("0", "1"):  # --quick trains one epoch: a one-epoch warm-up never starts the pools
-        output = tmp_path / f"warmup-{warmup}"
+    for flags, name, layer in ((["--hidden", "32", "16"], "FC32-16-10", "sigmoid2"),
+                               (["--model", "small-resnet"], "SmallResNet", "stage2")):
+        output = tmp_path / name
         result = subprocess.run(
             [sys.executable, "-m", "advtrain.cli", "adversarial-training", "--quick", "--wandb", "off", "--ways", "pools",
-             "--hidden", "32", "16", "--warmup-epochs", warmup, "--output", str(output)],
+             *flags, "--output", str(output)],
             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        assert "| FC32-16-10 trained with |" in result.stdout
-        weights = torch.load(output / "pools.pt")
-        assert weights["fc1.weight"].shape == (32, 784) and weights["fc2.weight"].shape == (16, 32)
+        assert f"| {name} trained with |" in result.stdout
         header = (output / "pools" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
-        pool_columns[warmup] = {column for column in header if column.startswith("adv/")}
-    assert "adv/sigmoid2/pool_size" in pool_columns["0"]
-    assert pool_columns["1"] == set()
+        assert f"adv/{layer}/pool_size" in header
+        if name.startswith("FC"):
+            weights = torch.load(output / "pools.pt")
+            assert weights["fc1.weight"].shape == (32, 784) and weights["fc2.weight"].shape == (16, 32)
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -100,17 +100,17 @@ def test_adversarial_training_takes_hidden_widths_and_a_pool_warmup(mnist_root: 
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
     (["--iterations", "0"], "pools way: iterations must be a positive integer, got 0"),
-    (["--beyond-max-distortion", "shrink"],
-     "pools way: beyond_max_distortion='shrink' needs max_distortion, the budget to shrink to"),
+    (["--beyond", "project"],
+     "pools way: --budget, --beyond and --stretch hold pooled examples to a budget; add --pooling within-budget"),
+    (["--pooling", "within-budget"], "pools way: --pooling within-budget needs --budget"),
     (["--mix-fraction", "1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
-    (["--stretch-to-max-distortion"],
-     "pools way: stretch_to_max_distortion=True needs max_distortion, the budget to stretch to"),
+    (["--generator", "pgd-linf"], "pools way: --generator pgd-linf needs --epsilon, its budget"),
     (["--generator", "fast-gradient", "--search-steps", "1", "--iterations", "5"],
      "pools way: --search-steps, --iterations set the L-BFGS search, which --generator fast-gradient does not run"),
     (["--step-distortion", "0.05"],
      "pools way: --step-distortion sets the fast-gradient step; add --generator fast-gradient"),
-    (["--pool-failures"], "pools way: pool_failures=True needs attack=FastGradient(...): a search's failures have no "
-                          "perturbation to train on; got attack=BoxLBFGS("),
+    (["--pooling", "every-step"], "pools way: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
+    (["--generator", "fast-gradient", "--target", "nearest"], "pools way: FastGradient cannot serve target='nearest'"),
     (["--shift-pixels", "-1"], "--shift-pixels: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
 ])
 def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
@@ -126,14 +126,17 @@ def test_adversarial_training_sets_the_generation_search_and_pools_from_its_flag
     add_arguments(parser)
     given = generation_attack(parser.parse_args(["--search-steps", "1", "--iterations", "4", "--refine-steps", "0"]))
     assert (given.search_steps, given.iterations, given.refine_steps) == (1, 4, 0)
-    assert given.loss == GENERATION_ATTACK["loss"]
-    callback = pools_callback(parser.parse_args(["--max-distortion", "0.04", "--stretch-to-max-distortion"]))
-    assert callback.stretch_to_max_distortion and callback.max_distortion == 0.04
-    assert not pools_callback(parser.parse_args([])).stretch_to_max_distortion
+    assert given.loss == GENERATION_ATTACK["loss"] and given.target == "random"
+    callback = pools_callback(parser.parse_args(["--pooling", "within-budget", "--budget", "0.04", "--stretch"]))
+    assert isinstance(callback.pooling, WithinBudget)
+    assert (callback.pooling.budget, callback.pooling.beyond, callback.pooling.stretch) == (0.04, "drop", True)
+    assert isinstance(pools_callback(parser.parse_args([])).pooling, Successes)
     fast = pools_callback(parser.parse_args(["--generator", "fast-gradient", "--step-distortion", "0.05",
-                                             "--pool-failures", "--target", "untargeted"]))
+                                             "--pooling", "every-step", "--target", "untargeted"]))
     assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05
-    assert fast.pool_failures and fast.target == "untargeted"
+    assert isinstance(fast.pooling, EveryStep) and fast.attack.target == "untargeted"
     assert generation_attack(parser.parse_args(["--generator", "fast-gradient"])).distortion == 0.036
+    pgd = generation_attack(parser.parse_args(["--generator", "pgd-l2", "--epsilon", "1.5", "--pgd-steps", "7"]))
+    assert isinstance(pgd, PGD) and (pgd.norm, pgd.epsilon, pgd.steps) == ("l2", 1.5, 7)
     default = generation_attack(parser.parse_args([]))
     assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])

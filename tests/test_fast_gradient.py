@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.attacks import AttackResult, FastGradient, FastGradientResult
+from advtrain.attacks import AttackResult, FastGradient
 
 
 def linear_head() -> nn.Linear:
@@ -36,7 +36,7 @@ def analytic_gradient(head: nn.Linear, inputs: torch.Tensor, labels: torch.Tenso
 def test_untargeted_step_has_the_asked_size_along_the_loss_gradient() -> None:
     head, (inputs, labels) = linear_head(), batch()
     result = FastGradient(distortion=0.05)(head, inputs, labels, bounds=(-math.inf, math.inf))
-    step = result.stepped - inputs
+    step = result.attempt - inputs
     rms = step.pow(2).mean(1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 0.05))
     cosine = nn.functional.cosine_similarity(step, analytic_gradient(head, inputs, labels))
@@ -47,7 +47,7 @@ def test_targeted_step_descends_the_target_loss() -> None:
     head, (inputs, labels) = linear_head(), batch()
     targets = (labels + 1) % 4
     result = FastGradient(distortion=0.05)(head, inputs, labels, target=targets, bounds=(-math.inf, math.inf))
-    cosine = nn.functional.cosine_similarity(result.stepped - inputs, -analytic_gradient(head, inputs, targets))
+    cosine = nn.functional.cosine_similarity(result.attempt - inputs, -analytic_gradient(head, inputs, targets))
     torch.testing.assert_close(cosine, torch.ones_like(cosine))
     assert torch.equal(result.target, targets)
 
@@ -58,10 +58,10 @@ def test_result_follows_the_attack_convention_and_keeps_every_step() -> None:
     assert isinstance(result, AttackResult)
     assert 0 < int(result.success.sum()) < len(result)  # a step this size fools some rows, not all
     with torch.no_grad():
-        reached = head(result.stepped).argmax(1)
+        reached = head(result.attempt).argmax(1)
     assert torch.equal(result.success, reached != labels)  # checked by a fresh forward pass
     fooled = result.success
-    assert torch.equal(result.adversarial[fooled], result.stepped[fooled])
+    assert torch.equal(result.adversarial[fooled], result.attempt[fooled])
     assert torch.equal(result.adversarial[~fooled], inputs[~fooled])
     assert torch.equal(result.target[fooled], reached[fooled])
     with torch.no_grad():
@@ -71,8 +71,9 @@ def test_result_follows_the_attack_convention_and_keeps_every_step() -> None:
     measured = (result.adversarial - inputs)[fooled].pow(2).mean(1).sqrt()
     torch.testing.assert_close(result.distortion[fooled], measured)
     assert bool((result.distortion[fooled] <= 0.05 + 1e-6).all())
-    assert bool(((result.stepped >= 0) & (result.stepped <= 1)).all())  # clipped to the box
-    assert isinstance(result.to("cpu"), FastGradientResult)
+    assert bool(((result.attempt >= 0) & (result.attempt <= 1)).all())  # clipped to the box
+    assert torch.equal(result.to("cpu").attempt, result.attempt)
+    torch.testing.assert_close(result.linf[fooled], (result.adversarial - inputs)[fooled].abs().amax(1))
 
 
 def test_clipping_at_the_box_edge_shortens_the_step() -> None:
@@ -81,8 +82,8 @@ def test_clipping_at_the_box_edge_shortens_the_step() -> None:
     with torch.no_grad():
         labels = head(inputs).argmax(1)
     result = FastGradient(distortion=0.2)(head, inputs, labels, bounds=(0.0, 1.0))
-    rms = (result.stepped - inputs).pow(2).mean(1).sqrt()
-    assert bool((rms < 0.2).all()) and bool((result.stepped <= 1).all())
+    rms = (result.attempt - inputs).pow(2).mean(1).sqrt()
+    assert bool((rms < 0.2).all()) and bool((result.attempt <= 1).all())
 
 
 def test_parameters_and_their_gradients_are_left_as_they_were() -> None:
@@ -95,7 +96,7 @@ def test_parameters_and_their_gradients_are_left_as_they_were() -> None:
 
 @pytest.mark.parametrize(
     ("call", "message"),
-    [(lambda attack, x, y: attack(linear_head(), x, y, target="nearest"), "cannot search every wrong class"),
+    [(lambda attack, x, y: attack(linear_head(), x, y, target="nearest"), r"FastGradient cannot serve target='nearest'"),
      (lambda attack, x, y: attack(linear_head(), x.masked_fill(x > 0.5, math.nan), y), "non-finite"),
      (lambda attack, x, y: attack(linear_head(), x, y + 4), "labels"),
      (lambda attack, x, y: attack(linear_head(), x + 1.0, y), "outside the box")],

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from advtrain import Classifier
 from advtrain.attacks import BoxLBFGS, FastGradient
 from advtrain.callbacks import LayerwiseAdversarialTraining
+from advtrain.pooling import EveryStep, Successes, WithinBudget
 
 
 def tiny_mlp() -> nn.Sequential:
@@ -120,12 +121,12 @@ class RecordingAttack(BoxLBFGS):
     """The generation search, keeping its inputs, each input's best wrong class, its result and
     the labels it reached."""
 
-    def __call__(self, head, inputs, labels, target="random", bounds=(0.0, 1.0)):
+    def __call__(self, head, inputs, labels, **settings):
         self.inputs = inputs.clone()
         with torch.no_grad():
             logits = head(inputs)
         self.runner_up = logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
-        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        self.result = super().__call__(head, inputs, labels, **settings)
         with torch.no_grad():
             self.reached = head(self.result.adversarial).argmax(1)
         self.success = self.result.success
@@ -134,9 +135,8 @@ class RecordingAttack(BoxLBFGS):
 
 def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: Path) -> None:
     classifier = pretrained_classifier()
-    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
-    callback = LayerwiseAdversarialTraining(["act2"], module="model", refresh_size=16, capacity=64, attack=attack,
-                                            target="runner_up")
+    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10, target="runner_up")
+    callback = LayerwiseAdversarialTraining(["act2"], module="model", refresh_size=16, capacity=64, attack=attack)
     trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
     assert attack.success.sum() > 0
     reached, expected = attack.reached[attack.success], attack.runner_up[attack.success]
@@ -145,10 +145,10 @@ def test_runner_up_target_pushes_each_example_to_its_best_wrong_class(tmp_path: 
 
 def _first_refresh(tmp_path: Path, max_distortion: float | None, beyond: str = "drop",
                    stretch: bool = False) -> tuple[LayerwiseAdversarialTraining, RecordingAttack]:
-    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10)
+    attack = RecordingAttack(loss="margin", search_steps=2, iterations=10, target="random")
+    pooling = Successes() if max_distortion is None else WithinBudget(max_distortion, beyond=beyond, stretch=stretch)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
-                                            max_distortion=max_distortion, beyond_max_distortion=beyond,
-                                            stretch_to_max_distortion=stretch)
+                                            pooling=pooling)
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
     return callback, attack
 
@@ -170,7 +170,7 @@ def test_max_distortion_keeps_only_the_examples_within_it(tmp_path: Path) -> Non
 def test_max_distortion_can_shrink_the_examples_beyond_it_instead(tmp_path: Path) -> None:
     unlimited, _ = _first_refresh(tmp_path, None)
     limit = float(unlimited.attack.result.distortion[unlimited.attack.result.success].median())
-    shrunk, attack = _first_refresh(tmp_path, limit, beyond="shrink")
+    shrunk, attack = _first_refresh(tmp_path, limit, beyond="project")
     result = attack.result
     inputs, adversarial = attack.inputs[result.success], result.adversarial[result.success]
     pool = shrunk.pools["input"]
@@ -187,7 +187,7 @@ def test_max_distortion_can_shrink_the_examples_beyond_it_instead(tmp_path: Path
     assert bool(((pooled >= 0) & (pooled <= 1)).all())
 
 
-@pytest.mark.parametrize("beyond", ["drop", "shrink"])
+@pytest.mark.parametrize("beyond", ["drop", "project"])
 def test_examples_within_max_distortion_can_be_stretched_to_it(tmp_path: Path, beyond: str) -> None:
     unlimited, _ = _first_refresh(tmp_path, None)
     limit = float(unlimited.attack.result.distortion[unlimited.attack.result.success].median())
@@ -214,9 +214,9 @@ def test_examples_within_max_distortion_can_be_stretched_to_it(tmp_path: Path, b
 class RecordingFastGradient(FastGradient):
     """The fast-gradient step, keeping its inputs and its result."""
 
-    def __call__(self, head, inputs, labels, target="untargeted", bounds=(0.0, 1.0)):
+    def __call__(self, head, inputs, labels, **settings):
         self.inputs = inputs.clone()
-        self.result = super().__call__(head, inputs, labels, target=target, bounds=bounds)
+        self.result = super().__call__(head, inputs, labels, **settings)
         return self.result
 
 
@@ -224,14 +224,14 @@ class RecordingFastGradient(FastGradient):
 def test_fast_gradient_pools_its_fooled_rows_or_every_step(tmp_path: Path, pool_failures: bool) -> None:
     attack = RecordingFastGradient(distortion=0.05)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
-                                            target="untargeted", pool_failures=pool_failures)
+                                            pooling=EveryStep() if pool_failures else Successes())
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
     result, pool = attack.result, callback.pools["input"]
     assert 0 < int(result.success.sum()) < len(result)  # some rows fooled, some not
-    expected = result.stepped if pool_failures else result.stepped[result.success]
+    expected = result.attempt if pool_failures else result.attempt[result.success]
     assert len(pool) == len(expected)
     torch.testing.assert_close(pool.examples[:len(pool)].view_as(expected), expected)
-    rms = (result.stepped - attack.inputs).pow(2).mean(1).sqrt()
+    rms = (result.attempt - attack.inputs).pow(2).mean(1).sqrt()
     assert bool((rms <= 0.05 + 1e-6).all()) and bool((rms > 0.04).any())  # fixed-size steps, some clipped
 
 
@@ -349,17 +349,10 @@ def test_misconfiguration_fails_before_the_first_step(tmp_path: Path, make, load
     ("settings", "message"),
     [({"layers": []}, "layers must be a non-empty list"), ({"mix_fraction": 0.0}, r"mix_fraction must be in \(0, 1\]"),
      ({"capacity": 0}, "capacity must be a positive integer"),
-     ({"layer_weights": [1.0]}, r"layer_weights must give one non-negative weight per layer \(2\)"),
-     ({"target": "closest"}, r"target must be one of \('random', 'least_likely', 'runner_up', 'nearest', 'untargeted'\), got 'closest'"),
-     ({"max_distortion": 0.0}, r"max_distortion must be positive and finite \(or None\), got 0.0"),
-     ({"beyond_max_distortion": "clip"}, r"beyond_max_distortion must be 'drop' or 'shrink', got 'clip'"),
-     ({"beyond_max_distortion": "shrink"}, r"beyond_max_distortion='shrink' needs max_distortion"),
-     ({"stretch_to_max_distortion": True}, r"stretch_to_max_distortion=True needs max_distortion"),
-     ({"pool_failures": True}, r"pool_failures=True needs attack=FastGradient\(...\)"),
-     ({"pool_failures": True, "attack": FastGradient(), "max_distortion": 0.05},
-      r"pool_failures=True pools fixed-size steps .* leave max_distortion at None")],
-    ids=["no-layers", "mix", "capacity", "weights", "target", "max-distortion", "beyond", "shrink-without-budget",
-         "stretch-without-budget", "failures-without-fast-gradient", "failures-with-budget"],
+     ({"layers": "fc1"}, r"layers must be a list of layer names, got the string 'fc1'; for one layer write \['fc1'\]"),
+     ({"pooling": EveryStep()}, r"EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
+     ({"bounds": {"fc9": (0.0, 1.0)}}, r"bounds are given for 'fc9', which is not among the layers")],
+    ids=["no-layers", "mix", "capacity", "string-layers", "every-step-with-a-search", "bounds-of-another-layer"],
 )
 def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None:
     arguments = {"layers": ["input", "act1"], **settings}

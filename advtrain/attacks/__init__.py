@@ -1,8 +1,11 @@
-"""Adversarial attacks: the paper's box-constrained L-BFGS (Section 4.1) and a fast-gradient step."""
+"""Adversarial attacks behind one contract (:class:`Attack`): the paper's box-constrained L-BFGS
+search (Section 4.1), a fast-gradient step and projected gradient descent."""
 
+from advtrain.attacks.base import Attack, Proposal
 from advtrain.attacks.box_lbfgs import BoxLBFGS
-from advtrain.attacks.fast_gradient import FastGradient, FastGradientResult
+from advtrain.attacks.fast_gradient import FastGradient
+from advtrain.attacks.pgd import PGD
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import choose_targets
 
-__all__ = ["AttackResult", "BoxLBFGS", "FastGradient", "FastGradientResult", "choose_targets"]
+__all__ = ["PGD", "Attack", "AttackResult", "BoxLBFGS", "FastGradient", "Proposal", "choose_targets"]

@@ -11,24 +11,23 @@ the target is a candidate; the smallest one is kept.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Callable, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from advtrain.attacks.inputs import BoundsArg, FrozenParameters, Head, checked_batch, head_for_rows
+from advtrain.attacks.base import Attack, Proposal
+from advtrain.attacks.inputs import CheckedBatch, Head, head_for_rows
 from advtrain.attacks.lbfgs import project, projected_lbfgs
-from advtrain.attacks.result import AttackResult
-from advtrain.attacks.targets import TargetPolicy, choose_targets
+from advtrain.attacks.targets import TargetPolicy
 from advtrain.checks import check_count
 
 Loss = Literal["ce", "margin"]
 Backend = Literal["auto", "torch", "scipy"]
 
 
-class BoxLBFGS:
+class BoxLBFGS(Attack):
     """Box-constrained L-BFGS adversarial search with a per-example line search over c.
 
     Args:
@@ -52,7 +51,10 @@ class BoxLBFGS:
             towards the clean input, to just past the decision boundary (0 to skip): the
             minimiser of ``c·‖r‖² + loss`` overshoots the boundary, and the box is convex, so the
             shortened ``r`` stays inside it.
-        seed: seeds the ``"random"`` target policy.
+        target: the default target policy (see :class:`~advtrain.attacks.base.Attack`); besides
+            the others, ``"nearest"`` searches every wrong class and keeps the closest success (as
+            many searches as wrong classes), where ``"untargeted"`` runs one search whose loss
+            pushes the true class below the best other one.
         progress: show a progress bar over the search steps.
 
     Raises:
@@ -61,17 +63,21 @@ class BoxLBFGS:
 
     Example::
 
-        attack = BoxLBFGS()
-        result = attack(model, images, labels, target="random", bounds=(0.0, 1.0))
-        result.success.all(), result.distortion.mean()
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        >>> result = BoxLBFGS()(model, torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1]))
+        >>> bool(result.success.all()), result.distortion.shape
+        (True, torch.Size([5]))
 
     Reference: Szegedy et al. (2013), Section 4.1; Tabacof and Valle (2015) for the c search.
     """
 
+    policies = ("untargeted", "nearest", "random", "runner_up", "least_likely")
+
     def __init__(
         self,
         *,
-        loss: Loss = "ce",
+        loss: Loss = "margin",
         backend: Backend = "auto",
         search_steps: int = 6,
         iterations: int = 50,
@@ -80,7 +86,7 @@ class BoxLBFGS:
         c_growth: float = 10.0,
         confidence: float = 0.01,
         refine_steps: int = 20,
-        seed: int = 0,
+        target: TargetPolicy = "untargeted",
         progress: bool = False,
     ) -> None:
         if loss not in ("ce", "margin"):
@@ -98,6 +104,7 @@ class BoxLBFGS:
         check_count("refine_steps", refine_steps, minimum=0)
         if confidence < 0:
             raise ValueError(f"confidence must be non-negative, got {confidence}")
+        super().__init__(target=target)
         self.loss = loss
         self.backend = backend
         self.search_steps = search_steps
@@ -107,52 +114,21 @@ class BoxLBFGS:
         self.c_growth = c_growth
         self.confidence = confidence
         self.refine_steps = refine_steps
-        self.seed = seed
         self.progress = progress
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{name}={value!r}" for name, value in vars(self).items())
-        return f"{type(self).__name__}({settings})"
 
     def resolved_backend(self, device: torch.device) -> str:
         """The backend ``"auto"`` stands for: the batched torch solver (see benchmarks/)."""
         return "torch" if self.backend == "auto" else self.backend
 
-    def __call__(
-        self,
-        head: Head,
-        inputs: torch.Tensor,
-        labels: torch.Tensor,
-        *,
-        target: TargetPolicy | torch.Tensor = "random",
-        bounds: BoundsArg = (0.0, 1.0),
-    ) -> AttackResult:
-        """Search an adversarial example for every row of ``inputs``.
-
-        Args:
-            head: a callable from a batch of inputs (or activations) to logits ``(N, C)``.
-            inputs: ``(N, ...)`` clean inputs, inside ``bounds``.
-            labels: ``(N,)`` true labels.
-            target: ``(N,)`` target labels, or ``"random"``, ``"least_likely"``, ``"runner_up"``,
-                ``"nearest"`` (every wrong class is searched and the closest kept: as many searches
-                as wrong classes) or ``"untargeted"`` (one search whose loss pushes the true class
-                below the best other one, so it may reach any wrong class; ``result.target`` then
-                holds the class each example reached, or the clean runner-up where it failed).
-            bounds: ``(lower, upper)``, scalars or tensors broadcastable to one input; may be
-                infinite.
-        """
-        with torch.inference_mode(False), torch.enable_grad(), FrozenParameters(head):
-            batch = checked_batch(head, inputs, labels, bounds)
-            inputs, labels, lower, upper = batch.inputs, batch.labels, batch.lower, batch.upper
-            clean_logits, num_classes = batch.clean_logits, batch.num_classes
-            if isinstance(target, str) and target == "nearest":
-                return self._nearest(head, inputs, labels, lower, upper, num_classes)
-            if isinstance(target, str) and target == "untargeted":
-                result = self._search(head, inputs, labels, lower, upper, untargeted=True)
-                runner_up = choose_targets("runner_up", labels, clean_logits, num_classes)
-                return replace(result, target=torch.where(result.success, result.target, runner_up))
-            targets = choose_targets(target, labels, clean_logits, num_classes, seed=self.seed)
-            return self._search(head, inputs, targets, lower, upper)
+    def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
+                generator: torch.Generator) -> Proposal:
+        """The search on every row: towards ``targets``, or away from the true labels (one search,
+        or one per wrong class for ``"nearest"``)."""
+        if targets is not None:
+            return self._search(model, batch.inputs, targets, batch.lower, batch.upper)
+        if policy == "nearest":
+            return self._nearest(model, batch.inputs, batch.labels, batch.lower, batch.upper, batch.num_classes)
+        return self._search(model, batch.inputs, batch.labels, batch.lower, batch.upper, untargeted=True)
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor, untargeted: bool = False) -> torch.Tensor:
         """Per-example loss ``(n,)``: low where the head prefers the target (untargeted: where it
@@ -216,8 +192,9 @@ class BoxLBFGS:
                 torch.isinf(c_failure), c * self.c_growth,
                 torch.where(c_success == 0, c / self.c_growth, (c_success * c_failure).sqrt()),
             )
-        best = self._refine(head, origin, best, targets, torch.isfinite(best_l2), shape, keeps)
-        return self._result(head, inputs, best.view(shape), targets, lower, upper, best_l2, best_c, iterations, untargeted)
+        found = torch.isfinite(best_l2)
+        best = self._refine(head, origin, best, targets, found, shape, keeps)
+        return Proposal(best.view(shape), found, c=best_c, iterations=iterations)
 
     @torch.no_grad()
     def _refine(self, head: Head, origin: torch.Tensor, best: torch.Tensor, targets: torch.Tensor,
@@ -264,36 +241,17 @@ class BoxLBFGS:
             used[row] = int(solution.nit)
         return final, used, scale
 
-    @torch.no_grad()
-    def _result(self, head, inputs, adversarial, targets, lower, upper, l2, c, iterations,
-                untargeted: bool = False) -> AttackResult:
-        """Verify every candidate with a fresh forward pass and the exact box (untargeted: ``targets``
-        are the true labels, and the successes' targets become the classes they reached)."""
-        flat = adversarial.flatten(1)
-        inside = ((flat >= lower) & (flat <= upper)).all(1)
-        logits = head(adversarial)
-        success = torch.isfinite(l2) & inside & (_leaves(logits, targets) if untargeted else _reaches(logits, targets))
-        if untargeted:
-            targets = torch.where(success, logits.argmax(1), targets)
-        adversarial = torch.where(success.view(-1, *[1] * (inputs.ndim - 1)), adversarial, inputs)
-        perturbation = adversarial - inputs
-        l2 = torch.where(success, perturbation.flatten(1).norm(dim=1), torch.full_like(l2, math.inf))
-        distortion = l2 / math.sqrt(flat.shape[1])
-        return AttackResult(
-            adversarial=adversarial, perturbation=perturbation, success=success, distortion=distortion,
-            l2=l2, target=targets, c=torch.where(success, c, torch.full_like(c, math.nan)), iterations=iterations,
-        )
-
-    def _nearest(self, head, inputs, labels, lower, upper, num_classes) -> AttackResult:
-        """Untargeted: search every wrong class at once and keep the closest success."""
+    def _nearest(self, head, inputs, labels, lower, upper, num_classes) -> Proposal:
+        """Search every wrong class at once and keep each row's closest success."""
         count, wrong = inputs.shape[0], num_classes - 1
         offsets = torch.arange(1, num_classes, device=labels.device)
         targets = ((labels[:, None] + offsets[None, :]) % num_classes).reshape(-1)  # (N·(C-1),)
         expanded = inputs.repeat_interleave(wrong, dim=0)
         head = head_for_rows(head, torch.arange(count, device=inputs.device).repeat_interleave(wrong))
-        result = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0))
-        pick = result.l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
-        return AttackResult(**{name: value[pick] for name, value in vars(result).items()})
+        found = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0))
+        l2 = (found.points - expanded).flatten(1).norm(dim=1).where(found.found, torch.tensor(math.inf, device=inputs.device))
+        pick = l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
+        return Proposal(found.points[pick], found.found[pick], c=found.c[pick], iterations=found.iterations[pick])
 
 
 def _reaches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

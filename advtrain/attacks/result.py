@@ -18,9 +18,14 @@ class AttackResult:
             and every value lies inside the box.
         distortion: ``(N,)`` ``sqrt(mean r²)``, the paper's measure; ``inf`` where it failed.
         l2: ``(N,)`` ``‖r‖₂``; ``inf`` where it failed.
-        target: ``(N,)`` the label each example was pushed to.
-        c: ``(N,)`` the penalty weight of the best success (``nan`` where none).
-        iterations: ``(N,)`` optimizer iterations spent on each example.
+        linf: ``(N,)`` ``max |r|``; ``inf`` where it failed.
+        target: ``(N,)`` the label each example was pushed to (untargeted: the class it reached,
+            or the clean runner-up where it failed).
+        c: ``(N,)`` the penalty weight of the best success (``nan`` where none, and for attacks
+            without one).
+        iterations: ``(N,)`` iterations spent on each example.
+        attempt: for fixed-budget attacks (a fast-gradient or PGD step), where every row was
+            taken, fooled or not: the fixed-budget training example; ``None`` for searches.
     """
 
     adversarial: torch.Tensor
@@ -31,6 +36,8 @@ class AttackResult:
     target: torch.Tensor
     c: torch.Tensor
     iterations: torch.Tensor
+    linf: torch.Tensor | None = None
+    attempt: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.success.shape[0]
@@ -45,6 +52,10 @@ class AttackResult:
         """Mean distortion over the successful examples (``nan`` if none)."""
         return float(self.distortion[self.success].mean()) if bool(self.success.any()) else float("nan")
 
-    def to(self, device: torch.device | str) -> "AttackResult":  # the same class: subclasses add fields
+    def to(self, device: torch.device | str) -> "AttackResult":
         """The same result with every tensor on ``device``."""
-        return type(self)(**{name: value.to(device) for name, value in vars(self).items()})
+        return AttackResult(**{name: None if value is None else value.to(device) for name, value in vars(self).items()})
+
+    def select(self, rows: torch.Tensor) -> "AttackResult":
+        """The result for some rows (a mask or indices)."""
+        return AttackResult(**{name: None if value is None else value[rows] for name, value in vars(self).items()})

@@ -18,11 +18,11 @@ def choose_targets(
     clean_logits: torch.Tensor,
     num_classes: int,
     *,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Target labels ``(N,)`` from a tensor or a policy, each different from its true label.
 
-    ``"random"`` draws a wrong label uniformly with a generator seeded by ``seed``;
+    ``"random"`` draws a wrong label uniformly with ``generator`` (default: one seeded with 0);
     ``"least_likely"`` takes the class with the lowest clean logit; ``"runner_up"`` the wrong class
     with the highest, a one-search stand-in for ``"nearest"``, which the attack itself searches
     over every wrong class. ``"untargeted"`` has no target label; the attack handles it too.
@@ -39,7 +39,7 @@ def choose_targets(
                              f"{int(same.nonzero()[0])}); an adversarial target must be a wrong class")
         return targets.long()
     if target == "random":
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
         offsets = torch.randint(1, num_classes, labels.shape, generator=generator).to(labels.device)
         return (labels + offsets) % num_classes
     if target == "least_likely":
