@@ -167,10 +167,7 @@ def check_layer(model: nn.Module, name: str, example_inputs: torch.Tensor | None
     modules = dict(model.named_modules())
     if name not in modules or name == "":
         raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(names)}")
-    if example_inputs is not None:
-        calls, cuttable = probe_calls(model, example_inputs).get(name, (0, True))
-    else:
-        calls, cuttable = 0, True
+    calls = probe_calls(model, example_inputs).get(name, (0, True))[0] if example_inputs is not None else 0
     parents = [n for n in enclosing_modules(name) if n in names]
     instead = f"; cut at an enclosing module instead: {', '.join(parents)}" if parents else ""
     if calls == 0:

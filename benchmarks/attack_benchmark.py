@@ -4,10 +4,12 @@
 
 For each model: the first ``--examples`` MNIST test images the model classifies correctly, one
 seeded random wrong target each, the same for every method. Reports success (verified by a fresh
-forward pass), mean distortion sqrt(mean r²) over successes, and wall time, with distortion as a
-ratio to Foolbox's C&W and time as a ratio to Foolbox's DDN. For softmax regression, the exact
-minimum (a convex QP solved by scipy's SLSQP) is the reference. Then the attack on hidden layers.
-Models missing from ``--models-dir`` are trained first with the ``advtrain train`` recipe.
+forward pass), mean distortion sqrt(mean r²), mean L2 and L∞ norms over successes, and wall time,
+with distortion as a ratio to Foolbox's C&W and time as a ratio to Foolbox's DDN. ``BoxLBFGS()``
+is the default search; ``BoxLBFGS(loss="ce")`` the paper's cross-entropy. For softmax regression,
+the exact minimum (a convex QP solved by scipy's SLSQP) is the reference. Then the search on
+hidden layers. Models missing from ``--models-dir`` are trained first with the ``advtrain train``
+recipe.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from scipy.optimize import minimize
 
 from advtrain.attacks import BoxLBFGS, choose_targets
 from advtrain.data import MNISTDataModule
-from advtrain.layers import layer_bounds, split_at
+from advtrain.layers import cut_at, layer_bounds
 from advtrain.models import build_model
 from advtrain.recipes import train as train_recipe
 
-MODELS = {"fc10-1e-4": [], "fc100-100-10": ["sigmoid1"], "fc200-200-10": [], "convnet": ["pool1", "relu3"]}
-TRAINING = {"convnet": ["--epochs", "5", "--lr", "0.05"]}
+MODELS = {"fc10-1e-4": [], "fc100-100-10": ["sigmoid1"], "fc200-200-10": [], "convnet": ["pool1", "relu3"],
+          "small-resnet": ["stage2"]}
+TRAINING = {"convnet": ["--epochs", "5", "--lr", "0.05"], "small-resnet": ["--epochs", "3", "--lr", "0.1", "--batch-size", "128"]}
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Row:
     seconds: float
     distortion_vs_reference: float = math.nan
     time_vs_ddn: float = math.nan
+    l2: float = math.nan
+    linf: float = math.nan
 
 
 def trained_model(name: str, models_dir: Path, data_dir: str | None) -> torch.nn.Module:
@@ -73,14 +78,25 @@ def rms(perturbation: torch.Tensor) -> torch.Tensor:
     return perturbation.flatten(1).pow(2).mean(1).sqrt()
 
 
-def run_ours(model, images, labels, targets, **settings) -> tuple[float, float, float]:
-    """Success rate, mean distortion over successes, seconds."""
+Measured = tuple[float, float, float, float, float]  # success, distortion, seconds, L2, L∞ (means over successes)
+
+
+def norms(perturbation: torch.Tensor, success: torch.Tensor) -> tuple[float, float, float]:
+    """Mean sqrt(mean r²), L2 and L∞ over the successful rows."""
+    flat = perturbation.flatten(1)[success]
+    return float(flat.pow(2).mean(1).sqrt().mean()), float(flat.norm(dim=1).mean()), float(flat.abs().amax(1).mean())
+
+
+def run_ours(model, images, labels, targets, **settings) -> Measured:
+    """Success rate, means over successes, seconds."""
     started = time.perf_counter()
     result = BoxLBFGS(**settings)(model, images, labels, target=targets)
-    return result.success_rate, result.mean_distortion, time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    distortion, l2, linf = norms(result.adversarial - images, result.success)
+    return result.success_rate, distortion, seconds, l2, linf
 
 
-def run_foolbox(attack, model, images, targets) -> tuple[float, float, float]:
+def run_foolbox(attack, model, images, targets) -> Measured:
     """A Foolbox minimum-norm attack, targeted, with success checked by our own forward pass."""
     import foolbox
 
@@ -90,8 +106,8 @@ def run_foolbox(attack, model, images, targets) -> tuple[float, float, float]:
     seconds = time.perf_counter() - started
     with torch.no_grad():
         success = (model(adversarial).argmax(1) == targets) & (adversarial >= 0).flatten(1).all(1) & (adversarial <= 1).flatten(1).all(1)
-    distortion = rms(adversarial - images)
-    return float(success.float().mean()), float(distortion[success].mean()), seconds
+    distortion, l2, linf = norms(adversarial - images, success)
+    return float(success.float().mean()), distortion, seconds, l2, linf
 
 
 def exact_softmax_regression(model, images, targets, margin: float = 1e-6) -> tuple[float, float, float]:
@@ -114,7 +130,8 @@ def exact_softmax_regression(model, images, targets, margin: float = 1e-6) -> tu
         distortions.append(math.sqrt(float(np.mean(r * r))))
     seconds = time.perf_counter() - started
     distortions = np.array(distortions)[np.array(successes)]
-    return float(np.mean(successes)), float(distortions.mean()), seconds
+    side = math.sqrt(images.shape[1])  # sqrt(D): L2 = distortion · sqrt(D)
+    return float(np.mean(successes)), float(distortions.mean()), seconds, float(distortions.mean() * side), math.nan
 
 
 def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Row]:
@@ -123,51 +140,55 @@ def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Ro
 
     images, labels = correctly_classified(model, images, labels, examples)
     targets = choose_targets("random", labels, None, 10, generator=torch.Generator().manual_seed(0))
-    measured: dict[str, tuple[float, float, float]] = {}
+    measured: dict[str, Measured] = {}
     if name.startswith("fc10-"):
         measured["exact QP (SLSQP)"] = exact_softmax_regression(model, images, targets)
     measured["Foolbox C&W (9×1000)"] = run_foolbox(
         foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=9, steps=1000), model, images, targets)
     measured["Foolbox DDN (1000)"] = run_foolbox(foolbox.attacks.DDNAttack(steps=1000), model, images, targets)
-    measured["BoxLBFGS ce, torch"] = run_ours(model, images, labels, targets, backend="torch")
-    measured["BoxLBFGS margin, torch"] = run_ours(model, images, labels, targets, backend="torch", loss="margin")
+    measured["BoxLBFGS() (margin)"] = run_ours(model, images, labels, targets)
+    measured["BoxLBFGS(loss='ce')"] = run_ours(model, images, labels, targets, loss="ce")
     if name in ("fc10-1e-4", "fc100-100-10"):
-        measured["BoxLBFGS ce, scipy"] = run_ours(model, images, labels, targets, backend="scipy")
+        measured["BoxLBFGS(loss='ce', backend='scipy')"] = run_ours(model, images, labels, targets, loss="ce", backend="scipy")
     reference = measured.get("exact QP (SLSQP)", measured["Foolbox C&W (9×1000)"])[1]
     ddn_seconds = measured["Foolbox DDN (1000)"][2]
     return [
-        Row(name, "input", method, len(images), success, distortion, seconds, distortion / reference, seconds / ddn_seconds)
-        for method, (success, distortion, seconds) in measured.items()
+        Row(name, "input", method, len(images), success, distortion, seconds, distortion / reference, seconds / ddn_seconds,
+            l2, linf)
+        for method, (success, distortion, seconds, l2, linf) in measured.items()
     ]
 
 
 def benchmark_layer(name: str, layer: str, model, images, labels, examples: int) -> list[Row]:
     """BoxLBFGS (both losses) on the activations of one hidden layer, inside that layer's box."""
     images, labels = correctly_classified(model, images, labels, examples)
-    bottom, head = split_at(model, layer)
+    cut = cut_at(model, layer, images)
     (box,) = layer_bounds(model, [layer]).values()
     with torch.no_grad():
-        activations = bottom(images)
+        activations = cut.bottom(images)
+    head = cut.head_for(images)
     targets = choose_targets("random", labels, None, 10, generator=torch.Generator().manual_seed(0))
     rows = []
-    for loss in ("ce", "margin"):
+    for loss in ("margin", "ce"):
         started = time.perf_counter()
         result = BoxLBFGS(loss=loss)(head, activations, labels, target=targets, bounds=box)
         seconds = time.perf_counter() - started
-        rows.append(Row(name, f"{layer} {tuple(float(b) for b in box)}", f"BoxLBFGS {loss}, torch", len(images),
-                        result.success_rate, result.mean_distortion, seconds))
+        distortion, l2, linf = norms(result.adversarial - activations, result.success)
+        rows.append(Row(name, f"{layer} {tuple(float(b) for b in box)}", f"BoxLBFGS(loss={loss!r})", len(images),
+                        result.success_rate, distortion, seconds, l2=l2, linf=linf))
     return rows
 
 
 def markdown(rows: list[Row]) -> str:
     """The rows as a Markdown table."""
-    lines = ["| model | layer | method | n | success | mean distortion | vs reference | seconds | time vs DDN |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | layer | method | n | success | mean distortion | mean L2 | mean L∞ | vs reference | seconds "
+             "| time vs DDN |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "" if math.isnan(row.distortion_vs_reference) else f"{row.distortion_vs_reference:.4f}"
         speed = "" if math.isnan(row.time_vs_ddn) else f"{row.time_vs_ddn:.2f}×"
+        linf = "" if math.isnan(row.linf) else f"{row.linf:.4f}"
         lines.append(f"| {row.model} | {row.layer} | {row.method} | {row.examples} | {100 * row.success:.0f}% | "
-                     f"{row.distortion:.5f} | {ratio} | {row.seconds:.1f} | {speed} |")
+                     f"{row.distortion:.5f} | {row.l2:.4f} | {linf} | {ratio} | {row.seconds:.1f} | {speed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,7 @@
 
 Settings: no callback; ``LayerwiseAdversarialTraining(["layer2"], module="net")`` with its defaults
 (an epoch is 96 steps, the default ``refresh_every``, so each epoch holds one refresh); the same
-with a fresh refresh every step (``refresh_every=1``, the costliest schedule); and
+with every step attacking the batch before it (``refresh_every=1, refresh_size=32``); and
 ``LipschitzMonitor(module="net")`` computing the bounds at every epoch's end. Reports the mean wall
 time of the epochs after the first (which warms up) and each one's ratio to plain training.
 Writes ``benchmarks/results/real_model_cost/results.json``.
@@ -84,7 +84,8 @@ def settings() -> dict[str, pl.Callback | None]:
     return {
         "plain": None,
         "pools_layer2_defaults": LayerwiseAdversarialTraining(["layer2"], module="net"),
-        "pools_layer2_refresh_every_step": LayerwiseAdversarialTraining(["layer2"], module="net", refresh_every=1),
+        "pools_layer2_refresh_every_step": LayerwiseAdversarialTraining(["layer2"], module="net", refresh_every=1,
+                                                                        refresh_size=BATCH_SIZE),
         "lipschitz_monitor_every_epoch": LipschitzMonitor(module="net"),
     }
 

@@ -15,7 +15,6 @@ generation success, distortion and time.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence

@@ -12,7 +12,7 @@ the run folder and Weights & Biases.
 from __future__ import annotations
 
 import argparse
-import time
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from advtrain.layers import LayerCutError, check_layer, cut_at
 from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
 from advtrain.pooling import EveryStep, PoolingPolicy, Successes, WithinBudget
 from advtrain.recipes.paper_models import prepared_mnist
-from advtrain.recipes.run_folder import config_of, start_run_folder, wandb_mode, write_results
+from advtrain.recipes.run_folder import config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results
+from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, last_checkpoint, on_a_terminal, progress
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sigmoid-mlp: the paper's FC networks (--hidden); small-resnet: a batch-norm residual convnet")
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=None,
                         help="default: all three for sigmoid-mlp; weight-decay and pools for small-resnet")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULTS['epochs']} (1 with --quick)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100],
                         help="widths of the sigmoid layers (default: the paper's FC100-100-10)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 64 (sigmoid-mlp), 128 (small-resnet)")
@@ -111,8 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--wandb", choices=["offline", "online", "off"], default=None,
                         help="W&B mode (default: online with WANDB_API_KEY set, else offline)")
-    parser.add_argument("--output", type=Path, default=Path("runs/adversarial-training"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 images, one epoch, 20 eval examples")
+    parser.add_argument("--output", type=Path, default=Path("runs/adversarial-training"),
+                        help="run folder, new or empty (a folder holding another run is refused)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --output: finished ways are kept, the way in progress resumes from "
+                             "its last epoch's checkpoint")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 2,000 images an epoch, one epoch unless --epochs says otherwise, 20 eval examples")
 
 
 def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
@@ -141,27 +147,30 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, name, value)
     if args.ways is None:
         args.ways = list(WAYS) if args.model == "sigmoid-mlp" else ["weight-decay", "pools"]
+    if args.epochs is None:
+        args.epochs = 1 if args.quick else DEFAULTS["epochs"]
     return args
 
 
 def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> tuple[Classifier, float]:
-    """Train the network (FC100-100-10 by default) one way; return the classifier and the seconds
-    training took."""
+    """Train the network (FC100-100-10 by default) one way, from its last checkpoint where an
+    earlier attempt left one; return the classifier and the seconds training took (all attempts)."""
     pl.seed_everything(args.seed, workers=True)
     paper_model = network(args, way)
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
-    callbacks: list[pl.Callback] = []
+    folder = args.output / way / "checkpoints"
+    clock = WallClock()
+    callbacks: list[pl.Callback] = [checkpoints(folder), RandomState(), clock, *progress(way)]
     if way == "pools":
         callbacks.append(pools_callback(args))
     trainer = pl.Trainer(
-        max_epochs=1 if args.quick else args.epochs, accelerator=args.accelerator, devices=1,
-        logger=logger_for(args, way), callbacks=callbacks, enable_checkpointing=False,
+        max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
+        logger=logger_for(args, way), callbacks=callbacks, enable_progress_bar=on_a_terminal(),
         limit_train_batches=2000 // args.batch_size if args.quick else None, num_sanity_val_steps=0,
         log_every_n_steps=10,
     )
-    started = time.perf_counter()
-    trainer.fit(classifier, datamodule=data)
-    return classifier, time.perf_counter() - started
+    trainer.fit(classifier, datamodule=data, ckpt_path=last_checkpoint(folder))
+    return classifier, clock.seconds
 
 
 def generation_attack(args: argparse.Namespace) -> Attack:
@@ -256,11 +265,17 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     subset = evaluation.subset(data.test_dataloader())
     results = []
     for way in args.ways:
+        finished = args.output / way / "result.json"
+        if finished.is_file():  # an earlier attempt finished this way (--resume)
+            results.append(WayResult(**json.loads(finished.read_text())))
+            print(f"{way}: finished in an earlier attempt ({finished})")
+            continue
         classifier, seconds = train_one_way(args, way, data)
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
         results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
                                  error_on(classifier, train_images, train_labels)))
-        torch.save(classifier.model.state_dict(), args.output / f"{way}.pt")
+        save_weights(args.output / f"{way}.pt", classifier.model.state_dict())
+        write_json(finished, asdict(results[-1]))
         _finish_wandb(args, results[-1])
     write_results(args, [asdict(r) for r in results], markdown(results, network_name))
     return results

@@ -14,6 +14,7 @@ from torch import nn
 from advtrain.attacks import AttackResult, BoxLBFGS
 from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
+from advtrain.recipes.run_folder import save_weights
 from advtrain.recipes.train import DEFAULTS, train_model
 
 #: The models of the paper's Table 1, by command-line name.
@@ -61,8 +62,8 @@ def trained_model(name: str, args: argparse.Namespace, data: MNISTDataModule, la
                                   lr=args.lr, epochs=args.epochs, accelerator=args.accelerator,
                                   output=path.parent, batch_size=args.batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    classifier, _ = train_model(settings, data)
-    torch.save(classifier.model.state_dict(), path)
+    classifier, _ = train_model(settings, data)  # continues from its last checkpoint where one was left
+    save_weights(path, classifier.model.state_dict())
     return classifier.model.cpu().eval()
 
 

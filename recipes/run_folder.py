@@ -1,19 +1,31 @@
-"""What every recipe does around its experiment: the run folder, its results, and its W&B run."""
+"""What every recipe does around its experiment: the run folder, its results, and its W&B run.
+
+A run folder holds one run. A recipe refuses an ``--output`` that already holds another run's files
+(nothing is overwritten); with ``--resume`` it continues the run the folder holds, where the recipe
+can. Every file is written to a temporary name beside its target and renamed into place, so a
+killed run leaves whole files or none, never a half-written one.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+#: Settings that may differ between a run and its resumption.
+RESUMABLE_DIFFERENCES = ("resume", "wandb")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
     """``--output``, ``--wandb``, ``--seed`` and ``--data-dir``, as every recipe takes them."""
-    parser.add_argument("--output", type=Path, default=Path(output), help="run folder")
+    parser.add_argument("--output", type=Path, default=Path(output),
+                        help="run folder, new or empty: a folder holding another run is refused")
     parser.add_argument("--wandb", choices=["offline", "online", "off"], default=None,
                         help="W&B mode (default: online with WANDB_API_KEY set, else offline)")
     parser.add_argument("--seed", type=int, default=0)
@@ -33,18 +45,84 @@ def config_of(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(json.dumps(settings, default=str))  # paths (also in lists) as strings
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float as ``None`` (``null``): strict JSON parsers reject NaN."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {key: strict_json(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(value) for value in data]
+    return data
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """``path`` holds ``text``, written atomically."""
+    write_atomically(path, lambda temporary: temporary.write_text(text))
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``path`` holds ``data`` as strict JSON (non-finite floats as null), written atomically."""
+    write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False))
+
+
+def save_weights(path: Path, state: Any) -> None:
+    """``torch.save(state, path)``, written atomically."""
+    import torch
+
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
 def start_run_folder(args: argparse.Namespace) -> Path:
-    """Create the run folder and write the config and the command line into it."""
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "config.json").write_text(json.dumps(config_of(args), indent=2))
-    (args.output / "command.txt").write_text(" ".join(["advtrain", *sys.argv[1:]]) + "\n")
-    return args.output
+    """Create the run folder and write the config and the command line into it; or, with
+    ``args.resume``, check that the folder holds this run's config and continue in it.
+
+    Raises:
+        SystemExit: the folder holds another run's files (without ``--resume``), ``--resume`` on a
+            folder without a run or with another run's settings, or a folder that cannot be written.
+    """
+    output, recipe = args.output, getattr(args, "recipe", None) or "recipe"
+    config = config_of(args)
+    saved = output / "config.json"
+    if getattr(args, "resume", False):
+        if not saved.is_file():
+            raise SystemExit(f"advtrain {recipe}: --resume: {output} holds no run to continue (no config.json)")
+        earlier = json.loads(saved.read_text())
+        changed = sorted(key for key in set(earlier) | set(config) if key not in RESUMABLE_DIFFERENCES
+                         and earlier.get(key) != config.get(key))
+        if changed:
+            details = ", ".join(f"{key}: {earlier.get(key)!r} then, {config.get(key)!r} now" for key in changed)
+            raise SystemExit(f"advtrain {recipe}: --resume: the run in {output} was started with other settings ({details})")
+        return output
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        hint = " (add --resume to continue it)" if hasattr(args, "resume") else ""
+        raise SystemExit(f"advtrain {recipe}: --output {output} already holds files of another run; choose a new folder"
+                         f"{hint}: nothing is overwritten")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        write_json(saved, config)
+        write_text(output / "command.txt", " ".join(["advtrain", *sys.argv[1:]]) + "\n")
+    except OSError as error:
+        raise SystemExit(f"advtrain {recipe}: cannot write the run folder --output {output}: {error.strerror or error}") from error
+    return output
 
 
 def write_results(args: argparse.Namespace, results: Any, markdown: str) -> None:
-    """``results.json`` and ``results.md`` in the run folder, and the table on the terminal."""
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
-    (args.output / "results.md").write_text(markdown)
+    """``results.json`` (strict JSON) and ``results.md`` in the run folder, and the table on the terminal."""
+    write_json(args.output / "results.json", results)
+    write_text(args.output / "results.md", markdown)
     print("\n" + markdown + f"\nresults in {args.output}")
 
 

@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 
 from advtrain.models import build_model
 from advtrain.recipes.paper_models import (
@@ -31,7 +30,8 @@ from advtrain.recipes.paper_models import (
     seeded_subset,
     trained_model,
 )
-from advtrain.recipes.run_folder import add_common_arguments, log_image, log_table, start_run_folder, start_wandb, write_results
+from advtrain.recipes.run_folder import (add_common_arguments, log_image, log_table, save_weights, start_run_folder,
+                                        start_wandb, write_results)
 
 #: The paper's Table 1: (train error %, test error %, average minimal distortion).
 PAPER = {"fc10-1e-4": (6.7, 7.4, 0.062), "fc10-1e-2": (10, 9.4, 0.1), "fc10-1": (21.2, 20, 0.14),
@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> list[Table1Row]:
                         error_rate(model, test_images, test_labels), mean_distortion_to_zero_accuracy(result, correct),
                         result.success_rate, time.perf_counter() - started)
         rows.append(row)
-        torch.save({"images": images, "labels": labels, "adversarial": adversarial, "model": name, "target": args.target},
-                   args.output / "adversarial" / f"{name}.pt")
+        save_weights(args.output / "adversarial" / f"{name}.pt",
+                     {"images": images, "labels": labels, "adversarial": adversarial, "model": name, "target": args.target})
         if name == args.figure_model or (figure is None and name == args.models[-1]):
             figure = save_figure5(images, adversarial, args.output / f"figure5_{name}.png")
         if wandb_run is not None:

@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> dict:
         table3[label] = {"trained_on": half, "train_error": error_rate(models[label], *halves[half].train_set.tensors),
                          "test_error": error_rate(models[label], test_images, test_labels)}
     images, labels = seeded_subset(test_images, test_labels, 10 if args.quick else args.examples, args.seed)
-    adversarial = {label: minimal_adversarial(model, images, labels, args.seed, args.target)[0]
-                   for label, model in models.items()}
+    searched = {label: minimal_adversarial(model, images, labels, args.seed, args.target) for label, model in models.items()}
+    adversarial = {label: found[0] for label, found in searched.items()}
+    search_success = {label: found[1].success_rate for label, found in searched.items()}
     sets = {f"distorted for {label}": changed for label, changed in adversarial.items()}
     sets["Gaussian noise 0.06"] = gaussian_noise(images, 0.06, args.seed, args.clip_noise)
     sets.update({f"distorted for {label}, magnified to 0.1": magnified(images, changed, 0.1)
@@ -64,7 +65,8 @@ def run(args: argparse.Namespace) -> dict:
     sets["Gaussian noise 0.1"] = gaussian_noise(images, 0.1, args.seed + 1, args.clip_noise)
     table4 = {row: {label: error_rate(model, changed, labels) for label, model in models.items()} for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
-    results = {"examples": len(images), "target": args.target, "table3": table3, "table4": table4, "mean_distortion": distortions}
+    results = {"examples": len(images), "target": args.target, "table3": table3, "table4": table4, "mean_distortion": distortions,
+               "search_success": search_success}
     write_results(args, results, markdown(table3, table4, distortions, len(images)))
     wandb_run = start_wandb(args, "table3")
     if wandb_run is not None:

@@ -10,8 +10,6 @@ model, (pre)train, test, write ``results.json`` and ``results.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ import torch
 from advtrain import Classifier
 from advtrain.data import MNISTDataModule
 from advtrain.models import MODEL_BUILDERS, build_model, pretrain_sparse_autoencoder
+from advtrain.recipes.run_folder import save_weights, start_run_folder, write_json, write_text
+from advtrain.recipes.trainer_parts import RandomState, checkpoints, last_checkpoint, on_a_terminal, progress
 
 #: Settings measured to converge on this machine's CPU (see the README's results).
 DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 0.3, "optimizer": "sgd"}
@@ -58,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
-    parser.add_argument("--output", type=Path, default=Path("runs/train"), help="run folder for config and results")
+    parser.add_argument("--output", type=Path, default=Path("runs/train"),
+                        help="run folder, new or empty (a folder holding another run is refused)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last epoch's checkpoint")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 images, one epoch")
 
 
@@ -73,17 +75,19 @@ def train_model(args: argparse.Namespace, data: MNISTDataModule) -> tuple[Classi
         )
     scale = args.penalty_scale if args.penalty_scale is not None else PENALTY_SCALES.get(args.model, 1.0)
     classifier = Classifier.from_paper_model(paper_model, penalty_scale=scale, optimizer=args.optimizer, lr=args.lr)
+    folder = Path(args.output) / "checkpoints"
     trainer = pl.Trainer(
         max_epochs=1 if args.quick else args.epochs,
         accelerator=args.accelerator,
         devices=1,
         logger=pl.loggers.CSVLogger(args.output, name="logs"),
-        enable_checkpointing=False,
+        callbacks=[checkpoints(folder), RandomState(), *progress(args.model)],
+        enable_progress_bar=on_a_terminal(),
         limit_train_batches=2000 // args.batch_size if args.quick else None,
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    trainer.fit(classifier, datamodule=data)
+    trainer.fit(classifier, datamodule=data, ckpt_path=last_checkpoint(folder))
     return classifier, trainer
 
 
@@ -100,9 +104,9 @@ def error_on(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor,
 
 def run(args: argparse.Namespace) -> TrainResult:
     """Train, test, write the run folder, print the errors."""
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "config.json").write_text(json.dumps({**vars(args), "output": str(args.output)}, indent=2))
-    (args.output / "command.txt").write_text(" ".join(sys.argv) + "\n")
+    if args.epochs < 1:
+        raise SystemExit(f"advtrain train: --epochs must be at least 1, got {args.epochs}")
+    start_run_folder(args)
     pl.seed_everything(args.seed, workers=True)
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=args.val_size, train_subset=args.train_subset, seed=args.seed)
     data.prepare_data()
@@ -117,13 +121,13 @@ def run(args: argparse.Namespace) -> TrainResult:
         epochs=1 if args.quick else args.epochs,
         seconds=seconds,
     )
-    torch.save(classifier.model.state_dict(), args.output / "model.pt")
-    (args.output / "results.json").write_text(json.dumps(asdict(result), indent=2))
+    save_weights(args.output / "model.pt", classifier.model.state_dict())
+    write_json(args.output / "results.json", asdict(result))
     table = (
         "| model | train error | test error | epochs | seconds |\n|---|---|---|---|---|\n"
         f"| {result.model} | {100 * result.train_error:.2f}% | {100 * result.test_error:.2f}% | {result.epochs} | {result.seconds:.0f} |\n"
     )
-    (args.output / "results.md").write_text(table)
+    write_text(args.output / "results.md", table)
     print(f"\n{result.model}: train error {100 * result.train_error:.2f}%, test error {100 * result.test_error:.2f}% "
           f"({result.epochs} epochs, {result.seconds:.0f} s); results in {args.output}")
     return result

@@ -23,7 +23,8 @@ from advtrain.analysis.units import TopActivating, layer_activations, random_dir
 from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
 from advtrain.recipes.paper_models import prepared_mnist
-from advtrain.recipes.run_folder import add_common_arguments, log_image, log_table, start_run_folder, start_wandb, write_results
+from advtrain.recipes.run_folder import (add_common_arguments, log_image, log_table, save_weights, start_run_folder,
+                                        start_wandb, write_results)
 from advtrain.recipes.train import error_on, train_model
 
 
@@ -52,7 +53,7 @@ def convnet(args: argparse.Namespace, data: MNISTDataModule) -> nn.Module:
                                   optimizer="sgd", lr=args.lr, epochs=args.epochs, accelerator=args.accelerator,
                                   output=args.output, batch_size=args.batch_size)
     classifier, _ = train_model(settings, data)
-    torch.save(classifier.model.state_dict(), args.output / "convnet.pt")
+    save_weights(args.output / "convnet.pt", classifier.model.state_dict())
     print(f"convnet test error {100 * error_on(classifier, *data.test_set.tensors):.2f}%")
     return classifier.model.cpu()
 

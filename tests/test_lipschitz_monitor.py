@@ -112,5 +112,5 @@ def test_lipschitz_recipe_compares_checkpoints(tmp_path: Path) -> None:
     torch.save({"wrong": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="is not a state dict of fc100-100-10"):
         main(["lipschitz", "--model", "fc100-100-10", "--checkpoint", str(tmp_path / "other.pt"),
-              "--output", str(output), "--wandb", "off"])
+              "--output", str(tmp_path / "other-run"), "--wandb", "off"])
     assert not math.isnan(tables["pools"]["network_bound"])

@@ -96,6 +96,12 @@ def test_table_recipes_quick_end_to_end(mnist_root: Path, tmp_path: Path) -> Non
     results = json.loads((tmp_path / "t3" / "results.json").read_text())
     assert list(results["table3"]) == ["FC100", "FC123", "FC100′"]
     assert [results["table3"][m]["trained_on"] for m in results["table3"]] == ["P1", "P1", "P2"]
-    assert results["table4"]["distorted for FC123"]["FC123"] == 1.0
-    assert results["mean_distortion"]["distorted for FC100, magnified to 0.1"] == pytest.approx(0.1, abs=0.01)
+    searched = [label for label, rate in results["search_success"].items() if rate == 1.0]
+    assert searched  # a one-epoch model that answers one class for every image has no adversarial example in the box
+    for label in searched:  # a model's own minimal adversarial examples fool it every time
+        assert results["table4"][f"distorted for {label}"][label] == 1.0
+    changed = [label for label in ("FC100", "FC123", "FC100′") if results["mean_distortion"][f"distorted for {label}"] > 0]
+    assert changed  # a one-epoch model gets some of the ten images right; those it gets wrong are left as they are
+    for label in changed:
+        assert results["mean_distortion"][f"distorted for {label}, magnified to 0.1"] == pytest.approx(0.1, abs=0.01)
     assert sorted(p.name for p in (tmp_path / "models3").iterdir()) == ["fc100-100-10-P1", "fc100-100-10-P2", "fc123-456-10-P1"]

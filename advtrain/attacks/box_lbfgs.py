@@ -145,7 +145,7 @@ class BoxLBFGS(Attack):
         return excess.pow(2).sum(1) - self.confidence**2
 
     def _search(self, head: Head, inputs: torch.Tensor, targets: torch.Tensor,
-                lower: torch.Tensor, upper: torch.Tensor, untargeted: bool = False) -> AttackResult:
+                lower: torch.Tensor, upper: torch.Tensor, untargeted: bool = False) -> Proposal:
         """Search every row; ``targets`` are the targets, or with ``untargeted`` the true labels to leave."""
         reaches = _leaves if untargeted else _reaches
         keeps = _leaves_by_margin if untargeted else _reaches_by_margin  # what may become the best example

@@ -58,10 +58,39 @@ def check_attack_inputs(inputs: torch.Tensor, bounds: BoundsArg) -> tuple[torch.
 
 
 def check_logits(logits: torch.Tensor, count: int) -> int:
-    """The number of classes, after checking that the head returned ``(count, C)`` logits."""
+    """The number of classes, after checking that the head returned ``(count, C)`` logits, ``C >= 2``."""
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != count:
         raise ValueError(f"head must return logits (N, C) with N = {count}, got {tuple(getattr(logits, 'shape', ()))}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"the model returns logits for {logits.shape[1]} class; an adversarial example needs a second "
+                         "class to reach (a binary classifier must return two logits)")
     return logits.shape[1]
+
+
+def model_dtype(head: Head) -> torch.dtype | None:
+    """The floating dtype of the model's parameters (None for a callable without any)."""
+    if isinstance(head, nn.Module):
+        for parameter in head.parameters():
+            if parameter.dtype.is_floating_point:
+                return parameter.dtype
+    return None
+
+
+def as_labels(labels: object) -> torch.Tensor:
+    """``labels`` as a tensor (a list or array of class indices is converted).
+
+    Raises:
+        ValueError: values that are not integer class indices.
+    """
+    if isinstance(labels, torch.Tensor):
+        return labels
+    try:
+        tensor = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"labels must be a 1-D tensor (or list) of integer class indices, got {type(labels).__name__}") from error
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got {tensor.dtype} values")
+    return tensor.long()
 
 
 @dataclass
@@ -79,8 +108,16 @@ class CheckedBatch:
 
 def checked_batch(head: Head, inputs: torch.Tensor, labels: torch.Tensor, bounds: BoundsArg) -> CheckedBatch:
     """Copy and check what an attack is given (:func:`check_attack_inputs`, :func:`check_logits`,
-    labels in range, one per row) and run the head once on the clean inputs."""
-    inputs = inputs.detach().clone()
+    labels in range, one per row) and run the head once on the clean inputs. Floating-point inputs
+    of another precision than the model's (fp16 or fp64 into an fp32 model) are cast to the
+    model's, so the result comes in the model's precision; labels given as a list become a tensor."""
+    dtype = model_dtype(head)
+    if isinstance(inputs, torch.Tensor) and inputs.dtype.is_floating_point and dtype is not None and inputs.dtype != dtype:
+        inputs = inputs.to(dtype)
+    inputs = inputs.detach().clone() if isinstance(inputs, torch.Tensor) else inputs
+    labels = as_labels(labels)
+    if isinstance(inputs, torch.Tensor):
+        labels = labels.to(inputs.device)
     labels = labels.detach().clone()
     lower, upper = check_attack_inputs(inputs, bounds)
     with torch.no_grad():

@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from advtrain.data.shift import random_shift
 from advtrain.data.sources import ensure_mnist
@@ -40,6 +40,28 @@ def half_indices(subset: TrainSubset, count: int = 60_000) -> torch.Tensor:
         return torch.arange(count)
     order = torch.randperm(count, generator=torch.Generator().manual_seed(HALVES_SEED))
     return order[: count // 2] if subset == "P1" else order[count // 2 :]
+
+
+class EpochShuffle(Sampler[int]):
+    """The order ``RandomSampler(generator=torch.Generator().manual_seed(seed))`` gives in epoch
+    ``e``, computed from ``(seed, e)`` alone: Lightning sets the epoch (``set_epoch``), so a run
+    resumed from a checkpoint sees the same batches as one that was never interrupted."""
+
+    def __init__(self, count: int, seed: int) -> None:
+        self.count, self.seed, self.epoch = count, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order to give next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(2 * self.epoch):  # RandomSampler draws two permutations an epoch (one cut to nothing)
+            torch.randperm(self.count, generator=generator)
+        yield from torch.randperm(self.count, generator=generator).tolist()
 
 
 class MNISTDataModule(pl.LightningDataModule):
@@ -190,12 +212,10 @@ class MNISTDataModule(pl.LightningDataModule):
             self._shift_generator.set_state(state_dict["shift_generator"])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, seeded training batches."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator,
-            num_workers=self.num_workers, drop_last=False,
-        )
+        """Shuffled, seeded training batches: each epoch's order follows from ``seed`` and the epoch."""
+        # the loader's own generator seeds its workers, so iterating it leaves the global random state alone
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=EpochShuffle(len(self.train_set), self.seed),
+                          generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers, drop_last=False)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches; no loader where ``val_size`` is 0."""

@@ -1,0 +1,102 @@
+"""What every recipe's Trainer carries: checkpoints to resume from, the random state and wall time
+they need to resume exactly, and progress that reads well without a terminal."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+
+class RandomState(Callback):
+    """Keeps the global random state (Python, NumPy, torch CPU and CUDA) in checkpoints, so a
+    resumed run draws what an uninterrupted one would have (dropout masks, for one)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)  # loads with weights_only
+        state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        random.setstate(state_dict["python"])
+        kind, keys, position, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class WallClock(Callback):
+    """Seconds spent training, carried across a resume (``seconds`` after ``fit``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._add()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._add()
+
+    def _add(self) -> None:
+        if self._started is not None:
+            now = time.perf_counter()
+            self.seconds += now - self._started
+            self._started = now
+
+    def state_dict(self) -> dict[str, Any]:
+        self._add()
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seconds = float(state_dict["seconds"])
+
+
+class EpochLines(Callback):
+    """One line per epoch with the logged training metrics: the progress of a run whose output
+    goes to a file (a progress bar there would write thousands of carriage-return updates)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = ", ".join(f"{name} {float(value):.4g}" for name, value in sorted(trainer.callback_metrics.items())
+                            if name.startswith("train/") and torch.as_tensor(value).numel() == 1)
+        print(f"{self.label}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}" + (f": {metrics}" if metrics else ""),
+              flush=True)
+
+
+def on_a_terminal() -> bool:
+    """Whether standard output is a terminal (progress bars) or a file or pipe (one line per epoch)."""
+    return sys.stdout.isatty()
+
+
+def progress(label: str) -> list[Callback]:
+    """The progress callbacks for a run: none on a terminal (Lightning's bar), else :class:`EpochLines`."""
+    return [] if on_a_terminal() else [EpochLines(label)]
+
+
+def checkpoints(folder: Path) -> ModelCheckpoint:
+    """``<folder>/last.ckpt`` at the end of every training epoch, for ``--resume``."""
+    return ModelCheckpoint(dirpath=folder, filename="last", save_top_k=0, save_last=True, every_n_epochs=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The checkpoint to resume from in ``folder``, if an earlier attempt left one."""
+    path = folder / "last.ckpt"
+    return str(path) if path.is_file() else None

@@ -1,0 +1,170 @@
+"""Runs and data that never lose or fake anything: run folders, resuming, refusals before anything is
+written, strict JSON, readable logs without a terminal, verified MNIST files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from advtrain.cli import main
+from advtrain.data import MNISTCorruptError, MNISTDataModule, verify_mnist
+from advtrain.recipes.run_folder import strict_json, write_json
+
+MLP_RUN = ["adversarial-training", "--quick", "--wandb", "off", "--hidden", "32", "16", "--ways", "weight-decay", "pools",
+           "--eval-examples", "10"]
+
+
+def recipe(args: list[str], mnist_root: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
+    return subprocess.run([sys.executable, "-m", "advtrain.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=900, **kwargs)
+
+
+# ---- run folders
+
+
+def test_a_second_run_into_the_same_folder_is_refused_and_nothing_is_overwritten(mnist_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    first = recipe([*MLP_RUN, "--ways", "weight-decay", "--output", str(output)], mnist_root)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    second = recipe([*MLP_RUN, "--ways", "weight-decay", "--seed", "3", "--output", str(output)], mnist_root)
+    assert second.returncode != 0
+    assert f"--output {output} already holds files of another run" in second.stderr
+    assert "add --resume to continue it" in second.stderr
+    after = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+    assert after == before
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--epochs", "-1"], "--epochs must be at least 1, got -1"),
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+], ids=["negative-epochs", "zero-epochs"])
+def test_bad_epochs_are_refused_before_anything_is_written(tmp_path: Path, flags: list[str], message: str) -> None:
+    for command in (["adversarial-training", "--wandb", "off"], ["train"]):
+        output = tmp_path / command[0]
+        with pytest.raises(SystemExit, match=message):
+            main([*command, *flags, "--output", str(output)])
+        assert not output.exists()
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"cannot write the run folder --output .*a-file/run"):
+        main(["adversarial-training", "--wandb", "off", "--output", str(blocker / "run")])
+
+
+def test_resume_refuses_an_empty_folder_or_other_settings(mnist_root: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ADVTRAIN_DATA_DIR", str(mnist_root))
+    with pytest.raises(SystemExit, match="--resume: .* holds no run to continue"):
+        main(["train", "--resume", "--output", str(tmp_path / "nothing")])
+    output = tmp_path / "run"
+    output.mkdir()
+    (output / "config.json").write_text(json.dumps({"model": "fc10-1e-4", "epochs": 30}))
+    with pytest.raises(SystemExit, match=r"--resume: the run in .* was started with other settings \(.*model: 'fc10-1e-4' then"):
+        main(["train", "--resume", "--output", str(output)])
+
+
+def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, "the run ended before the checkpoint to kill it at"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_a_run_killed_with_sigkill_resumes_to_the_same_results(mnist_root: Path, tmp_path: Path) -> None:
+    settings = [*MLP_RUN, "--epochs", "4"]
+    straight = recipe([*settings, "--output", str(tmp_path / "straight")], mnist_root)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    output = tmp_path / "killed"
+    env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
+    process = subprocess.Popen([sys.executable, "-m", "advtrain.cli", *settings, "--output", str(output)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        _wait_for(output / "pools" / "checkpoints" / "last.ckpt", process)  # the pools way is under way
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not (output / "results.json").exists() and (output / "weight-decay" / "result.json").exists()
+    resumed = recipe([*settings, "--output", str(output), "--resume"], mnist_root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "weight-decay: finished in an earlier attempt" in resumed.stdout
+    expected = json.loads((tmp_path / "straight" / "results.json").read_text())
+    got = json.loads((output / "results.json").read_text())
+    for want, have in zip(expected, got):
+        assert {k: v for k, v in have.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
+
+
+def test_without_a_terminal_progress_is_one_line_per_epoch(mnist_root: Path, tmp_path: Path) -> None:
+    result = recipe([*MLP_RUN, "--ways", "pools", "--epochs", "2", "--output", str(tmp_path / "run")], mnist_root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stdout and "\r" not in result.stderr
+    assert "pools: epoch 1/2: train/err" in result.stdout and "train/loss" in result.stdout
+    assert "pools: epoch 2/2" in result.stdout
+
+
+# ---- strict JSON
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    write_json(path, [{"mean_distortion": math.nan, "rows": [math.inf, 1.5]}])
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == [{"mean_distortion": None, "rows": [None, 1.5]}]
+    assert strict_json({"a": (1.0, -math.inf)}) == {"a": [1.0, None]}
+
+
+# ---- verified MNIST
+
+
+@pytest.fixture
+def mnist_copy(mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the MNIST files, with the verified-files record in a private cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root / "MNIST" / "raw", root / "MNIST" / "raw")
+    return root
+
+
+def _damage(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(data)
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "truncated", "label-out-of-range"])
+def test_a_damaged_mnist_file_is_refused_by_name(mnist_copy: Path, damage: str) -> None:
+    raw = mnist_copy / "MNIST" / "raw"
+    name = "train-labels-idx1-ubyte" if damage == "label-out-of-range" else "train-images-idx3-ubyte"
+    if damage == "zeroed":
+        _damage(raw / name, 1_000_000, bytes(10_000_000))
+    elif damage == "truncated":
+        os.truncate(raw / name, 20_000_000)
+    else:
+        _damage(raw / name, 8 + 123, bytes([42]))
+    with pytest.raises(MNISTCorruptError, match=rf"{name} is not the original MNIST file .* Delete it"):
+        MNISTDataModule(mnist_copy, download=False).prepare_data()
+
+
+def test_verified_files_are_not_hashed_again_until_they_change(mnist_copy: Path) -> None:
+    raw = mnist_copy / "MNIST" / "raw"
+    assert len(verify_mnist(raw)) == 4
+    assert verify_mnist(raw) == []
+    os.utime(raw / "t10k-labels-idx1-ubyte", ns=(1, 1))
+    assert verify_mnist(raw) == ["t10k-labels-idx1-ubyte"]
