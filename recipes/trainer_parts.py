@@ -3,6 +3,7 @@ they need to resume exactly, and progress that reads well without a terminal."""
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -90,10 +91,29 @@ def progress(label: str) -> list[Callback]:
     return [] if on_a_terminal() else [EpochLines(label)]
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``<folder>/last.ckpt`` after every training epoch, written to a temporary file and renamed, so
+    a run killed while saving keeps the previous epoch's checkpoint whole."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(dirpath=folder, filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True,
+                         enable_version_counter=False)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        partial = f"{filepath}.part"
+        trainer.save_checkpoint(partial, self.save_weights_only)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        pass  # the one checkpoint is replaced in place, never removed
+
+
 def checkpoints(folder: Path) -> ModelCheckpoint:
     """``<folder>/last.ckpt`` at the end of every training epoch, for ``--resume``."""
-    return ModelCheckpoint(dirpath=folder, filename="last", save_top_k=0, save_last=True, every_n_epochs=1,
-                           save_on_train_epoch_end=True, enable_version_counter=False)
+    return LastCheckpoint(folder)
 
 
 def last_checkpoint(folder: Path) -> str | None:

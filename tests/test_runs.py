@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from advtrain.cli import main
 from advtrain.data import MNISTCorruptError, MNISTDataModule, verify_mnist
@@ -99,6 +100,8 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_results(mnist_root: Path,
         if process.poll() is None:
             process.kill()
     assert not (output / "results.json").exists() and (output / "weight-decay" / "result.json").exists()
+    checkpoint = torch.load(output / "pools" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["epoch"] < 3  # killed in the middle of the pools way's four epochs
     resumed = recipe([*settings, "--output", str(output), "--resume"], mnist_root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "weight-decay: finished in an earlier attempt" in resumed.stdout
