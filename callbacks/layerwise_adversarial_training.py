@@ -171,6 +171,7 @@ class LayerwiseAdversarialTraining(Callback):
         self._separate: SeparateBatchStatistics | None = None
         self._injection: _Injection | None = None
         self._widened: set[str] = set()  # layers whose box was widened (warned once)
+        self._logged_at: dict[str, int] = {}  # the global step each layer's statistics were last logged
         self._recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # recent clean (inputs, labels)
 
     @property
@@ -331,7 +332,7 @@ class LayerwiseAdversarialTraining(Callback):
             recent_inputs = torch.cat([rows for rows, _ in self._recent]).to(inputs.device)
             recent_labels = torch.cat([rows for _, rows in self._recent]).to(labels.device)
             self.refresh(layer, recent_inputs, recent_labels)
-            self._log(pl_module, layer)
+            self._log(trainer, pl_module, layer)
         self.steps_taken[layer] += 1
         pool = self.pools[layer]
         if len(pool) == 0:
@@ -461,7 +462,13 @@ class LayerwiseAdversarialTraining(Callback):
         head = cut.head_for(inputs[torch.arange(len(examples), device=inputs.device) % inputs.shape[0]])
         return float((head(examples).argmax(1).cpu() != labels.cpu()).float().mean())
 
-    def _log(self, pl_module: pl.LightningModule, layer: str) -> None:
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: str) -> None:
+        """Log the layer's last refresh: its first, then at most once every ``log_every_n_steps``
+        steps (a ``self.log`` call costs milliseconds; refreshing every step would log six a step)."""
+        last = self._logged_at.get(layer)
+        if last is not None and trainer.global_step - last < max(1, trainer.log_every_n_steps):
+            return
+        self._logged_at[layer] = trainer.global_step
         for name, value in self.stats[layer].items():
             if value == value:  # skip NaN
                 pl_module.log(f"adv/{layer}/{name}", value, on_step=True, on_epoch=False)

@@ -18,18 +18,17 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from advtrain import Classifier
-from advtrain.attacks import PGD, Attack, BoxLBFGS, FastGradient
-from advtrain.attacks.targets import POLICIES
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
-from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.data import MNISTDataModule
 from advtrain.layers import LayerCutError, check_layer, cut_at
 from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
-from advtrain.pooling import EveryStep, PoolingPolicy, Successes, WithinBudget
 from advtrain.recipes.paper_models import prepared_mnist
-from advtrain.recipes.run_folder import config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results
+from advtrain.recipes.pools_config import build_pools, default_pools_config, pools_settings
+from advtrain.recipes.run_folder import (config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results,
+                                        write_text)
 from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, last_checkpoint, on_a_terminal, progress
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
@@ -37,10 +36,9 @@ WAYS = ("weight-decay", "dropout", "pools")
 MODELS = ("sigmoid-mlp", "small-resnet")
 #: Per-model defaults of the settings left at None on the command line.
 MODEL_DEFAULTS = {
-    "sigmoid-mlp": {"layers": ["input", "sigmoid1", "sigmoid2"], "penalty_scale": PENALTY_SCALES["fc100-100-10"],
-                    "lr": DEFAULTS["lr"], "batch_size": DEFAULTS["batch_size"], "eval_target": "nearest"},
-    "small-resnet": {"layers": ["input", "stage1", "stage2", "stage3"], "penalty_scale": 1.0, "lr": 0.1,
-                     "batch_size": 128, "eval_target": "untargeted"},
+    "sigmoid-mlp": {"penalty_scale": PENALTY_SCALES["fc100-100-10"], "lr": DEFAULTS["lr"],
+                    "batch_size": DEFAULTS["batch_size"], "eval_target": "nearest"},
+    "small-resnet": {"penalty_scale": 1.0, "lr": 0.1, "batch_size": 128, "eval_target": "untargeted"},
 }
 
 
@@ -69,41 +67,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--penalty-scale", type=float, default=None,
                         help="factor on the model's per-layer penalties (default: 300 for sigmoid-mlp, 1 for small-resnet)")
     parser.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden layer (the dropout way)")
-    parser.add_argument("--layers", nargs="+", default=None,
-                        help="layers with pools (default: input sigmoid1 sigmoid2; input stage1 stage2 stage3)")
     parser.add_argument("--eval-target", choices=["nearest", "untargeted"], default=None,
                         help="the minimal-distortion search: every wrong class (nearest, the sigmoid-mlp default) or one "
                              "untargeted search (the small-resnet default)")
-    # pool settings: None keeps LayerwiseAdversarialTraining's own (measured) defaults; the recipe's
-    # three pools mix a larger share than the callback's default (see --mix-fraction)
-    parser.add_argument("--capacity", type=int, default=None)
-    parser.add_argument("--mix-fraction", type=float, default=0.05,
-                        help="share of each batch from the pools (0.05: 1.39x the weight-decay model's distortion "
-                             "with three pools, where the callback's 0.02 gives 1.27x)")
-    parser.add_argument("--refresh-every", type=int, default=None)
-    parser.add_argument("--refresh-size", type=int, default=None)
-    parser.add_argument("--target", choices=POLICIES, default=None,
-                        help="the wrong label fresh pool examples are pushed to (default: random for the L-BFGS "
-                             "search, untargeted for the fixed-budget steps)")
-    parser.add_argument("--pooling", choices=["successes", "within-budget", "every-step"], default="successes",
-                        help="what the pools keep: the attack's successes, successes held to --budget, or every "
-                             "fixed-budget step fooled or not")
-    parser.add_argument("--budget", type=float, default=None, help="the sqrt(mean r²) of --pooling within-budget")
-    parser.add_argument("--beyond", choices=["drop", "project"], default="drop",
-                        help="--pooling within-budget: drop the successes beyond --budget or project them onto it")
-    parser.add_argument("--stretch", action="store_true",
-                        help="--pooling within-budget: stretch the successes within --budget out to it")
-    # generation: the callback's GENERATION_ATTACK search (None keeps its settings) or a fixed-budget step
-    parser.add_argument("--generator", choices=["box-lbfgs", "fast-gradient", "pgd-linf", "pgd-l2"], default="box-lbfgs",
-                        help="what makes pool examples: the L-BFGS search, one fixed-size gradient step, or PGD")
-    parser.add_argument("--step-distortion", type=float, default=None,
-                        help="the fast-gradient step's sqrt(mean r²) (default 0.036: an L2 step of about 1.0 on MNIST)")
-    parser.add_argument("--epsilon", type=float, default=None, help="the PGD budget (max |r| for pgd-linf, ‖r‖₂ for pgd-l2)")
-    parser.add_argument("--pgd-steps", type=int, default=10, help="PGD steps")
-    parser.add_argument("--search-steps", type=int, default=None, help="values of c the generation search tries per example")
-    parser.add_argument("--iterations", type=int, default=None, help="L-BFGS iterations per value of c in generation")
-    parser.add_argument("--refine-steps", type=int, default=None,
-                        help="bisection steps pulling each generated example back towards the decision boundary")
+    parser.add_argument("--pools", type=Path, default=None,
+                        help="YAML of LayerwiseAdversarialTraining's arguments for the pools way, attack and pooling "
+                             "nested as class_path/init_args (default: recipes/configs/pools-<model>.yaml)")
+    parser.add_argument("--pools-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one pools setting, dotted for nested ones: mix_fraction=0.1, "
+                             "attack.init_args.distortion=0.05 (repeatable)")
     parser.add_argument("--shift-pixels", type=int, default=0,
                         help="augment every way's training batches with random shifts of up to this many pixels (0: none)")
     parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
@@ -149,6 +121,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.ways = list(WAYS) if args.model == "sigmoid-mlp" else ["weight-decay", "pools"]
     if args.epochs is None:
         args.epochs = 1 if args.quick else DEFAULTS["epochs"]
+    if args.pools is None:
+        args.pools = default_pools_config(args.model)
     return args
 
 
@@ -173,49 +147,17 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, clock.seconds
 
 
-def generation_attack(args: argparse.Namespace) -> Attack:
-    """What makes the pools' examples: the callback's ``GENERATION_ATTACK`` search with the settings
-    given on the command line, a fast-gradient step of ``--step-distortion`` or PGD of ``--epsilon``;
-    pushed to ``--target`` where given."""
-    names = ("search_steps", "iterations", "refine_steps")
-    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    target = {"target": args.target} if args.target is not None else {}
-    if args.generator != "box-lbfgs" and given:
-        flags = ", ".join("--" + name.replace("_", "-") for name in given)
-        raise ValueError(f"{flags} set the L-BFGS search, which --generator {args.generator} does not run")
-    if args.step_distortion is not None and args.generator != "fast-gradient":
-        raise ValueError("--step-distortion sets the fast-gradient step; add --generator fast-gradient")
-    if args.epsilon is not None and not args.generator.startswith("pgd"):
-        raise ValueError("--epsilon sets the PGD budget; add --generator pgd-linf or pgd-l2")
-    if args.generator == "fast-gradient":
-        return FastGradient(distortion=0.036 if args.step_distortion is None else args.step_distortion, **target)
-    if args.generator.startswith("pgd"):
-        if args.epsilon is None:
-            raise ValueError(f"--generator {args.generator} needs --epsilon, its budget")
-        return PGD(epsilon=args.epsilon, norm=args.generator.removeprefix("pgd-"), steps=args.pgd_steps, **target)
-    return BoxLBFGS(**{**GENERATION_ATTACK, **given, **target})
-
-
-def pooling_policy(args: argparse.Namespace) -> PoolingPolicy:
-    """What the pools keep, from ``--pooling`` (with ``--budget``, ``--beyond`` and ``--stretch``)."""
-    if args.pooling != "within-budget" and (args.budget is not None or args.stretch or args.beyond != "drop"):
-        raise ValueError("--budget, --beyond and --stretch hold pooled examples to a budget; add --pooling within-budget")
-    if args.pooling == "within-budget":
-        if args.budget is None:
-            raise ValueError("--pooling within-budget needs --budget, the sqrt(mean r²) to hold examples to")
-        return WithinBudget(args.budget, beyond=args.beyond, stretch=args.stretch)
-    return EveryStep() if args.pooling == "every-step" else Successes()
-
-
 def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
-    """The pools way's callback: the pool settings given on the command line, the callback's own
-    defaults for the rest."""
+    """The pools way's callback from ``--pools`` (the model's own file by default) and
+    ``--pools-set``; its resolved settings land in ``args.pools_resolved`` (and so in config.json).
+
+    Raises:
+        ValueError: a setting the config parser, the callback or its attack refuses.
+    """
     resolve_defaults(args)
-    names = ("capacity", "mix_fraction", "refresh_every", "refresh_size")
-    settings = {name: getattr(args, name) for name in names}
-    return LayerwiseAdversarialTraining(args.layers, module="model", seed=args.seed, attack=generation_attack(args),
-                                        pooling=pooling_policy(args),
-                                        **{k: v for k, v in settings.items() if v is not None})
+    settings = pools_settings(args.pools, args.pools_set)
+    callback, args.pools_resolved = build_pools(settings, module="model", seed=args.seed)
+    return callback
 
 
 def check_settings(args: argparse.Namespace) -> str:
@@ -238,18 +180,18 @@ def check_settings(args: argparse.Namespace) -> str:
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --shift-pixels: {error}") from error
     if "pools" in args.ways:
+        try:
+            callback = pools_callback(args)  # the config, the callback and its attack check their own settings
+        except ValueError as error:
+            raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
         example = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
-        for layer in args.layers:
+        for layer in callback.layers:
             try:
                 check_layer(model.module, layer, example)
                 if cut_at(model.module, layer, example).crosses(example):
                     raise LayerCutError(f"a skip connection bypasses layer `{layer}`")
             except ValueError as error:
-                raise SystemExit(f"advtrain adversarial-training: --layers {layer}: {error}") from error
-        try:
-            pools_callback(args)  # the callback and the search check their own settings
-        except ValueError as error:
-            raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
+                raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
     return model.name
 
 
@@ -257,6 +199,8 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
     network_name = check_settings(args)
     start_run_folder(args)
+    if "pools" in args.ways and not args.resume:  # the pools way's settings, every default filled in
+        write_text(args.output / "pools.yaml", yaml.safe_dump(args.pools_resolved, sort_keys=False))
     data = prepared_mnist(args, shift_pixels=args.shift_pixels)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from advtrain.attacks import PGD, FastGradient
+from advtrain.attacks import PGD, BoxLBFGS, FastGradient
 from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
 from advtrain.pooling import EveryStep, Successes, WithinBudget
-from advtrain.recipes.adversarial_training import add_arguments, generation_attack, pools_callback
+from advtrain.recipes.adversarial_training import add_arguments, pools_callback
 
 
 def test_help_lists_every_recipe() -> None:
@@ -92,51 +92,55 @@ def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_roo
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--hidden", "400"], "--layers sigmoid2: unknown layer `sigmoid2`; layers are: input, flatten, fc1, sigmoid1, logits"),
+    (["--hidden", "400"], "pools way: unknown layer `sigmoid2`; layers are: input, flatten, fc1, sigmoid1, logits"),
     (["--model", "small-resnet", "--ways", "dropout"], "--ways dropout: the small-resnet has no dropout layers"),
-    (["--model", "small-resnet", "--layers", "stage2.0.conv1"],
-     "--layers stage2.0.conv1: a skip connection bypasses layer `stage2.0.conv1`"),
-    (["--model", "small-resnet", "--layers", "stage2.0.relu"], "--layers stage2.0.relu: layer `stage2.0.relu` runs 2 times"),
+    (["--model", "small-resnet", "--pools-set", "layers=[stage2.0.conv1]"],
+     "pools way: a skip connection bypasses layer `stage2.0.conv1`"),
+    (["--model", "small-resnet", "--pools-set", "layers=[stage2.0.relu]"], "pools way: layer `stage2.0.relu` runs 2 times"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
-    (["--iterations", "0"], "pools way: iterations must be a positive integer, got 0"),
-    (["--beyond", "project"],
-     "pools way: --budget, --beyond and --stretch hold pooled examples to a budget; add --pooling within-budget"),
-    (["--pooling", "within-budget"], "pools way: --pooling within-budget needs --budget"),
-    (["--mix-fraction", "1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
-    (["--generator", "pgd-linf"], "pools way: --generator pgd-linf needs --epsilon, its budget"),
-    (["--generator", "fast-gradient", "--search-steps", "1", "--iterations", "5"],
-     "pools way: --search-steps, --iterations set the L-BFGS search, which --generator fast-gradient does not run"),
-    (["--step-distortion", "0.05"],
-     "pools way: --step-distortion sets the fast-gradient step; add --generator fast-gradient"),
-    (["--pooling", "every-step"], "pools way: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
-    (["--generator", "fast-gradient", "--target", "nearest"], "pools way: FastGradient cannot serve target='nearest'"),
+    (["--pools-set", "mix_fraction=1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
+    (["--pools-set", "capacity"], "pools way: --pools-set takes KEY=VALUE"),
+    (["--pools-set", "mixing=0.5"], "pools way:"),
+    (["--pools-set", "pooling={class_path: advtrain.pooling.EveryStep}"],
+     "pools way: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
+    (["--pools", "recipes/configs/fast-gradient-input.yaml", "--pools-set", "attack.init_args.target=nearest"],
+     "pools way: FastGradient cannot serve target='nearest'"),
+    (["--pools", "no-such-file.yaml"], "pools way: cannot read the pools config no-such-file.yaml"),
     (["--shift-pixels", "-1"], "--shift-pixels: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
 ])
-def test_adversarial_training_refuses_bad_widths_or_layers_before_training(flags: list[str], message: str,
-                                                                           tmp_path: Path) -> None:
+def test_adversarial_training_refuses_bad_settings_before_training(flags: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as refusal:
         main(["adversarial-training", *flags, "--wandb", "off", "--output", str(tmp_path / "run")])
     assert str(refusal.value).startswith(f"advtrain adversarial-training: {message}")
     assert not (tmp_path / "run").exists()
 
 
-def test_adversarial_training_sets_the_generation_search_and_pools_from_its_flags() -> None:
+def test_the_pools_way_comes_from_a_yaml_file_with_overrides() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    given = generation_attack(parser.parse_args(["--search-steps", "1", "--iterations", "4", "--refine-steps", "0"]))
-    assert (given.search_steps, given.iterations, given.refine_steps) == (1, 4, 0)
-    assert given.loss == GENERATION_ATTACK["loss"] and given.target == "random"
-    callback = pools_callback(parser.parse_args(["--pooling", "within-budget", "--budget", "0.04", "--stretch"]))
-    assert isinstance(callback.pooling, WithinBudget)
-    assert (callback.pooling.budget, callback.pooling.beyond, callback.pooling.stretch) == (0.04, "drop", True)
-    assert isinstance(pools_callback(parser.parse_args([])).pooling, Successes)
-    fast = pools_callback(parser.parse_args(["--generator", "fast-gradient", "--step-distortion", "0.05",
-                                             "--pooling", "every-step", "--target", "untargeted"]))
-    assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05
-    assert isinstance(fast.pooling, EveryStep) and fast.attack.target == "untargeted"
-    assert generation_attack(parser.parse_args(["--generator", "fast-gradient"])).distortion == 0.036
-    pgd = generation_attack(parser.parse_args(["--generator", "pgd-l2", "--epsilon", "1.5", "--pgd-steps", "7"]))
-    assert isinstance(pgd, PGD) and (pgd.norm, pgd.epsilon, pgd.steps) == ("l2", 1.5, 7)
-    default = generation_attack(parser.parse_args([]))
-    assert (default.search_steps, default.iterations) == (GENERATION_ATTACK["search_steps"], GENERATION_ATTACK["iterations"])
+    default = pools_callback(parser.parse_args([]))
+    assert default.layers == ["input", "sigmoid1", "sigmoid2"] and default.mix_fraction == 0.05
+    assert isinstance(default.attack, BoxLBFGS) and default.attack.target == GENERATION_ATTACK["target"]
+    assert isinstance(default.pooling, Successes)
+    args = parser.parse_args(["--pools", "recipes/configs/fast-gradient-input.yaml",
+                              "--pools-set", "attack.init_args.distortion=0.05", "--pools-set", "refresh_size=32"])
+    fast = pools_callback(args)
+    assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05 and fast.refresh_size == 32
+    assert isinstance(fast.pooling, EveryStep) and fast.layers == ["input"]
+    assert args.pools_resolved["attack"]["init_args"] == {"distortion": 0.05, "target": "untargeted"}
+    budget = pools_callback(parser.parse_args(["--pools-set", "pooling={class_path: advtrain.pooling.WithinBudget, "
+                                                              "init_args: {budget: 0.04, stretch: true}}"]))
+    assert isinstance(budget.pooling, WithinBudget) and (budget.pooling.budget, budget.pooling.stretch) == (0.04, True)
+    pgd = pools_callback(parser.parse_args(["--pools-set", "attack={class_path: advtrain.attacks.PGD, "
+                                                           "init_args: {epsilon: 1.5, norm: l2, steps: 7}}",
+                                            "--pools-set", "pooling={class_path: advtrain.pooling.EveryStep}"]))
+    assert isinstance(pgd.attack, PGD) and (pgd.attack.norm, pgd.attack.epsilon, pgd.attack.steps) == ("l2", 1.5, 7)
+
+
+def test_help_lists_no_callback_knob() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {action.dest for action in parser._actions}
+    assert not flags & {"mix_fraction", "capacity", "refresh_every", "refresh_size", "layers", "target", "generator"}
+    assert {"pools", "pools_set"} <= flags

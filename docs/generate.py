@@ -1,0 +1,398 @@
+"""Every generated table in README.md and docs/*.md, written from the results JSON that the recipes
+and benchmarks wrote and that is committed (``docs/results/<run>/`` and ``benchmarks/results/``).
+
+    python docs/generate.py            # rewrite the generated tables (and the training plot) in place
+    python docs/generate.py --check    # exit 1, naming each table that differs from its JSON
+
+A generated table sits between ``<!-- generated: NAME -->`` and ``<!-- /generated -->``; nothing else
+in the files is touched. ``tests/test_docs.py`` runs the check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "docs" / "results"
+BENCHMARKS = REPO / "benchmarks" / "results"
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+MARKER = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /generated -->)", re.S)
+
+
+def load(path: Path):
+    """A committed results file (``null`` for a non-finite number)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path.relative_to(REPO)} is missing: run the command that writes it (docs/reproduce.md)")
+    return json.loads(path.read_text())
+
+
+def run_folder(name: str) -> tuple[dict, dict | list, str]:
+    """``(config, results, command)`` of the committed run ``docs/results/<name>``."""
+    folder = RESULTS / name
+    return load(folder / "config.json"), load(folder / "results.json"), (folder / "command.txt").read_text().strip()
+
+
+def percent(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def short_command(command: str) -> str:
+    """The command without the run's own folder, W&B mode and data root."""
+    command = re.sub(r" --(output|data-dir|models-dir) \S+", "", command)
+    return re.sub(r" --wandb \S+", "", command).replace("advtrain ", "advtrain ", 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def knobs() -> str:
+    """The callback's constructor: name, default, meaning (the first sentence of its Args entry)."""
+    from advtrain.callbacks import LayerwiseAdversarialTraining
+
+    doc = inspect.getdoc(LayerwiseAdversarialTraining) or ""
+    args = doc.split("Args:", 1)[1].split("\n\n", 1)[0]
+    meanings: dict[str, str] = {}
+    current = None
+    for line in args.splitlines():
+        match = re.match(r"\s{4}(\w+): (.*)", line)
+        if match:
+            current = match.group(1)
+            meanings[current] = match.group(2)
+        elif current:
+            meanings[current] += " " + line.strip()
+    rows = []
+    for name, parameter in inspect.signature(LayerwiseAdversarialTraining).parameters.items():
+        default = "required" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
+        meaning = re.split(r"(?<=[.)])\s", meanings.get(name, ""), maxsplit=1)[0]
+        meaning = re.sub(r":(class|func|meth):`~?([\w.]+)`", r"`\2`", meaning).replace("``", "`")
+        rows.append([f"`{name}`", f"`{default}`", meaning])
+    return table(["knob", "default", "what it does"], rows)
+
+
+def attack_benchmark() -> str:
+    rows = load(BENCHMARKS / "attack" / "results.json")
+    out = []
+    for row in rows:
+        ratio = "" if row.get("distortion_vs_reference") is None else f"{row['distortion_vs_reference']:.4f}"
+        speed = "" if row.get("time_vs_ddn") is None else f"{row['time_vs_ddn']:.2f}×"
+        out.append([row["model"], row["layer"], row["method"], f"{100 * row['success']:.0f}%", number(row["distortion"], 5),
+                    number(row.get("l2"), 3), number(row.get("linf"), 3), ratio, f"{row['seconds']:.1f}", speed])
+    return table(["model", "layer", "method", "success", "sqrt(mean r²)", "L2", "L∞", "vs C&W (or exact)", "seconds",
+                  "time vs DDN"], out)
+
+
+#: The section 4.2 runs, by setting: (label, run folders by seed).
+TRAINING_SETTINGS = [
+    ("FC100-100-10, input pools of fast-gradient steps of each batch's own half, one-pixel shifts, 120 epochs",
+     ["target-shift1-seed0"]),
+    ("FC100-100-10, the paper's three pools (5% of each batch), 30 epochs", ["adversarial-training"]),
+    ("SmallResNet (batch norm), pools at the input and three stage outputs, 5 epochs",
+     ["adversarial-training-small-resnet"]),
+]
+
+
+def training_runs() -> list[tuple[str, list[tuple[int, dict, list, str]]]]:
+    """The committed section 4.2 runs that exist, by setting: (seed, config, results, command)."""
+    found = []
+    for label, names in TRAINING_SETTINGS:
+        runs = []
+        for name in names:
+            config, results, command = run_folder(name)
+            runs.append((config.get("seed", 0), config, results, command))
+        found.append((label, runs))
+    return found
+
+
+def training() -> str:
+    """Every way of every section 4.2 setting: test error and minimal distortion per seed."""
+    rows = []
+    for label, runs in training_runs():
+        ways = [entry["way"] for entry in runs[0][2]]
+        for way in ways:
+            by_seed = [next(entry for entry in results if entry["way"] == way) for _, _, results, _ in runs]
+            errors = ", ".join(percent(entry["test_error"]) for entry in by_seed)
+            distortions = ", ".join(number(entry["mean_distortion"]) for entry in by_seed)
+            seeds = ", ".join(str(seed) for seed, *_ in runs)
+            wall = ", ".join(minutes(entry["seconds"]) for entry in by_seed)
+            rows.append([label, way, seeds, errors, distortions, wall])
+    return table(["setting", "way", "seeds", "test error", "mean minimal distortion", "training time"], rows)
+
+
+def training_commands() -> str:
+    rows = []
+    for label, runs in training_runs():
+        command = short_command(runs[0][3])
+        command = re.sub(r" --seed \S+", "", command) + (" --seed S" if len(runs) > 1 else "")
+        rows.append([label, f"`{command}`"])
+    return table(["setting", "command"], rows)
+
+
+def real_model_cost() -> str:
+    result = load(BENCHMARKS / "real_model_cost" / "results.json")
+    rows = [[name.replace("_", " "), f"{entry['mean_after_warmup']:.1f}", f"{entry['ratio_to_plain']:.2f}×"]
+            for name, entry in result["settings"].items()]
+    return table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch", "against plain"], rows)
+
+
+def reproductions() -> str:
+    """One row per recipe: the paper's table, the command, its time, ours against the paper's headline."""
+    rows = []
+    for entry in REPRODUCTIONS:
+        try:
+            rows.append(entry())
+        except FileNotFoundError as missing:
+            raise FileNotFoundError(f"reproductions table: {missing}") from missing
+    return table(["recipe", "paper", "command", "time (2-core CPU)", "ours", "paper's"], rows)
+
+
+def _training_row() -> list[str]:
+    label, runs = training_runs()[0]
+    pools = [next(e for e in results if e["way"] == "pools") for _, _, results, _ in runs]
+    decay = [next(e for e in results if e["way"] == "weight-decay") for _, _, results, _ in runs]
+    ratios = [p["mean_distortion"] / d["mean_distortion"] for p, d in zip(pools, decay)]
+    ours = (f"pools {', '.join(percent(p['test_error']) for p in pools)} test error at "
+            f"{min(ratios):.2f}–{max(ratios):.2f}× weight decay's minimal distortion")
+    seconds = sum(p["seconds"] + d["seconds"] for p, d in zip(pools, decay)) / len(pools)
+    command = re.sub(r" --seed \S+", "", short_command(runs[0][3]))
+    return ["`adversarial-training`", "§4.2", f"`{command}`", f"{minutes(seconds)} a seed", ours,
+            "below 1.2% (weight decay 1.6%)"]
+
+
+def table1() -> str:
+    """The recipe's own table, from its committed results."""
+    from advtrain.recipes import table1 as recipe
+
+    config, results, _ = run_folder("table1")
+    rows = [recipe.Table1Row(**row) for row in results["rows"]]
+    for row in rows:
+        row.mean_distortion = math.inf if row.mean_distortion is None else row.mean_distortion
+    return recipe.markdown(argparse.Namespace(**config), rows, results["examples"])
+
+
+def table2() -> str:
+    from advtrain.recipes import table2 as recipe
+
+    config, results, _ = run_folder("table2")
+    return recipe.markdown(config["models"], results["errors"], results["mean_distortion"], results["examples"])
+
+
+def table3() -> str:
+    from advtrain.recipes import table3 as recipe
+
+    _, results, _ = run_folder("table3")
+    return recipe.markdown(results["table3"], results["table4"], results["mean_distortion"], results["examples"])
+
+
+def lipschitz_table(name: str = "lipschitz-alexnet"):
+    """The committed Table 5 run as a :class:`LipschitzTable` again."""
+    from advtrain.analysis.lipschitz import LayerBound, LipschitzTable
+
+    _, results, _ = run_folder(name)
+    (saved,) = results["tables"].values()
+    finite = lambda value: math.inf if value in ("inf", None) else value  # noqa: E731
+    rows = [LayerBound(name=row["name"], kind=row["kind"],
+                       weight_shape=None if row["weight_shape"] is None else tuple(row["weight_shape"]),
+                       stride=None if row["stride"] is None else tuple(row["stride"]), input_size=tuple(row["input_size"]),
+                       bound=finite(row["bound"]), note=row["note"], from_input=finite(row["from_input"]))
+            for row in saved["rows"]]
+    return LipschitzTable(rows, saved["traced_with"], saved["notes"]), results
+
+
+def lipschitz_alexnet() -> str:
+    from advtrain.recipes.lipschitz import beside_paper
+
+    table_, results = lipschitz_table()
+    return (beside_paper(table_) + f"\nThe whole network, along its graph: {table_.network_bound:.4g}. Weights: "
+            f"{results['weights']}; computed in {results['seconds'][0]:.0f} s.\n")
+
+
+def units() -> str:
+    _, results, _ = run_folder("units")
+    purity = results["mean_label_purity"]
+    header = (f"directions at {results['layer']} ({results['directions_measured']} of each kind, "
+              f"top {results['top']} of {results['images']} test images)")
+    return table([header, "mean label purity of the top images"],
+                 [["single units (natural basis)", f"{purity['unit']:.3f}"], ["random directions", f"{purity['random']:.3f}"]])
+
+
+def _table1_row() -> list[str]:
+    config, results, command = run_folder("table1")
+    fc100 = next(row for row in results["rows"] if row["model"] == "FC100-100-10")
+    seconds = sum(row["seconds"] for row in results["rows"])
+    return ["`table1`", "Table 1", f"`{short_command(command)}`", minutes(seconds),
+            f"FC100-100-10: {percent(fc100['test_error'])} test error, distortion {number(fc100['mean_distortion'], 3)}",
+            "1.64%, 0.058"]
+
+
+def _table2_row() -> list[str]:
+    _, results, command = run_folder("table2")
+    errors = results["errors"]["fc100-100-10"]
+    return ["`table2`", "Table 2", f"`{short_command(command)}`", "–",
+            f"FC100-100-10's examples fool FC10(1e-4) {100 * errors['fc10-1e-4']:.1f}%, AE400-10 {100 * errors['ae400-10']:.1f}%",
+            "28.9%, 2%"]
+
+
+def _table3_row() -> list[str]:
+    _, results, command = run_folder("table3")
+    row = results["table4"]["distorted for FC100"]
+    return ["`table3`", "Tables 3, 4", f"`{short_command(command)}`", "–",
+            f"FC100's examples fool FC123 {100 * row['FC123']:.1f}%, FC100′ {100 * row['FC100′']:.1f}%", "26.2%, 5.9%"]
+
+
+def _lipschitz_row() -> list[str]:
+    table_, results = lipschitz_table()
+    _, _, command = run_folder("lipschitz-alexnet")
+    conv = [row.bound for row in table_.rows if row.kind == "Conv2d"]
+    return ["`lipschitz`", "Table 5", f"`{short_command(command)}`", minutes(results["seconds"][0]),
+            f"AlexNet (random weights) conv bounds {min(conv):.2f}–{max(conv):.2f}", "2.75–11 (trained weights)"]
+
+
+def _units_row() -> list[str]:
+    _, results, command = run_folder("units")
+    purity = results["mean_label_purity"]
+    return ["`units`", "Figures 1, 2", f"`{short_command(command)}`", minutes(results["seconds"]),
+            f"label purity: units {purity['unit']:.3f}, random directions {purity['random']:.3f}",
+            "alike (qualitative)"]
+
+
+def _default_training_row() -> list[str]:
+    _, results, command = run_folder("adversarial-training")
+    by_way = {entry["way"]: entry for entry in results}
+    seconds = sum(entry["seconds"] for entry in results)
+    ours = ", ".join(f"{way} {percent(entry['test_error'])} at {number(entry['mean_distortion'])}" for way, entry in by_way.items())
+    return ["`adversarial-training`", "§4.2 baselines", f"`{short_command(command)}`", minutes(seconds), ours,
+            "1.6%, about 1.3%, below 1.2%"]
+
+
+def _small_resnet_row() -> list[str]:
+    _, results, command = run_folder("adversarial-training-small-resnet")
+    by_way = {entry["way"]: entry for entry in results}
+    seconds = sum(entry["seconds"] for entry in results)
+    ours = ", ".join(f"{way} {percent(entry['test_error'])} at {number(entry['mean_distortion'])}" for way, entry in by_way.items())
+    return ["`adversarial-training --model small-resnet`", "§4.2 on a BN ResNet", f"`{short_command(command)}`",
+            minutes(seconds), ours, "–"]
+
+
+REPRODUCTIONS: list[Callable[[], list[str]]] = [_table1_row, _table2_row, _table3_row, _lipschitz_row, _units_row,
+                                                _default_training_row, _training_row, _small_resnet_row]
+
+TABLES: dict[str, Callable[[], str]] = {
+    "knobs": knobs,
+    "attack-benchmark": attack_benchmark,
+    "training": training,
+    "training-commands": training_commands,
+    "real-model-cost": real_model_cost,
+    "reproductions": reproductions,
+    "table1": table1,
+    "table2": table2,
+    "table3": table3,
+    "lipschitz-alexnet": lipschitz_alexnet,
+    "units": units,
+}
+
+
+def robustness_figure(path: Path) -> None:
+    """``docs/figures/robustness.png``: every way of every Section 4.2 setting, clean test error
+    against mean minimal distortion (one point per seed), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    points = []  # (test error, distortion, label)
+    for label, runs in training_runs():
+        short = label.split(",")[0]
+        for _, _, results, _ in runs:
+            for entry in results:
+                if entry["mean_distortion"] is not None:
+                    points.append((entry["test_error"], entry["mean_distortion"], f"{short}: {entry['way']}"))
+    width, height, margin = 720, 480, 70
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    errors, distortions = [p[0] for p in points], [p[1] for p in points]
+    x_low, x_high = 0.0, max(errors) * 1.15
+    y_low, y_high = 0.0, max(distortions) * 1.15
+    to_x = lambda e: margin + (e - x_low) / (x_high - x_low) * (width - 2 * margin)  # noqa: E731
+    to_y = lambda d: height - margin - (d - y_low) / (y_high - y_low) * (height - 2 * margin)  # noqa: E731
+    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
+    for i in range(5):
+        e, d = x_low + i * (x_high - x_low) / 4, y_low + i * (y_high - y_low) / 4
+        draw.text((to_x(e) - 12, height - margin + 6), f"{100 * e:.2f}%", fill="black")
+        draw.text((8, to_y(d) - 6), f"{d:.3f}", fill="black")
+    draw.text((width // 2 - 60, height - 30), "clean test error", fill="black")
+    draw.text((8, 20), "mean minimal distortion (higher: harder to fool)", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    legend = sorted({p[2] for p in points})
+    for error, distortion, name in points:
+        colour = colours[legend.index(name) % len(colours)]
+        x, y = to_x(error), to_y(distortion)
+        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+    for row, name in enumerate(legend):
+        draw.ellipse([width - 300, 40 + 18 * row, width - 290, 50 + 18 * row], fill=colours[row % len(colours)])
+        draw.text((width - 284, 38 + 18 * row), name, fill="black")
+    image.save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def render(text: str, path: Path, cache: dict[str, str]) -> str:
+    """``text`` with every generated block replaced by its table."""
+
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in TABLES:
+            raise KeyError(f"{path.relative_to(REPO)}: no generator for the table {name!r}; known: {', '.join(TABLES)}")
+        if name not in cache:
+            cache[name] = TABLES[name]()
+        return match.group(1) + cache[name] + match.group(4)
+
+    return MARKER.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated table differs from its JSON")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    cache: dict[str, str] = {}
+    stale = []
+    for path in DOCUMENTS:
+        text = path.read_text()
+        new = render(text, path, cache)
+        if new != text:
+            stale.append(path.relative_to(REPO))
+            if not args.check:
+                path.write_text(new)
+    if not args.check:
+        robustness_figure(REPO / "docs" / "figures" / "robustness.png")
+    if args.check and stale:
+        print("generated tables differ from the committed results JSON in: " + ", ".join(map(str, stale))
+              + "; run python docs/generate.py", file=sys.stderr)
+        return 1
+    print(("up to date" if args.check else f"rewrote {len(stale)} file(s)") + f"; {len(cache)} tables")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

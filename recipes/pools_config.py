@@ -1,0 +1,80 @@
+"""The pools callback of a recipe, from a YAML file of ``LayerwiseAdversarialTraining``'s arguments.
+
+The file holds the callback's own arguments, its attack and pooling policy nested in LightningCLI's
+``class_path`` / ``init_args`` form (see ``recipes/configs/``); ``KEY=VALUE`` overrides change one
+entry, dotted for nested ones (``mix_fraction=0.1``, ``attack.init_args.distortion=0.05``). The
+file is checked against the callback's signature by jsonargparse, so a recipe lists no callback
+knob of its own, and the resolved settings (every default filled in) are written beside the results.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def default_pools_config(model: str) -> Path:
+    """The recipe's own pools file for ``model`` (``recipes/configs/pools-<model>.yaml``)."""
+    return CONFIGS / f"pools-{model}.yaml"
+
+
+def pools_settings(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """The file's settings with the ``KEY=VALUE`` overrides applied (values read as YAML).
+
+    Raises:
+        ValueError: a file that is not a mapping, or an override without ``=``.
+    """
+    try:
+        settings = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as error:
+        raise ValueError(f"cannot read the pools config {path}: {error.strerror or error}") from error
+    if not isinstance(settings, dict):
+        raise ValueError(f"the pools config {path} must map LayerwiseAdversarialTraining's arguments to values")
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key:
+            raise ValueError(f"--pools-set takes KEY=VALUE (dotted keys for nested settings), got {override!r}")
+        node = settings
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--pools-set {key}: {part} is not a nested setting")
+        node[last] = yaml.safe_load(value)
+    return settings
+
+
+def build_pools(settings: dict[str, Any], **fixed: Any) -> tuple[Any, dict[str, Any]]:
+    """The callback built from ``settings`` (plus ``fixed`` arguments such as ``module`` and
+    ``seed``), and its resolved settings as plain data.
+
+    Raises:
+        ValueError: an unknown or ill-typed setting (jsonargparse's message), or one the callback
+            or its attack refuses (their own message).
+    """
+    try:
+        from jsonargparse import ArgumentParser
+    except ImportError as error:
+        raise ValueError("the pools config needs jsonargparse: pip install -e '.[cli]'") from error
+    from advtrain.callbacks import LayerwiseAdversarialTraining
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(LayerwiseAdversarialTraining, "pools", fail_untyped=False)
+    try:
+        config = parser.parse_object({"pools": {**settings, **fixed}})
+        callback = parser.instantiate_classes(config).pools
+    except Exception as error:  # the callback's own refusals, and jsonargparse's: unknown keys, wrong types
+        raise ValueError(_reason(str(error))) from error
+    resolved = yaml.safe_load(parser.dump(config, skip_none=False))["pools"]
+    return callback, resolved
+
+
+def _reason(text: str) -> str:
+    """jsonargparse's message, led by the refusal of the class itself where a Union buried it."""
+    reasons = [line.strip()[2:] for line in text.splitlines()
+               if line.strip().startswith("- ") and "NoneType" not in line]
+    return reasons[0] if reasons else " ".join(text.split())
