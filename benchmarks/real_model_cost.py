@@ -1,7 +1,7 @@
 """What the callbacks cost on a model we did not write: torchvision's resnet18 (random weights) on
 32×32 synthetic images, one run, every setting against plain training in the same process.
 
-    python benchmarks/real_model_cost.py [--epochs 3] [--accelerator cpu|gpu]
+    python benchmarks/real_model_cost.py [--epochs 2] [--accelerator cpu|gpu]
 
 Settings: no callback; ``LayerwiseAdversarialTraining(["layer2"], module="net")`` with its defaults
 (an epoch is 96 steps, the default ``refresh_every``, so each epoch holds one refresh); the same
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from advtrain.callbacks import LayerwiseAdversarialTraining, LipschitzMonitor
+from callback_cost import EpochTimer  # benchmarks/ is on the path when this runs as a script
 
 STEPS_PER_EPOCH = 96
 BATCH_SIZE = 32
@@ -45,19 +45,6 @@ class Plain(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
-
-
-class EpochTimer(pl.Callback):
-    """Wall time of each training epoch."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
 
 
 def data() -> DataLoader:
@@ -92,7 +79,7 @@ def settings() -> dict[str, pl.Callback | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/real_model_cost"))
     args = parser.parse_args()

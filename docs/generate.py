@@ -85,8 +85,8 @@ def knobs() -> str:
     rows = []
     for name, parameter in inspect.signature(LayerwiseAdversarialTraining).parameters.items():
         default = "required" if parameter.default is inspect.Parameter.empty else repr(parameter.default)
-        meaning = re.split(r"(?<=[.)])\s", meanings.get(name, ""), maxsplit=1)[0]
-        meaning = re.sub(r":(class|func|meth):`~?([\w.]+)`", r"`\2`", meaning).replace("``", "`")
+        meaning = re.split(r"(?<=\.)\s", meanings.get(name, ""), maxsplit=1)[0]
+        meaning = re.sub(r":(class|func|meth|mod):`~?([\w.]+)`", r"`\2`", meaning).replace("``", "`")
         rows.append([f"`{name}`", f"`{default}`", meaning])
     return table(["knob", "default", "what it does"], rows)
 
@@ -249,7 +249,7 @@ def _table1_row() -> list[str]:
 def _table2_row() -> list[str]:
     _, results, command = run_folder("table2")
     errors = results["errors"]["fc100-100-10"]
-    return ["`table2`", "Table 2", f"`{short_command(command)}`", "–",
+    return ["`table2`", "Table 2", f"`{short_command(command)}`", minutes(results["seconds"]) if "seconds" in results else "–",
             f"FC100-100-10's examples fool FC10(1e-4) {100 * errors['fc10-1e-4']:.1f}%, AE400-10 {100 * errors['ae400-10']:.1f}%",
             "28.9%, 2%"]
 
@@ -257,7 +257,8 @@ def _table2_row() -> list[str]:
 def _table3_row() -> list[str]:
     _, results, command = run_folder("table3")
     row = results["table4"]["distorted for FC100"]
-    return ["`table3`", "Tables 3, 4", f"`{short_command(command)}`", "–",
+    return ["`table3`", "Tables 3, 4", f"`{short_command(command)}`",
+            minutes(results["seconds"]) if "seconds" in results else "–",
             f"FC100's examples fool FC123 {100 * row['FC123']:.1f}%, FC100′ {100 * row['FC100′']:.1f}%", "26.2%, 5.9%"]
 
 

@@ -11,6 +11,7 @@ per model, the cross-model error matrix, noise rows, the table, W&B.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -67,6 +68,7 @@ def examples_for(name: str, model: torch.nn.Module, images: torch.Tensor, labels
 def run(args: argparse.Namespace) -> dict:
     """The cross-model error matrix and the noise rows."""
     start_run_folder(args)
+    started = time.perf_counter()
     data = prepared_mnist(args)
     images, labels = seeded_subset(*data.train_set.tensors, 10 if args.quick else args.examples, args.seed)
     models = {name: trained_model(name, args, data) for name in args.models}
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> dict:
     matrix = {row: {column: error_rate(model, changed, labels) for column, model in models.items()}
               for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
-    results = {"examples": len(images), "target": args.target, "errors": matrix, "mean_distortion": distortions}
+    results = {"examples": len(images), "target": args.target, "errors": matrix, "mean_distortion": distortions,
+               "seconds": time.perf_counter() - started}
     text = markdown(args.models, matrix, distortions, len(images))
     write_results(args, results, text)
     wandb_run = start_wandb(args, "table2")

@@ -12,6 +12,7 @@ example sets, the error matrix, the tables, W&B.
 from __future__ import annotations
 
 import argparse
+import time
 
 from advtrain.recipes.paper_models import (
     add_training_arguments,
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Train the three models, make the example sets, measure every model on every set."""
     start_run_folder(args)
+    started = time.perf_counter()
     halves = {half: prepared_mnist(args, train_subset=half) for half in ("P1", "P2")}
     test_images, test_labels = halves["P1"].test_set.tensors
     models, table3 = {}, {}
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     table4 = {row: {label: error_rate(model, changed, labels) for label, model in models.items()} for row, changed in sets.items()}
     distortions = {row: mean_change(images, changed) for row, changed in sets.items()}
     results = {"examples": len(images), "target": args.target, "table3": table3, "table4": table4, "mean_distortion": distortions,
-               "search_success": search_success}
+               "search_success": search_success, "seconds": time.perf_counter() - started}
     write_results(args, results, markdown(table3, table4, distortions, len(images)))
     wandb_run = start_wandb(args, "table3")
     if wandb_run is not None:

@@ -242,7 +242,7 @@ def test_bad_inputs_are_named(overrides: dict, message: str) -> None:
 
 @pytest.mark.parametrize(
     "settings, message",
-    [({"loss": "l2"}, "loss must be 'ce' or 'margin'"), ({"backend": "jax"}, "backend must be"),
+    [({"loss": "l2"}, "loss must be 'ce', 'margin' or 'both'"), ({"backend": "jax"}, "backend must be"),
      ({"search_steps": 0}, "search_steps must be a positive integer"), ({"c_growth": 1.0}, "c_growth must be greater than 1"),
      ({"c_init": -1.0}, "c_init must be positive")],
     ids=["loss", "backend", "steps", "growth", "c-init"],
@@ -253,5 +253,5 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
 
 
 def test_repr_shows_the_settings() -> None:
-    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='margin'")
-    assert "c_init=0.1" in repr(BoxLBFGS()) and "c_init=1.0" in repr(BoxLBFGS(loss="ce"))
+    assert "search_steps=5" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='both'")
+    assert "c_init=None" in repr(BoxLBFGS()) and "c_init=2.0" in repr(BoxLBFGS(c_init=2.0))

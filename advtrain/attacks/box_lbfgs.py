@@ -23,7 +23,7 @@ from advtrain.attacks.lbfgs import project, projected_lbfgs
 from advtrain.attacks.targets import TargetPolicy
 from advtrain.checks import check_count
 
-Loss = Literal["ce", "margin"]
+Loss = Literal["ce", "margin", "both"]
 Backend = Literal["auto", "torch", "scipy"]
 
 
@@ -31,21 +31,20 @@ class BoxLBFGS(Attack):
     """Box-constrained L-BFGS adversarial search with a per-example line search over c.
 
     Args:
-        loss: ``"ce"`` (the paper's cross-entropy to the target) or ``"margin"``, a logit margin
-            after Carlini and Wagner made smooth: ``Σ_j max(z_j − z_target + confidence, 0)²`` over
-            the other classes. Smooth, so L-BFGS converges on it, and a penalty on every class
-            that beats the target, so near the largest successful c its minimiser approaches the
-            minimum-norm point even where several classes tie at the optimum (for softmax
-            regression it is the exact QP optimum; see benchmarks/).
+        loss: ``"both"`` (the default: a search with each loss below, the smaller success kept
+            per example, since each finds minima the other misses), ``"ce"`` (the paper's
+            cross-entropy to the target) or ``"margin"``, a logit margin after Carlini and Wagner
+            made smooth: ``Σ_j max(z_j − z_target + confidence, 0)²`` over the other classes, whose
+            minimiser near the largest successful c approaches the minimum-norm point even where
+            several classes tie at the optimum.
         backend: ``"torch"`` (batched projected L-BFGS, one history per example, CPU or GPU),
             ``"scipy"`` (scipy's L-BFGS-B per example: exact box handling, slower), or ``"auto"``.
         search_steps: how many values of c to try per example.
         iterations: L-BFGS iterations per value of c.
         history: L-BFGS memory (curvature pairs kept per example).
-        c_init: the first c; by default 1 for ``"ce"`` and 0.1 for ``"margin"``, near the median
-            c of the best successes on the MNIST models (benchmarks/attack_benchmark.py).
+        c_init: the first c (default: 1 for the cross-entropy, 0.1 for the margin loss).
         c_growth: factor by which c grows (or shrinks) before a bracket is found.
-        confidence: for ``loss="margin"``, how far past the best other logit the loss pushes the
+        confidence: for the margin loss, how far past the best other logit the loss pushes the
             target logit, so that minimisers lie strictly beyond the decision boundary.
         refine_steps: bisection steps that finally pull each success back along its perturbation
             towards the clean input, to just past the decision boundary (0 to skip): the
@@ -77,10 +76,10 @@ class BoxLBFGS(Attack):
     def __init__(
         self,
         *,
-        loss: Loss = "margin",
+        loss: Loss = "both",
         backend: Backend = "auto",
-        search_steps: int = 6,
-        iterations: int = 50,
+        search_steps: int = 5,
+        iterations: int = 40,
         history: int = 10,
         c_init: float | None = None,
         c_growth: float = 10.0,
@@ -89,15 +88,13 @@ class BoxLBFGS(Attack):
         target: TargetPolicy = "untargeted",
         progress: bool = False,
     ) -> None:
-        if loss not in ("ce", "margin"):
-            raise ValueError(f"loss must be 'ce' or 'margin', got {loss!r}")
+        if loss not in ("ce", "margin", "both"):
+            raise ValueError(f"loss must be 'ce', 'margin' or 'both', got {loss!r}")
         if backend not in ("auto", "torch", "scipy"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'scipy', got {backend!r}")
         for name, value in (("search_steps", search_steps), ("iterations", iterations), ("history", history)):
             check_count(name, value)
-        if c_init is None:
-            c_init = 1.0 if loss == "ce" else 0.1
-        if not (c_init > 0 and math.isfinite(c_init)):
+        if c_init is not None and not (c_init > 0 and math.isfinite(c_init)):
             raise ValueError(f"c_init must be positive and finite, got {c_init}")
         if not c_growth > 1:
             raise ValueError(f"c_growth must be greater than 1, got {c_growth}")
@@ -124,29 +121,43 @@ class BoxLBFGS(Attack):
                 generator: torch.Generator) -> Proposal:
         """The search on every row: towards ``targets``, or away from the true labels (one search,
         or one per wrong class for ``"nearest"``)."""
-        if targets is not None:
-            return self._search(model, batch.inputs, targets, batch.lower, batch.upper)
-        if policy == "nearest":
-            return self._nearest(model, batch.inputs, batch.labels, batch.lower, batch.upper, batch.num_classes)
-        return self._search(model, batch.inputs, batch.labels, batch.lower, batch.upper, untargeted=True)
+        inputs, lower, upper = batch.inputs, batch.lower, batch.upper
+        untargeted = targets is None
+        goals = batch.labels if untargeted else targets
+        found = None
+        for loss in self.losses():
+            if policy == "nearest":
+                candidate = self._nearest(model, inputs, batch.labels, lower, upper, batch.num_classes, loss)
+            else:
+                candidate = self._search(model, inputs, goals, lower, upper, untargeted, loss)
+            found = candidate if found is None else _closer(inputs, found, candidate)
+        return found
 
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, untargeted: bool = False) -> torch.Tensor:
-        """Per-example loss ``(n,)``: low where the head prefers the target (untargeted: where it
+    def losses(self) -> tuple[str, ...]:
+        """The losses searched with: one, or both (``loss="both"``)."""
+        return ("margin", "ce") if self.loss == "both" else (self.loss,)
+
+    def _c_init(self, loss: str) -> float:
+        return self.c_init if self.c_init is not None else (1.0 if loss == "ce" else 0.1)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor, untargeted: bool, loss: str) -> torch.Tensor:
+        """Per-example ``loss`` ``(n,)``: low where the head prefers the target (untargeted: where it
         prefers any class to ``targets``, the true labels)."""
         if untargeted:
             others = logits.scatter(1, targets[:, None], float("-inf"))
-            if self.loss == "ce":  # -log(1 - p_true), stably
+            if loss == "ce":  # -log(1 - p_true), stably
                 return torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)
             return (_lead(logits, targets) + self.confidence).clamp_min(0).pow(2)
-        if self.loss == "ce":
+        if loss == "ce":
             return nn.functional.cross_entropy(logits, targets, reduction="none")
         target_logit = logits.gather(1, targets[:, None])
         excess = (logits - target_logit + self.confidence).clamp_min(0)  # (n, C); the target's own is κ
         return excess.pow(2).sum(1) - self.confidence**2
 
-    def _search(self, head: Head, inputs: torch.Tensor, targets: torch.Tensor,
-                lower: torch.Tensor, upper: torch.Tensor, untargeted: bool = False) -> Proposal:
-        """Search every row; ``targets`` are the targets, or with ``untargeted`` the true labels to leave."""
+    def _search(self, head: Head, inputs: torch.Tensor, targets: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                untargeted: bool, loss: str) -> Proposal:
+        """Search every row with ``loss``; ``targets`` are the targets, or with ``untargeted`` the
+        true labels to leave."""
         reaches = _leaves if untargeted else _reaches
         keeps = _leaves_by_margin if untargeted else _reaches_by_margin  # what may become the best example
         shape, count = inputs.shape, inputs.shape[0]
@@ -155,7 +166,7 @@ class BoxLBFGS(Attack):
         best = origin.clone()
         best_l2 = torch.full((count,), math.inf, device=device, dtype=dtype)
         best_c = torch.full((count,), math.nan, device=device, dtype=dtype)
-        c = torch.full((count,), self.c_init, device=device, dtype=dtype)
+        c = torch.full((count,), self._c_init(loss), device=device, dtype=dtype)
         c_success = torch.zeros_like(c)  # largest c that succeeded (0: none yet)
         c_failure = torch.full_like(c, math.inf)  # smallest c that failed
         iterations = torch.zeros(count, dtype=torch.long, device=device)
@@ -164,7 +175,7 @@ class BoxLBFGS(Attack):
         def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             x = x.detach().requires_grad_(True)
             logits = head_for_rows(head, rows)(x.view(-1, *shape[1:]))
-            value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted)
+            value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted, loss)
             (gradient,) = torch.autograd.grad(value.sum(), x)
             return value.detach(), gradient, logits.detach()
 
@@ -179,7 +190,7 @@ class BoxLBFGS(Attack):
         if self.progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="BoxLBFGS search on c", unit="c")
+            steps = tqdm(steps, desc="BoxLBFGS search on c", unit="c", disable=None)  # None: off without a terminal
         for _ in steps:
             start = torch.where(torch.isfinite(best_l2)[:, None], best, origin)
             final, used, scale = solve(objective, on_point, start, lower, upper, scale)
@@ -241,17 +252,30 @@ class BoxLBFGS(Attack):
             used[row] = int(solution.nit)
         return final, used, scale
 
-    def _nearest(self, head, inputs, labels, lower, upper, num_classes) -> Proposal:
+    def _nearest(self, head, inputs, labels, lower, upper, num_classes, loss: str) -> Proposal:
         """Search every wrong class at once and keep each row's closest success."""
         count, wrong = inputs.shape[0], num_classes - 1
         offsets = torch.arange(1, num_classes, device=labels.device)
         targets = ((labels[:, None] + offsets[None, :]) % num_classes).reshape(-1)  # (N·(C-1),)
         expanded = inputs.repeat_interleave(wrong, dim=0)
         head = head_for_rows(head, torch.arange(count, device=inputs.device).repeat_interleave(wrong))
-        found = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0))
+        found = self._search(head, expanded, targets, lower.repeat_interleave(wrong, 0), upper.repeat_interleave(wrong, 0),
+                             False, loss)
         l2 = (found.points - expanded).flatten(1).norm(dim=1).where(found.found, torch.tensor(math.inf, device=inputs.device))
         pick = l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
         return Proposal(found.points[pick], found.found[pick], c=found.c[pick], iterations=found.iterations[pick])
+
+
+def _closer(inputs: torch.Tensor, first: Proposal, second: Proposal) -> Proposal:
+    """Per row, the proposal with the shorter found perturbation."""
+    def l2(proposal: Proposal) -> torch.Tensor:
+        size = (proposal.points - inputs).flatten(1).norm(dim=1)
+        return torch.where(proposal.found, size, torch.full_like(size, math.inf))
+
+    take = l2(second) < l2(first)
+    rows = take.view(-1, *[1] * (inputs.ndim - 1))
+    return Proposal(torch.where(rows, second.points, first.points), first.found | second.found,
+                    c=torch.where(take, second.c, first.c), iterations=first.iterations + second.iterations)
 
 
 def _reaches(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

