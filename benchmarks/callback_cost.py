@@ -28,6 +28,7 @@ from advtrain.attacks import BoxLBFGS, FastGradient
 from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.models import fc100_100_10
+from advtrain.pooling import EveryStep, WithinBudget
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES
 
 
@@ -79,13 +80,13 @@ def measure_default(data: MNISTDataModule, epochs: int) -> dict:
 
 def fresh_half_pools(generator: str) -> LayerwiseAdversarialTraining:
     """The README's fresh half-batch setting with either generator."""
-    fresh = dict(mix_fraction=0.5, refresh_every=1, refresh_size=64, capacity=128, target="untargeted")
+    fresh = dict(mix_fraction=0.5, refresh_every=1, refresh_size=64, capacity=128)
     if generator == "fast-gradient":
         return LayerwiseAdversarialTraining(["input"], module="model", attack=FastGradient(distortion=0.036),
-                                            pool_failures=True, **fresh)
-    search = BoxLBFGS(loss="margin", search_steps=1, iterations=5, refine_steps=10)
-    return LayerwiseAdversarialTraining(["input"], module="model", attack=search, max_distortion=0.036,
-                                        beyond_max_distortion="shrink", stretch_to_max_distortion=True, **fresh)
+                                            pooling=EveryStep(), **fresh)
+    search = BoxLBFGS(loss="margin", search_steps=1, iterations=5, refine_steps=10, target="untargeted")
+    return LayerwiseAdversarialTraining(["input"], module="model", attack=search,
+                                        pooling=WithinBudget(0.036, beyond="project", stretch=True), **fresh)
 
 
 def measure_fresh_half(data: MNISTDataModule, epochs: int) -> dict:

@@ -106,10 +106,13 @@ def attack_benchmark() -> str:
 #: The section 4.2 runs, by setting: (label, run folders by seed).
 TRAINING_SETTINGS = [
     ("FC100-100-10, input pools of fast-gradient steps of each batch's own half, one-pixel shifts, 120 epochs",
-     ["target-shift1-seed0"]),
+     ["target-shift1-seed0", "target-shift1-seed1"]),
     ("FC100-100-10, the paper's three pools (5% of each batch), 30 epochs", ["adversarial-training"]),
     ("SmallResNet (batch norm), pools at the input and three stage outputs, 5 epochs",
      ["adversarial-training-small-resnet"]),
+]
+#: The figure's short names of the settings above, in order.
+SHORT_NAMES = ["FC100, shifts, 120 epochs", "FC100, 30 epochs", "SmallResNet"
 ]
 
 
@@ -320,8 +323,7 @@ def robustness_figure(path: Path) -> None:
     from PIL import Image, ImageDraw
 
     points = []  # (test error, distortion, label)
-    for label, runs in training_runs():
-        short = label.split(",")[0]
+    for (label, runs), short in zip(training_runs(), SHORT_NAMES):
         for _, _, results, _ in runs:
             for entry in results:
                 if entry["mean_distortion"] is not None:
@@ -341,15 +343,16 @@ def robustness_figure(path: Path) -> None:
         draw.text((8, to_y(d) - 6), f"{d:.3f}", fill="black")
     draw.text((width // 2 - 60, height - 30), "clean test error", fill="black")
     draw.text((8, 20), "mean minimal distortion (higher: harder to fool)", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
     legend = sorted({p[2] for p in points})
     for error, distortion, name in points:
         colour = colours[legend.index(name) % len(colours)]
         x, y = to_x(error), to_y(distortion)
         draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
+    top = height - margin - 18 * len(legend) - 10  # the legend in the lower right corner
     for row, name in enumerate(legend):
-        draw.ellipse([width - 300, 40 + 18 * row, width - 290, 50 + 18 * row], fill=colours[row % len(colours)])
-        draw.text((width - 284, 38 + 18 * row), name, fill="black")
+        draw.ellipse([width - 290, top + 18 * row, width - 280, top + 10 + 18 * row], fill=colours[row % len(colours)])
+        draw.text((width - 274, top - 2 + 18 * row), name, fill="black")
     image.save(path)
 
 

@@ -166,3 +166,23 @@ def test_every_generator_is_an_attack() -> None:
         attack = make()
         assert isinstance(attack, Attack) and repr(attack).startswith(type(attack).__name__ + "(target=")
     assert math.isclose(PGD(epsilon=1.0, steps=10).step_size, 0.25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_inputs_of_another_precision_are_cast_to_the_models(dtype: torch.dtype) -> None:
+    model = trained_net().eval()
+    inputs, labels = images(4, size=8, seed=1)
+    result = BoxLBFGS(search_steps=2, iterations=10)(model, inputs.to(dtype), labels)
+    assert result.adversarial.dtype == torch.float32 and result.success.any()
+
+
+def test_labels_may_be_a_list_and_a_one_class_model_is_refused() -> None:
+    model = trained_net().eval()
+    inputs, labels = images(4, size=8, seed=1)
+    result = FastGradient(distortion=0.1)(model, inputs, labels.tolist())
+    assert len(result) == 4 and torch.equal(result.target[~result.success] != labels[~result.success], torch.ones_like(labels[~result.success], dtype=torch.bool))
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        FastGradient()(model, inputs, [0.5, 1.0, 0.0, 1.0])
+    one_class = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    with pytest.raises(ValueError, match="the model returns logits for 1 class; an adversarial example needs a second"):
+        BoxLBFGS()(one_class, inputs, torch.zeros(4, dtype=torch.long))

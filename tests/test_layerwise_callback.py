@@ -375,3 +375,10 @@ def test_mixed_precision_generates_and_injects(tmp_path: Path, precision: str) -
     assert float(trainer.logged_metrics["adv/act2/generation_success"]) > 0.0
     assert torch.count_nonzero(recorder.grads["model.out.weight"]) > 0
     assert all(torch.isfinite(p).all() for p in classifier.parameters())
+
+
+def test_a_mix_fraction_that_rounds_to_no_row_says_so(tmp_path: Path) -> None:
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.02, capacity=64)
+    with pytest.warns(UserWarning, match=r"mix_fraction 0.02 of a batch of 16 rows rounds to no row; one row of each "
+                                         r"batch \(6.2%\) is mixed in instead"):
+        trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())

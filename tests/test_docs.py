@@ -1,0 +1,55 @@
+"""The README and docs/: every generated table agrees with the committed results JSON, the README
+stays short and its links resolve."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def generator():
+    spec = importlib.util.spec_from_file_location("generate_docs", REPO / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_tables_agree_with_the_committed_results() -> None:
+    assert generator().main(["--check"]) == 0
+
+
+def test_a_number_changed_in_the_json_fails_the_check(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    module = generator()
+    original = module.load
+
+    def altered(path: Path):
+        data = original(path)
+        if path.name == "results.json" and isinstance(data, list) and data and "test_error" in data[0]:
+            data[0]["test_error"] += 0.01
+        return data
+
+    monkeypatch.setattr(module, "load", altered)
+    assert module.main(["--check"]) == 1
+    assert "generated tables differ from the committed results JSON" in capsys.readouterr().err
+
+
+def test_every_generated_block_has_a_generator() -> None:
+    module = generator()
+    for path in module.DOCUMENTS:
+        for name in re.findall(r"<!-- generated: ([\w-]+) -->", path.read_text()):
+            assert name in module.TABLES, f"{path.name}: {name}"
+
+
+def test_the_readme_is_short_and_its_links_resolve() -> None:
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    for link in re.findall(r"\]\(((?:docs|recipes)/[^)#]+)", text):
+        assert (REPO / link).exists(), link
+    for page in (REPO / "docs").glob("*.md"):
+        for link in re.findall(r"\]\(([\w./-]+\.(?:md|png))", page.read_text()):
+            assert (page.parent / link).exists(), f"{page.name}: {link}"
