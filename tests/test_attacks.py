@@ -255,3 +255,13 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
 def test_repr_shows_the_settings() -> None:
     assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='both'")
     assert "c_init=None" in repr(BoxLBFGS()) and "c_init=2.0" in repr(BoxLBFGS(c_init=2.0))
+
+
+def test_smallest_candidate_per_row_with_repeated_rows() -> None:
+    from advtrain.attacks.box_lbfgs import smallest_per_row
+
+    values = torch.tensor([3.0, 1.0, 1.0, math.inf, 2.0, 0.5])
+    rows = torch.tensor([0, 0, 0, 1, 2, 3])
+    found, pick = smallest_per_row(values, rows, count=5)
+    assert found.tolist() == [0, 2, 3]  # row 1 has no finite candidate, row 4 none at all
+    assert pick.tolist() == [1, 4, 5]  # row 0: the first of its two smallest

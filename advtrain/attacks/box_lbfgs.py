@@ -187,8 +187,8 @@ class BoxLBFGS(Attack):
         def on_point(x: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor) -> None:
             l2 = (x - origin[rows]).norm(dim=1)
             better = keeps(logits, targets[rows]) & (l2 < best_l2[rows])
-            improved = rows[better]
-            best[improved], best_l2[improved], best_c[improved] = x[better], l2[better], c[improved]
+            improved, pick = smallest_per_row(l2.where(better, torch.full_like(l2, math.inf)), rows, count)
+            best[improved], best_l2[improved], best_c[improved] = x[pick], l2[pick], c[improved]
 
         solve = self._solve_torch if self.resolved_backend(device) == "torch" else self._solve_scipy
         steps = range(search_steps)
@@ -209,26 +209,32 @@ class BoxLBFGS(Attack):
                 torch.where(c_success == 0, c / self.c_growth, (c_success * c_failure).sqrt()),
             )
         found = torch.isfinite(best_l2)
-        best = self._refine(head, origin, best, targets, found, shape, keeps)
+        best = self._refine(head, origin, best, targets, found, shape, keeps, lower, upper)
         return Proposal(best.view(shape), found, c=best_c, iterations=iterations)
 
     @torch.no_grad()
     def _refine(self, head: Head, origin: torch.Tensor, best: torch.Tensor, targets: torch.Tensor,
                 found: torch.Tensor, shape: torch.Size,
-                keeps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                keeps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         """Shrink each success ``x + r`` to ``x + t·r`` with the smallest ``t`` in (0, 1] that still
         ``keeps`` the target (bisection; ``t = 1`` always does): the search keeps only examples that
         reach it by a logit margin of at least ``REFINE_MARGIN``, so that an example stays
-        adversarial when evaluated in another batch, whose sums round differently."""
+        adversarial when evaluated in another batch, whose sums round differently. Each point is
+        projected onto the box: ``x + t·r`` rounds past a bound that ``x + r`` touches."""
         perturbation = best - origin
+
+        def point(t: torch.Tensor) -> torch.Tensor:
+            return project(origin + t[:, None] * perturbation, lower, upper)
+
         low = torch.zeros(best.shape[0], device=best.device, dtype=best.dtype)  # fails (or untested)
         high = torch.ones_like(low)  # succeeds
         for _ in range(self.refine_steps):
             middle = (low + high) / 2
-            reached = keeps(head((origin + middle[:, None] * perturbation).view(shape)), targets)
+            reached = keeps(head(point(middle).view(shape)), targets)
             high = torch.where(reached, middle, high)
             low = torch.where(reached, low, middle)
-        return torch.where(found[:, None], origin + high[:, None] * perturbation, best)
+        return torch.where(found[:, None], point(high), best)
 
     def _solve_torch(self, objective, on_point, start, lower, upper, scale, iterations):
         return projected_lbfgs(objective, start, lower, upper, iterations=iterations,
@@ -270,6 +276,24 @@ class BoxLBFGS(Attack):
         l2 = (found.points - expanded).flatten(1).norm(dim=1).where(found.found, torch.tensor(math.inf, device=inputs.device))
         pick = l2.view(count, wrong).argmin(1) + torch.arange(count, device=labels.device) * wrong
         return Proposal(found.points[pick], found.found[pick], c=found.c[pick], iterations=found.iterations[pick])
+
+
+def smallest_per_row(values: torch.Tensor, rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For candidates ``values`` ``(n,)`` of the batch rows ``rows`` ``(n,)`` (ids may repeat;
+    ``inf``: no candidate), the rows with a finite candidate and, for each, the position of its
+    smallest candidate, the first of equals.
+
+    The line search tries several steps of a row in one call, so ``rows`` repeats, and an indexed
+    write ``best[rows] = x`` with repeated indices keeps an arbitrary one of them.
+    """
+    smallest = torch.full((count,), math.inf, device=values.device, dtype=values.dtype)
+    smallest = smallest.scatter_reduce(0, rows, values, "amin")
+    is_smallest = (values == smallest[rows]) & torch.isfinite(values)
+    positions = torch.arange(rows.numel(), device=rows.device)
+    first = torch.full((count,), rows.numel(), dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, rows[is_smallest], positions[is_smallest], "amin")
+    found = (first < rows.numel()).nonzero()[:, 0]
+    return found, first[found]
 
 
 def _closer(inputs: torch.Tensor, first: Proposal, second: Proposal) -> Proposal:
