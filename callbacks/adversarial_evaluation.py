@@ -75,7 +75,7 @@ class AdversarialEvaluation(Callback):
     Args:
         examples: size of the subset (the same examples every time).
         budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error.
-        attack: the search (default: ``BoxLBFGS(loss="margin")``).
+        attack: the search (default: ``BoxLBFGS()``).
         target: the attack's target policy: ``"untargeted"`` (default: one search per example
             towards whichever wrong class is nearest to hand), ``"nearest"`` (a search for every
             wrong class, the closest kept: as many times the cost, and the exact minimum over
@@ -119,7 +119,7 @@ class AdversarialEvaluation(Callback):
             raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         self.examples = examples
         self.budgets = tuple(float(b) for b in budgets)
-        self.attack = attack if attack is not None else BoxLBFGS(loss="margin")
+        self.attack = attack if attack is not None else BoxLBFGS()
         self.target = target
         self.module = module
         self.bounds = bounds

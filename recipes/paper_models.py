@@ -93,7 +93,7 @@ def minimal_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Te
     """
     with torch.no_grad():
         correct = model(images).argmax(1) == labels
-    attack = BoxLBFGS(loss="margin", progress=True)
+    attack = BoxLBFGS(progress=True)
     result = attack(model, images[correct], labels[correct], target=target, generator=torch.Generator().manual_seed(seed))
     adversarial = images.clone()
     adversarial[correct] = result.adversarial.to(images.dtype)

@@ -253,7 +253,7 @@ def test_bad_settings_fail_at_construction(settings: dict, message: str) -> None
 
 
 def test_repr_shows_the_settings() -> None:
-    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='both'")
+    assert "search_steps=6" in repr(BoxLBFGS()) and repr(BoxLBFGS()).startswith("BoxLBFGS(target='untargeted', loss='margin'")
     assert "c_init=None" in repr(BoxLBFGS()) and "c_init=2.0" in repr(BoxLBFGS(c_init=2.0))
 
 

@@ -31,12 +31,12 @@ class BoxLBFGS(Attack):
     """Box-constrained L-BFGS adversarial search with a per-example line search over c.
 
     Args:
-        loss: ``"both"`` (the default: the margin search, then a short cross-entropy search, the
-            smaller success kept per example, since the second finds minima the first misses), ``"ce"`` (the paper's
-            cross-entropy to the target) or ``"margin"``, a logit margin after Carlini and Wagner
-            made smooth: ``Σ_j max(z_j − z_target + confidence, 0)²`` over the other classes, whose
-            minimiser near the largest successful c approaches the minimum-norm point even where
-            several classes tie at the optimum.
+        loss: ``"margin"`` (the default), a logit margin after Carlini and Wagner made smooth:
+            ``Σ_j max(z_j − z_target + confidence, 0)²`` over the other classes, whose minimiser
+            near the largest successful c approaches the minimum-norm point even where several
+            classes tie at the optimum; ``"ce"``, the paper's cross-entropy to the target; or
+            ``"both"``, the margin search and then a short cross-entropy search (3 values of c,
+            half the iterations), the smaller success kept per example.
         backend: ``"torch"`` (batched projected L-BFGS, one history per example, CPU or GPU),
             ``"scipy"`` (scipy's L-BFGS-B per example: exact box handling, slower), or ``"auto"``.
         search_steps: how many values of c to try per example.
@@ -76,10 +76,10 @@ class BoxLBFGS(Attack):
     def __init__(
         self,
         *,
-        loss: Loss = "both",
+        loss: Loss = "margin",
         backend: Backend = "auto",
         search_steps: int = 6,
-        iterations: int = 35,
+        iterations: int = 50,
         history: int = 10,
         c_init: float | None = None,
         c_growth: float = 10.0,
@@ -136,7 +136,7 @@ class BoxLBFGS(Attack):
     def searches(self) -> list[tuple[str, int, int]]:
         """``(loss, values of c, iterations)`` of each search: one, or for ``loss="both"`` the margin
         search and then a short cross-entropy one (3 values of c, half the iterations), which only
-        has to land in a better minimum where the margin search missed it."""
+        has to land in a better minimum where the margin search stayed in a worse one."""
         if self.loss != "both":
             return [(self.loss, self.search_steps, self.iterations)]
         return [("margin", self.search_steps, self.iterations), ("ce", min(3, self.search_steps), max(1, self.iterations // 2))]
@@ -177,10 +177,14 @@ class BoxLBFGS(Attack):
         iterations = torch.zeros(count, dtype=torch.long, device=device)
         scale: torch.Tensor | None = None  # each row's L-BFGS scale, carried from one c to the next
 
-        def objective(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            x = x.detach().requires_grad_(True)
-            logits = head_for_rows(head, rows)(x.view(-1, *shape[1:]))
-            value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted, loss)
+        def objective(x: torch.Tensor, rows: torch.Tensor,
+                      with_gradient: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            with torch.set_grad_enabled(with_gradient):
+                x = x.detach().requires_grad_(with_gradient)
+                logits = head_for_rows(head, rows)(x.view(-1, *shape[1:]))
+                value = c[rows] * (x - origin[rows]).pow(2).sum(1) + self._loss(logits, targets[rows], untargeted, loss)
+            if not with_gradient:
+                return value, None, logits
             (gradient,) = torch.autograd.grad(value.sum(), x)
             return value.detach(), gradient, logits.detach()
 

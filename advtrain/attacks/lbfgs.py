@@ -13,9 +13,10 @@ from typing import Callable
 
 import torch
 
-#: ``objective(x, rows)`` gives per-row values ``(n,)``, gradients ``(n, D)`` and logits ``(n, C)``
-#: for the rows ``rows`` of the batch, at points ``x`` ``(n, D)``.
-Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+#: ``objective(x, rows, with_gradient)`` gives per-row values ``(n,)``, gradients ``(n, D)`` (``None``
+#: without ``with_gradient``: a forward pass only) and logits ``(n, C)`` for the rows ``rows`` of the
+#: batch, at points ``x`` ``(n, D)``.
+Objective = Callable[[torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
 #: ``on_point(x, logits, rows)`` sees every accepted iterate.
 OnPoint = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -85,7 +86,7 @@ def projected_lbfgs(
     # are written back to `final` and dropped once they are half of the live ones.
     rows = torch.arange(count, device=device)
     x = final.clone()
-    value, gradient, logits = objective(x, rows)
+    value, gradient, logits = objective(x, rows, True)
     if on_point is not None:
         on_point(x, logits, rows)
     steps = torch.zeros(history, count, dims, device=device, dtype=dtype)
@@ -122,16 +123,17 @@ def projected_lbfgs(
 
         new_x, new_value, new_gradient = x.clone(), value.clone(), gradient.clone()
         accepted = torch.zeros_like(active)
-        # Line search in two batched calls: the full step for every live row, then a ladder of
-        # shorter steps, all at once, for the rows whose full step broke the Armijo condition.
+        # Line search in two batched calls: the full step for every live row (with gradients), then
+        # a ladder of shorter steps, all at once and by forward passes only, for the rows whose full
+        # step broke the Armijo condition; the gradient is then taken at each row's accepted step.
         trying = local[active]
-        for factors in (_FULL_STEP.to(device, dtype), _LADDER.to(device, dtype)):
+        for factors, with_gradient in ((_FULL_STEP.to(device, dtype), True), (_LADDER.to(device, dtype), False)):
             if trying.numel() == 0:
                 break
             ladder = (length[trying, None] * factors[None, :]).reshape(-1)  # (n·k,)
             repeated = trying.repeat_interleave(factors.numel())
             trial = project(x[repeated] + ladder[:, None] * direction[repeated], lower[repeated], upper[repeated])
-            trial_value, trial_gradient, trial_logits = objective(trial, rows[repeated])
+            trial_value, trial_gradient, trial_logits = objective(trial, rows[repeated], with_gradient)
             if on_point is not None:
                 on_point(trial, trial_logits, rows[repeated])
             decrease = (gradient[repeated] * (trial - x[repeated])).sum(1)
@@ -140,7 +142,11 @@ def projected_lbfgs(
             passed = first >= 0
             pick = (torch.arange(trying.numel(), device=device) * factors.numel() + first)[passed]
             winners = trying[passed]
-            new_x[winners], new_value[winners], new_gradient[winners] = trial[pick], trial_value[pick], trial_gradient[pick]
+            if with_gradient:
+                new_value[winners], new_gradient[winners] = trial_value[pick], trial_gradient[pick]
+            elif winners.numel():
+                new_value[winners], new_gradient[winners], _ = objective(trial[pick], rows[winners], True)
+            new_x[winners] = trial[pick]
             accepted[winners] = True
             trying = trying[~passed]
         # a row whose line search failed, or whose value barely moved, has converged (scipy's ftol)
