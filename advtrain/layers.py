@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from advtrain.box import UNBOUNDED, UNIT_BOX, Bounds, check_bounds
+from advtrain.model_state import untouched
+
 INPUT = "input"
-UNBOUNDED = (-math.inf, math.inf)
 
 #: Output ranges of activations whose range does not depend on the data.
 _KNOWN_RANGES: dict[type[nn.Module], tuple[float, float]] = {
@@ -58,7 +60,6 @@ _RANGE_PRESERVING_FUNCTIONS = {"max_pool1d", "max_pool2d", "max_pool3d", "adapti
                                "reshape", "dropout", "contiguous", "permute", "transpose", "squeeze", "unsqueeze",
                                "clone"}
 
-Bounds = tuple[float | torch.Tensor, float | torch.Tensor]
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -115,13 +116,10 @@ def probe_calls(model: nn.Module, example_inputs: torch.Tensor) -> dict[str, tup
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with untouched(model), torch.no_grad():
             model(example_inputs)
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return seen
@@ -152,6 +150,22 @@ def layer_names(model: nn.Module, example_inputs: torch.Tensor | None = None) ->
     return [INPUT, *(name for name in recorder.finished if recorder.calls[name] == 1)]
 
 
+def check_layer_name(model: nn.Module, name: str, example_inputs: torch.Tensor | None = None) -> None:
+    """Refuse ``name`` unless it is ``"input"`` or a named submodule of ``model``.
+
+    Raises:
+        ValueError: ``unknown layer `name`; layers are: ...`` listing :func:`layer_names`.
+    """
+    if name == INPUT:
+        return
+    if not isinstance(name, str) or not name or name not in dict(model.named_modules()):
+        try:
+            names = ", ".join(layer_names(model, example_inputs))
+        except LayerCutError:  # untraceable without inputs: list the submodules instead
+            names = ", ".join([INPUT, *(n for n, _ in model.named_modules() if n)])
+        raise ValueError(f"unknown layer `{name}`; layers are: {names}")
+
+
 def check_layer(model: nn.Module, name: str, example_inputs: torch.Tensor | None = None) -> None:
     """Refuse ``name`` unless it is a layer one can cut at (see :func:`layer_names`).
 
@@ -161,12 +175,10 @@ def check_layer(model: nn.Module, name: str, example_inputs: torch.Tensor | None
     """
     if name == INPUT:
         return
+    check_layer_name(model, name, example_inputs)
     names = layer_names(model, example_inputs)
     if name in names:
         return
-    modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(names)}")
     calls = probe_calls(model, example_inputs).get(name, (0, True))[0] if example_inputs is not None else 0
     parents = [n for n in enclosing_modules(name) if n in names]
     instead = f"; cut at an enclosing module instead: {', '.join(parents)}" if parents else ""
@@ -416,8 +428,7 @@ def cut_at(model: nn.Module, name: str, example_inputs: torch.Tensor | None = No
     """
     if name == INPUT:
         return _InputCut(model, name, crossing=False)
-    if name not in dict(model.named_modules()) or name == "":
-        raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(layer_names(model, example_inputs))}")
+    check_layer_name(model, name, example_inputs)
     if _is_sequential_path(model, name):
         return _SplitCut(model, name, *_split_sequential(model, name.split(".")))
     if example_inputs is not None:
@@ -441,8 +452,7 @@ def split_at(model: nn.Module, name: str) -> tuple[nn.Module, nn.Module]:
     """
     if name == INPUT:
         return nn.Identity(), model
-    if name not in dict(model.named_modules()) or name == "":
-        raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(layer_names(model))}")
+    check_layer_name(model, name)
     if _is_sequential_path(model, name):
         return _split_sequential(model, name.split("."))
     split = _split_graph(model, name)
@@ -498,7 +508,7 @@ def module_range(module: nn.Module) -> tuple[float, float] | None:
     return _range_of_node(traced, result) if isinstance(result, fx.Node) else None
 
 
-def known_bounds(model: nn.Module, name: str, input_bounds: Bounds = (0.0, 1.0)) -> Bounds | None:
+def known_bounds(model: nn.Module, name: str, input_bounds: Bounds = UNIT_BOX) -> Bounds | None:
     """The output box of layer ``name`` where it follows from the layer type alone, else ``None``.
 
     ``"input"`` has ``input_bounds``; sigmoid [0, 1], tanh [-1, 1], ReLU [0, inf), a module whose
@@ -507,9 +517,8 @@ def known_bounds(model: nn.Module, name: str, input_bounds: Bounds = (0.0, 1.0))
     """
     if name == INPUT:
         return input_bounds
+    check_layer_name(model, name)
     modules = dict(model.named_modules())
-    if name not in modules or name == "":
-        raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(layer_names(model))}")
     module = modules[name]
     if isinstance(module, _RANGE_PRESERVING):
         parent_name, _, child_name = name.rpartition(".")
@@ -535,52 +544,33 @@ def _range_in_graph(model: nn.Module, name: str) -> tuple[float, float] | None:
     return _range_of_node(traced, calls[0]) if len(calls) == 1 else None
 
 
-@torch.no_grad()
-def estimated_bounds(model: nn.Module, name: str, inputs: torch.Tensor) -> Bounds:
-    """Per-unit ``(min, max)`` of layer ``name``'s outputs over clean ``inputs`` (eval mode)."""
-    cut = cut_at(model, name, inputs)
-    was_training = model.training
-    model.eval()
-    try:
-        activations = cut.bottom(inputs)
-    finally:
-        model.train(was_training)
-    return activations.amin(dim=0), activations.amax(dim=0)
-
-
 def layer_bounds(
     model: nn.Module,
     layers: Iterable[str],
     *,
-    inputs: torch.Tensor | None = None,
     overrides: Mapping[str, Bounds] | None = None,
-    input_bounds: Bounds = (0.0, 1.0),
+    input_bounds: Bounds = UNIT_BOX,
 ) -> dict[str, Bounds]:
-    """The box of each layer's outputs, for searching adversarial activations inside it.
-
-    In order of precedence: ``overrides[name]``; the range the layer type implies
-    (:func:`known_bounds`); else per-unit ``(min, max)`` over clean ``inputs`` where given, or no
-    bound at all, ``(-inf, inf)``.
+    """The box of each layer's outputs, for searching adversarial activations inside it, by the one
+    policy every part of advtrain follows: ``overrides[name]`` (checked by
+    :func:`advtrain.box.check_bounds`); else the range the layer type implies (:func:`known_bounds`,
+    ``input_bounds`` for ``"input"``); else no bound, ``(-inf, inf)``. Clean activations outside a
+    box widen it where it is used (:class:`advtrain.classifier_layer.ClassifierLayer`).
 
     Raises:
-        ValueError: an unknown layer.
+        ValueError: an unknown layer, or a malformed, inverted or empty override.
     """
     overrides = dict(overrides or {})
-    modules = dict(model.named_modules())
     for name in [*overrides, *layers]:
-        if name != INPUT and (name not in modules or name == ""):
-            raise ValueError(f"unknown layer `{name}`; layers are: {', '.join(layer_names(model, inputs))}")
+        check_layer_name(model, name)
     boxes: dict[str, Bounds] = {}
     for name in layers:
         if name in overrides:
-            boxes[name] = overrides[name]
-            continue
-        box = known_bounds(model, name, input_bounds)
-        if box is None:
-            box = estimated_bounds(model, name, inputs) if inputs is not None else UNBOUNDED
-        boxes[name] = box
+            boxes[name] = check_bounds(overrides[name], name=f"bounds for layer `{name}`")
+        else:
+            boxes[name] = known_bounds(model, name, input_bounds) or UNBOUNDED
     return boxes
 
 
-__all__ = ["INPUT", "UNBOUNDED", "Bounds", "LayerCut", "LayerCutError", "check_layer", "cut_at", "estimated_bounds",
+__all__ = ["INPUT", "UNBOUNDED", "Bounds", "Head", "LayerCut", "LayerCutError", "check_layer", "check_layer_name", "cut_at",
            "enclosing_modules", "known_bounds", "layer_bounds", "layer_names", "module_range", "probe_calls", "split_at"]

@@ -1,8 +1,8 @@
 """What a pool keeps of an attack's result: one policy object, checked against the attack once.
 
 - :class:`Successes` (the default): the examples that fooled the model, as the attack found them.
-- :class:`WithinBudget`: successes held to a budget of ``sqrt(mean r²)``: those beyond it dropped
-  or projected onto it along their own direction, and optionally those within it stretched out
+- :class:`WithinBudget`: successes held to a budget (``epsilon`` in a norm of :mod:`advtrain.budget`):
+  those beyond it dropped or projected onto its ball, and optionally those within it stretched out
   to it (then clipped to the box), so every example sits at the budget as a fixed-budget
   attack's would.
 - :class:`EveryStep`: every row a fixed-budget attack (a fast-gradient or PGD step) moved, fooled
@@ -20,8 +20,9 @@ from typing import Literal, Protocol
 import torch
 
 from advtrain.attacks import Attack, AttackResult
+from advtrain.box import Bounds
+from advtrain.budget import Norm, check_epsilon, check_norm, perturbation_size, project
 
-Box = tuple[float | torch.Tensor, float | torch.Tensor]
 
 
 class PoolingPolicy(Protocol):
@@ -30,7 +31,7 @@ class PoolingPolicy(Protocol):
     def check(self, attack: Attack) -> None:
         """Refuse an attack this policy cannot work with (``ValueError``)."""
 
-    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
         """``(examples, keep)`` for clean ``inputs`` and the attack's ``result`` on them."""
 
 
@@ -46,7 +47,7 @@ class Successes:
     def check(self, attack: Attack) -> None:
         """Any attack will do."""
 
-    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
         return result.adversarial, result.success
 
     def __repr__(self) -> str:
@@ -54,52 +55,59 @@ class Successes:
 
 
 class WithinBudget:
-    """Pool successes held to ``budget`` (``sqrt(mean r²)``).
+    """Pool successes held to a budget of ``epsilon`` in ``norm`` (:mod:`advtrain.budget`).
 
     Args:
-        budget: the largest distortion of a pooled example.
+        epsilon: the largest size of a pooled example's perturbation.
+        norm: ``"rms"`` (the paper's ``sqrt(mean r²)``, default), ``"l2"`` or ``"linf"``.
         beyond: what becomes of a success beyond the budget: ``"drop"`` it, or ``"project"`` its
-            perturbation onto the budget along its own direction (inside the box, which is
-            convex; the projected example may no longer fool the model).
+            perturbation onto the budget's ball (inside the box, which is convex; the projected
+            example may no longer fool the model).
         stretch: also stretch the successes within the budget out to it, along their direction,
             clipped to the box.
 
     Raises:
-        ValueError: a budget that is not positive and finite, an unknown ``beyond``.
+        ValueError: a budget that is not positive and finite, an unknown norm or ``beyond``.
 
     Example::
 
         >>> WithinBudget(0.036, beyond="project", stretch=True)
-        WithinBudget(budget=0.036, beyond='project', stretch=True)
+        WithinBudget(epsilon=0.036, norm='rms', beyond='project', stretch=True)
     """
 
-    def __init__(self, budget: float, *, beyond: Literal["drop", "project"] = "drop", stretch: bool = False) -> None:
-        if not (budget > 0 and math.isfinite(budget)):
-            raise ValueError(f"budget must be positive and finite, got {budget}")
+    def __init__(self, epsilon: float, *, norm: Norm = "rms", beyond: Literal["drop", "project"] = "drop",
+                 stretch: bool = False) -> None:
+        self.epsilon, self.norm = check_epsilon(epsilon), check_norm(norm)
         if beyond not in ("drop", "project"):
             raise ValueError(f"beyond must be 'drop' or 'project', got {beyond!r}")
-        self.budget, self.beyond, self.stretch = float(budget), beyond, bool(stretch)
+        self.beyond, self.stretch = beyond, bool(stretch)
 
     def check(self, attack: Attack) -> None:
         """Any attack will do."""
 
-    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
-        within = result.distortion <= self.budget
+    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
+        size = torch.where(result.success, perturbation_size(result.perturbation, self.norm),
+                           torch.full_like(result.distortion, math.inf))
+        within = size <= self.epsilon
         keep = result.success & within if self.beyond == "drop" else result.success
         rescale = (~within & (self.beyond == "project")) | (within & self.stretch)
         rows = rescale.view(-1, *[1] * (inputs.ndim - 1))
         if not bool(rescale.any()):
             return result.adversarial, keep
-        # each row's factor on its perturbation (only the rescaled rows' are used; failures get 0)
-        scale = self.budget / result.distortion.clamp_min(torch.finfo(result.distortion.dtype).tiny)
-        examples = inputs + scale.view_as(rows).to(inputs.dtype) * (result.adversarial - inputs)
+        perturbation = result.adversarial - inputs
+        # projecting onto the ball scales an L2 or rms perturbation along its direction and clips an
+        # L-inf one; stretching scales every perturbation out to the budget (failures get factor 0)
+        scale = (self.epsilon / size.clamp_min(torch.finfo(size.dtype).tiny)).where(result.success, torch.zeros_like(size))
+        stretched = inputs + scale.view_as(rows).to(inputs.dtype) * perturbation
+        projected = inputs + project(perturbation, self.epsilon, self.norm)
+        examples = torch.where(rows & within.view_as(rows), stretched, projected)
         if self.stretch:  # stretching can leave the box; projecting onto the budget cannot (it is convex)
             lower, upper = (torch.as_tensor(bound, dtype=examples.dtype, device=examples.device) for bound in box)
             examples = torch.clamp(examples, lower, upper)
         return torch.where(rows, examples, result.adversarial), keep
 
     def __repr__(self) -> str:
-        return f"WithinBudget(budget={self.budget!r}, beyond={self.beyond!r}, stretch={self.stretch!r})"
+        return f"WithinBudget(epsilon={self.epsilon!r}, norm={self.norm!r}, beyond={self.beyond!r}, stretch={self.stretch!r})"
 
 
 class EveryStep:
@@ -121,7 +129,7 @@ class EveryStep:
             raise ValueError(f"EveryStep pools the rows a fixed-budget attack moved; {type(attack).__name__} is a search "
                              "whose failures carry no perturbation: use FastGradient or PGD, or pool Successes()")
 
-    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, inputs: torch.Tensor, result: AttackResult, box: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
         return result.attempt, torch.ones_like(result.success)
 
     def __repr__(self) -> str:

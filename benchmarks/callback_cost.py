@@ -30,6 +30,7 @@ from advtrain.data import MNISTDataModule
 from advtrain.models import fc100_100_10
 from advtrain.pooling import EveryStep, WithinBudget
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES
+from advtrain.recipes.run_folder import write_json
 
 
 class EpochTimer(pl.Callback):
@@ -82,7 +83,7 @@ def fresh_half_pools(generator: str) -> LayerwiseAdversarialTraining:
     """The README's fresh half-batch setting with either generator."""
     fresh = dict(mix_fraction=0.5, refresh_every=1, refresh_size=64, capacity=128)
     if generator == "fast-gradient":
-        return LayerwiseAdversarialTraining(["input"], module="model", attack=FastGradient(distortion=0.036),
+        return LayerwiseAdversarialTraining(["input"], module="model", attack=FastGradient(epsilon=0.036),
                                             pooling=EveryStep(), **fresh)
     search = BoxLBFGS(loss="margin", search_steps=1, iterations=5, refine_steps=10, target="untargeted")
     return LayerwiseAdversarialTraining(["input"], module="model", attack=search,
@@ -118,7 +119,7 @@ def main() -> None:
     data.prepare_data()
     result = (measure_fresh_half if args.fresh_half else measure_default)(data, args.epochs)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))
 
 

@@ -10,7 +10,6 @@ Writes ``benchmarks/results/lipschitz/results.json`` and prints a Markdown table
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torchvision
 
 from advtrain.analysis import lipschitz_bounds
+from advtrain.recipes.run_folder import write_json
 
 
 def power_iteration(layer: torch.nn.Module, input_shape: tuple[int, ...], steps: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
               "ours_seconds": ours_seconds, "peer_seconds": peer_seconds, "ratio": ours_seconds / peer_seconds,
               "product": table.product, "layers": peers}
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(f"AlexNet 224×224, {torch.get_num_threads()} threads: whole table {ours_seconds:.1f} s; "
           f"peers on the conv and FC layers {peer_seconds:.1f} s; ratio {ours_seconds / peer_seconds:.2f}")
     print("| layer | our bound | peer | peer's method | peer seconds |\n|---|---|---|---|---|")

@@ -14,7 +14,6 @@ Writes ``benchmarks/results/real_model_cost/results.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from advtrain.callbacks import LayerwiseAdversarialTraining, LipschitzMonitor
+from advtrain.recipes.run_folder import write_json
 from callback_cost import EpochTimer  # benchmarks/ is on the path when this runs as a script
 
 STEPS_PER_EPOCH = 96
@@ -101,7 +101,7 @@ def main() -> None:
               "accelerator": args.accelerator, "device": device, "threads": torch.get_num_threads(),
               "settings": measured}
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print("| setting | seconds per epoch | ratio to plain |\n|---|---|---|")
     for name, entry in measured.items():
         print(f"| {name} | {entry['mean_after_warmup']:.2f} | {entry['ratio_to_plain']:.2f} |")

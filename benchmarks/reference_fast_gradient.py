@@ -29,6 +29,7 @@ from advtrain.callbacks import AdversarialEvaluation
 from advtrain.data import MNISTDataModule, random_shift
 from advtrain.models import fc100_100_10
 from advtrain.recipes.paper_models import error_rate
+from advtrain.recipes.run_folder import write_json
 
 #: sqrt(mean r²) of one step: an L2 step of 1.0 on a 28×28 image (the recipe's --step-distortion default).
 STEP_DISTORTION = 0.036
@@ -118,7 +119,7 @@ def main() -> None:
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
                      args.shift_pixels)
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "results.json").write_text(json.dumps(result, indent=2))
+    write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))
 
 

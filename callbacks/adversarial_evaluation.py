@@ -12,11 +12,14 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
+from typing_extensions import override
 
 from advtrain.attacks import AttackResult, BoxLBFGS
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
+from advtrain.classifier_layer import find_classifier
+from advtrain.model_state import untouched
 
 
 @dataclass
@@ -135,27 +138,24 @@ class AdversarialEvaluation(Callback):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[: self.examples]
         return read_batch(default_collate([dataset[int(i)] for i in order]), self._keys)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Take the batch keys another advtrain callback was given, where this one has none."""
         self._keys = shared_batch_keys(trainer, self.batch_keys)
 
     def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
         """Clean predictions, then the search on the correct ones (model in eval mode)."""
-        was_training = classifier.training
-        classifier.eval()
-        try:
+        with untouched(classifier):
             with torch.inference_mode(False), torch.no_grad():
                 correct = classifier(inputs).argmax(1) == labels
             result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
-        finally:
-            classifier.train(was_training)
         return adversarial_report(result, correct.cpu(), self.budgets), result
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, loaders: Any) -> None:
         if trainer.sanity_checking or loaders is None:
             return
         loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-        classifier = pl_module if self.module is None else pl_module.get_submodule(self.module)
+        classifier = find_classifier(pl_module, self.module)
         inputs, labels = self.subset(loader)
         with torch.inference_mode(False):
             inputs, labels = inputs.clone().to(pl_module.device), labels.clone().to(pl_module.device)
@@ -179,10 +179,12 @@ class AdversarialEvaluation(Callback):
         caption = "rows: original, perturbation ×10, adversarial; targets " + ", ".join(str(int(t)) for t in result.target[:shown])
         logger.log_image(key=f"adv_{stage}/figure", images=[grid], caption=[caption], step=trainer.global_step)
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate on the validation subset."""
         self._run(trainer, pl_module, "val", trainer.val_dataloaders)
 
+    @override
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate on the test subset."""
         self._run(trainer, pl_module, "test", trainer.test_dataloaders)

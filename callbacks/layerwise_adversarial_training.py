@@ -4,13 +4,14 @@ Follow one batch: ``on_train_batch_start`` keeps the batch's clean rows in a sma
 recent rows, picks this step's layer k (:meth:`layer_for_step`), refreshes k's pool from the
 recent clean rows when due (:meth:`should_refresh`), then overwrites the batch's last rows with
 pool examples and their true labels. For ``"input"`` the rows are images; for a hidden layer a
-one-shot forward hook on layer k replaces those rows of k's output with the pool's activations,
-so they train only the layers above k: no gradient from them reaches layer k or below, neither
-directly nor through the batch statistics of batch-norm layers above k
-(:class:`~advtrain.batch_statistics.SeparateBatchStatistics`). A forward pre-hook on the
-classifier first checks that the batch reached it unchanged in size, shape and order. The
-model's forward then runs as usual, and the logger receives each layer's pool size, pool error,
-generation success, distortion and time.
+forward hook on layer k replaces those rows of k's output with the pool's activations in every
+training forward of the step, so they train only the layers above k: no gradient from them
+reaches layer k or below, neither directly nor through the batch statistics of batch-norm layers
+above k (:class:`~advtrain.batch_statistics.SeparateBatchStatistics`). A forward pre-hook on the
+classifier first checks that the batch reached it unchanged. The model's forward then runs as
+usual, and the logger receives each layer's pool size, pool error, generation success, distortion
+and time. The first batch also resolves every layer
+(:class:`~advtrain.classifier_layer.ClassifierLayer`): no extra pass over the loader.
 """
 
 from __future__ import annotations
@@ -22,33 +23,42 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from torch import nn
+from typing_extensions import override
 
 from advtrain.attacks import Attack, BoxLBFGS
 from advtrain.attacks.inputs import head_for_rows
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.batch_statistics import SeparateBatchStatistics
-from advtrain.checks import check_count
-from advtrain.layers import (INPUT, UNBOUNDED, Bounds, LayerCut, LayerCutError, check_layer, cut_at, enclosing_modules,
-                             known_bounds, layer_names)
+from advtrain.box import Bounds, check_bounds
+from advtrain.checks import check_count, check_finite
+from advtrain.classifier_layer import ClassifierLayer, find_classifier
+from advtrain.layers import INPUT, enclosing_modules
+from advtrain.model_state import untouched
 from advtrain.pool import AdversarialPool
 from advtrain.pooling import PoolingPolicy, Successes
 
 #: The default generator's settings: a cheap search (an adversarial example need not be minimal to
 #: train on) towards a random wrong class, the paper's practice. docs/ gives their measured cost.
 GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10, target="random")
+#: A pool still empty after this many refreshes of its layer is warned about, with the reason.
+EMPTY_REFRESHES_WARNED = 3
 
 
 class _Injection:
-    """Pool activations waiting to replace the last rows of one layer's output in the next forward,
-    with the batch they were mixed into (to check that it reaches the classifier unchanged)."""
+    """Pool activations that replace the last rows of one layer's output in every training forward
+    of this step (a ``training_step`` may run the classifier twice, as SAM does), with the batch they
+    were mixed into (to check that each forward gets it unchanged)."""
 
     def __init__(self, layer: str, activations: torch.Tensor, batch_inputs: torch.Tensor) -> None:
         self.layer = layer
         self.activations = activations
         self.batch_inputs = batch_inputs
-        self.checked = False  # the classifier's inputs were compared with the batch
+        self.in_forward = False  # a training forward of the classifier is running
+        self.replaced = False  # the layer's rows were replaced in that forward
+        self.forwards = 0  # training forwards of the classifier this step
 
 
 class LayerwiseAdversarialTraining(Callback):
@@ -86,26 +96,35 @@ class LayerwiseAdversarialTraining(Callback):
 
     A layer bypassed by tensors from below (a skip connection around it) would let the pool rows'
     gradient reach the layers below through them, and is refused with the enclosing modules that
-    work. Hidden-layer pools replace rows of the layer's output by position: the batch must reach
-    the classifier as the callback saw it; augmentation that changes its size, shape or order
-    inside ``training_step`` is refused at the first step (input pools are ordinary batch rows,
-    augmented like any other).
+    work. Hidden-layer pools replace rows of the layer's output by position, and the batch's
+    labels at those rows: every training forward of the classifier in the step must get the batch
+    as the callback left it. A ``training_step`` that changes it (mixup, noise, a crop, a shuffle),
+    or that calls a submodule of the classifier directly (``self.net(x)`` with ``module=None``), is
+    refused at the first step, saying what to do; one that runs the classifier twice on the batch
+    (SAM, a consistency term on the same inputs) gets the pool rows in both passes. Input pools are
+    ordinary batch rows, augmented and mixed like any other. Every module's mode, parameter flag
+    and buffer is put back after each refresh, so frozen batch norm stays frozen.
 
     Raises:
-        ValueError: bad settings, a pooling policy the attack cannot serve (here); before the
-            first step: an unknown layer (the message lists the layers), a layer that cannot be
-            cut, a batch it cannot read or whose tensors are slices of a larger tensor, a capacity
-            below the rows mixed in, an input box that does not hold the inputs; during training:
-            a batch changed between the callback and the classifier.
+        ValueError: bad settings, an empty or inverted box, a pooling policy the attack cannot
+            serve (here); at the first batch: an unknown layer (the message lists the layers), a
+            layer that cannot be cut or has no trainable parameter above it, a batch it cannot read,
+            with non-finite inputs or whose tensors are slices of a larger tensor, a capacity below
+            the rows mixed in, an input box that does not hold the inputs; during training: a batch
+            changed between the callback and the classifier.
+
+    Warns:
+        UserWarning: a pool still empty after a few refreshes, with the reason (nothing classified
+            right, nothing fooled, or the pooling policy dropped everything).
 
     Example::
 
         >>> from advtrain.attacks import FastGradient
         >>> from advtrain.pooling import EveryStep
         >>> callback = LayerwiseAdversarialTraining(["input", "layer2"], module="net",
-        ...                                         attack=FastGradient(distortion=0.036), pooling=EveryStep())
+        ...                                         attack=FastGradient(epsilon=0.036), pooling=EveryStep())
         >>> callback.layers, callback.attack
-        (['input', 'layer2'], FastGradient(target='untargeted', distortion=0.036))
+        (['input', 'layer2'], FastGradient(target='untargeted', epsilon=0.036, norm='rms'))
 
     Reference: Szegedy et al. (2013), Section 4.2.
     """
@@ -138,14 +157,20 @@ class LayerwiseAdversarialTraining(Callback):
         for name, value in (("capacity", capacity), ("refresh_every", refresh_every), ("refresh_size", refresh_size)):
             check_count(name, value)
         attack = attack if attack is not None else BoxLBFGS(**GENERATION_ATTACK)
-        if not callable(attack):
-            raise ValueError(f"attack must be an advtrain Attack, got {attack!r}")
+        if not isinstance(attack, Attack):
+            instead = f"; pass an instance, e.g. attack={attack.__name__}()" if isinstance(attack, type) else ""
+            raise ValueError(f"attack must be an advtrain Attack instance, got {attack!r}{instead}")
         pooling = pooling if pooling is not None else Successes()
+        if isinstance(pooling, type) or not callable(pooling) or not callable(getattr(pooling, "check", None)):
+            instead = f"; pass an instance, e.g. pooling={pooling.__name__}()" if isinstance(pooling, type) else ""
+            raise ValueError(f"pooling must be a pooling policy instance (Successes(), WithinBudget(...), EveryStep()), "
+                             f"got {pooling!r}{instead}")
         pooling.check(attack)
         unknown_bounds = [name for name in (bounds or {}) if name not in layers]
         if unknown_bounds:
             raise ValueError(f"bounds are given for {', '.join(map(repr, unknown_bounds))}, which is not among the "
                              f"layers with pools {layers!r}")
+        bounds = {name: check_bounds(box, name=f"bounds for layer `{name}`") for name, box in (bounds or {}).items()}
         self.layers = layers
         self.capacity = capacity
         self.mix_fraction = mix_fraction
@@ -154,23 +179,23 @@ class LayerwiseAdversarialTraining(Callback):
         self.attack = attack
         self.pooling = pooling
         self.module = module
-        self.bounds_override = dict(bounds or {})
+        self.bounds_override = bounds
         self.batch_keys = check_batch_keys(batch_keys)
         self.seed = seed
         self.pools = {layer: AdversarialPool(capacity, device=pool_device, seed=seed + index)
                       for index, layer in enumerate(layers)}
         self.generator = torch.Generator().manual_seed(seed)
-        self.boxes: dict[str, Bounds] = {}
         self.steps_taken = {layer: 0 for layer in layers}  # adversarial steps per layer
+        self.empty_refreshes = {layer: 0 for layer in layers}  # refreshes in a row that left the pool empty
         self.stats: dict[str, dict[str, float]] = {}  # the last refresh of each layer
         self.seconds_generating = 0.0  # in this process, all refreshes together
         self._classifier: nn.Module | None = None
         self._keys: BatchKeys | None = self.batch_keys
-        self._cuts: dict[str, LayerCut] = {}
+        self._rank = 0
+        self._sites: dict[str, ClassifierLayer] = {}  # each layer resolved on the first batch
         self._hooks: list[Any] = []
         self._separate: SeparateBatchStatistics | None = None
         self._injection: _Injection | None = None
-        self._widened: set[str] = set()  # layers whose box was widened (warned once)
         self._logged_at: dict[str, int] = {}  # the global step each layer's statistics were last logged
         self._recent: list[tuple[torch.Tensor, torch.Tensor]] = []  # recent clean (inputs, labels)
 
@@ -181,29 +206,24 @@ class LayerwiseAdversarialTraining(Callback):
 
     # ---- setup: everything that needs the model, checked before the first step ----
 
-    def classifier(self, pl_module: pl.LightningModule) -> nn.Module:
-        """The classifier: ``pl_module`` itself, or its submodule named ``module``."""
-        if self.module is None:
-            return pl_module
-        try:
-            return pl_module.get_submodule(self.module)
-        except AttributeError as error:
-            children = ", ".join(name for name, _ in pl_module.named_children())
-            raise ValueError(f"module `{self.module}` is not a submodule of {type(pl_module).__name__}; "
-                             f"its children are: {children}") from error
-
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the classifier and the batch keys; seed each rank."""
         if stage != "fit":
             return
-        self._classifier = self.classifier(pl_module)
+        self._classifier = find_classifier(pl_module, self.module)
         self._keys = shared_batch_keys(trainer, self.batch_keys)
-        rank = trainer.global_rank
-        if rank:  # each rank draws its own examples (a checkpoint restored later overrides this)
-            self.generator.manual_seed(self.seed + 1000 * rank)
-            for index, pool in enumerate(self.pools.values()):
-                pool.generator.manual_seed(self.seed + index + 1000 * rank)
+        self._sites = {}  # resolved again on this fit's first batch
+        self._rank = trainer.global_rank
+        if self._rank:  # each rank draws its own examples (a checkpoint restored later restores each rank's own)
+            self._seed_rank(self._rank)
 
+    def _seed_rank(self, rank: int) -> None:
+        self.generator.manual_seed(self.seed + 1000 * rank)
+        for index, pool in enumerate(self.pools.values()):
+            pool.generator.manual_seed(self.seed + index + 1000 * rank)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the hooks."""
         for hook in self._hooks:
@@ -214,15 +234,13 @@ class LayerwiseAdversarialTraining(Callback):
             self._separate = None
         self._injection = None
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Before the first step, on one batch: check its format and the capacity, cut the
-        classifier at every layer, set each layer's box, hook the hidden layers."""
-        loader = trainer.train_dataloader
-        batch = next(iter(loader)) if loader is not None else None
-        if batch is None:
-            return
-        inputs, labels = read_batch(batch, self._keys)
+    def prepare(self, pl_module: pl.LightningModule, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        """On the first batch training sees (no extra pass over the loader): check its format and the
+        capacity, resolve every layer (:class:`~advtrain.classifier_layer.ClassifierLayer`: cut, box),
+        refuse a layer with nothing trainable above it, hook the hidden layers."""
         check_writable(inputs, labels)
+        if inputs.dtype.is_floating_point:
+            check_finite("the batch's inputs", inputs)
         mixed = self.rows_to_mix(inputs.shape[0])
         if round(self.mix_fraction * inputs.shape[0]) < 1:
             warnings.warn(f"mix_fraction {self.mix_fraction} of a batch of {inputs.shape[0]} rows rounds to no row; one "
@@ -230,17 +248,15 @@ class LayerwiseAdversarialTraining(Callback):
         if mixed > self.capacity:
             raise ValueError(f"capacity {self.capacity} is below the {mixed} rows mixed into each batch of "
                              f"{inputs.shape[0]} (mix_fraction {self.mix_fraction}); raise capacity or lower mix_fraction")
-        inputs = inputs.to(pl_module.device)
-        classifier = self._classifier
-        was_training = classifier.training
-        classifier.eval()
-        try:
-            with torch.no_grad():
-                for layer in self.layers:
-                    self._cuts[layer] = self._cut(classifier, layer, inputs)
-                    self.boxes[layer] = self._box(classifier, layer, inputs)
-        finally:
-            classifier.train(was_training)
+        classifier = self._classifier if self._classifier is not None else find_classifier(pl_module, self.module)
+        self._classifier = classifier
+        sites = {layer: ClassifierLayer(classifier, layer, inputs, bounds=self.bounds_override.get(layer))
+                 for layer in self.layers}
+        for layer, site in sites.items():
+            if not site.trainable_above(inputs):
+                raise ValueError(f"layer `{layer}`: no trainable parameter lies above it (the logits, or every layer "
+                                 "above it frozen), so its pool would train nothing; choose a lower layer")
+        self._sites = sites
         for hook in self._hooks:
             hook.remove()
         self._hooks = [classifier.register_forward_pre_hook(self._check_classifier_inputs),
@@ -250,52 +266,10 @@ class LayerwiseAdversarialTraining(Callback):
         if self._separate is None and any(layer != INPUT for layer in self.layers):
             self._separate = SeparateBatchStatistics(classifier)
 
-    def _cut(self, classifier: nn.Module, layer: str, inputs: torch.Tensor) -> LayerCut:
-        """The classifier cut at ``layer``, checked on ``inputs``: a layer bypassed by tensors from
-        below is refused, naming the enclosing layers that are not."""
-        if layer == INPUT:
-            if not inputs.dtype.is_floating_point:
-                raise ValueError(f"an input pool needs floating-point inputs, got {inputs.dtype} (token ids?); "
-                                 "put the pool on a layer after the embedding instead")
-            return cut_at(classifier, layer, inputs)
-        check_layer(classifier, layer, inputs)
-        cut = cut_at(classifier, layer, inputs)
-        if cut.crosses(inputs):
-            names = layer_names(classifier, inputs)
-            clean = [name for name in enclosing_modules(layer) if name in names and not cut_at(classifier, name, inputs).crosses(inputs)]
-            instead = f"; layers enclosing it that can be used: {', '.join(clean)}" if clean else ""
-            raise LayerCutError(f"tensors computed below layer `{layer}` reach the logits around it (a skip connection): "
-                                f"the pool rows' gradient would train the layers below through them{instead}")
-        return cut
-
-    def _box(self, classifier: nn.Module, layer: str, inputs: torch.Tensor) -> Bounds:
-        """The layer's box: the override, the range its type implies, else unbounded; checked to
-        hold the clean inputs (for ``"input"``) or activations of the first batch."""
-        if layer in self.bounds_override:
-            box = self.bounds_override[layer]
-        else:
-            box = known_bounds(classifier, layer) or UNBOUNDED
-        activations = self._cuts[layer].bottom(inputs)
-        lower, upper = (torch.as_tensor(bound, dtype=activations.dtype, device=activations.device) for bound in box)
-        try:
-            outside = (activations < lower) | (activations > upper)
-        except RuntimeError as error:
-            raise ValueError(f"bounds for layer `{layer}` must broadcast to its output of shape "
-                             f"{tuple(activations.shape[1:])}: {error}") from error
-        if layer == INPUT and bool(outside.any()):
-            raise ValueError(f"the inputs span [{float(activations.min()):.4g}, {float(activations.max()):.4g}], outside "
-                             f"the input box {_describe(box)}; pass bounds={{'input': (low, high)}} with the range "
-                             "your inputs can take (e.g. normalised images)")
-        if bool(outside.any()):
-            self._warn_widened(layer, int(outside.sum()), box)
-        return box
-
-    def _warn_widened(self, layer: str, count: int, box: Bounds) -> None:
-        if layer not in self._widened:
-            self._widened.add(layer)
-            warnings.warn(f"layer `{layer}`: {count} clean activations lie outside its box {_describe(box)}; the box is "
-                          f"widened to hold the activations attacked. Pass bounds={{'{layer}': (low, high)}} to set it",
-                          stacklevel=2)
+    @property
+    def boxes(self) -> dict[str, Bounds]:
+        """Each layer's box, once the first batch has resolved the layers."""
+        return {layer: site.box for layer, site in self._sites.items()}
 
     # ---- one batch ----
 
@@ -319,11 +293,15 @@ class LayerwiseAdversarialTraining(Callback):
         """Whether this step of ``layer`` generates fresh examples: its first, then every ``refresh_every``-th."""
         return self.steps_taken[layer] % self.refresh_every == 0
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Refresh this step's pool if due, then mix it into the batch."""
+        self._injection = None
+        inputs, labels = self.read_batch(batch)
+        if not self._sites:
+            self.prepare(pl_module, inputs, labels)
         if not self.is_active(trainer):
             return
-        inputs, labels = self.read_batch(batch)
         layer = self.layer_for_step(trainer.global_step)
         mixed = self.rows_to_mix(inputs.shape[0])
         clean = inputs.shape[0] - mixed if mixed < inputs.shape[0] else inputs.shape[0]  # rows the pool leaves alone
@@ -345,6 +323,20 @@ class LayerwiseAdversarialTraining(Callback):
         else:
             self._injection = _Injection(layer, examples.to(inputs.device), inputs)
 
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """A hidden-layer pool that no training forward used is an error, not a silent skip."""
+        injection, self._injection = self._injection, None
+        if injection is not None and injection.forwards == 0:
+            raise RuntimeError(f"layer `{injection.layer}`'s pool rows were mixed into the batch, but no training forward "
+                               f"of the classifier ({self._classifier_name()}) ran this step, so they trained nothing while "
+                               "their labels replaced the batch's; call the classifier in training_step, or name the "
+                               "submodule training_step calls with module=...")
+
+    def _classifier_name(self) -> str:
+        return "the LightningModule's forward" if self.module is None else f"module `{self.module}`"
+
     def _remember(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Keep the latest ``refresh_size`` clean rows (copies: the batch is about to be overwritten)."""
         self._recent.append((inputs.detach().clone(), labels.detach().clone()))
@@ -352,35 +344,41 @@ class LayerwiseAdversarialTraining(Callback):
             self._recent.pop(0)
 
     def _check_classifier_inputs(self, module: nn.Module, args: tuple) -> None:
-        """Before the training forward with pool rows at a hidden layer: the classifier must get the
-        batch the callback mixed, rows in place (pool rows replace rows of the layer by position)."""
+        """Before each training forward with pool rows at a hidden layer: the classifier must get the
+        batch the callback mixed, unchanged (pool rows replace rows of the layer by position, and the
+        batch's labels were replaced at those rows)."""
         injection = self._injection
-        if injection is None or injection.checked or not module.training or not args or not isinstance(args[0], torch.Tensor):
+        if injection is None or not module.training or not args or not isinstance(args[0], torch.Tensor):
             return
-        injection.checked = True
         given, mixed = args[0], injection.batch_inputs
-        remedy = ("hidden-layer pools replace the batch's last rows by position; augment in the data pipeline "
-                  "(the dataset's transform, or the LightningModule's on_after_batch_transfer) instead of training_step")
+        remedy = ("hidden-layer pools replace the batch's last rows by position and their labels with the pool's; "
+                  "augment or mix in the data pipeline (the dataset's transform, or the LightningModule's "
+                  "on_after_batch_transfer) or inside the classifier module, not in training_step")
         if given.shape[0] != mixed.shape[0]:
             raise ValueError(f"layer `{injection.layer}`: the classifier got {given.shape[0]} rows, the batch the callback "
                              f"mixed pool rows into had {mixed.shape[0]} (training_step changed the batch size); {remedy}")
         if given.shape[1:] != mixed.shape[1:]:
             raise ValueError(f"layer `{injection.layer}`: the classifier got inputs of shape {tuple(given.shape[1:])}, the "
                              f"batch had {tuple(mixed.shape[1:])} (training_step cropped or resized it); {remedy}")
-        if given is mixed or given.dtype != mixed.dtype or torch.equal(given, mixed):
-            return
-        fingerprint = lambda rows: rows.detach().flatten(1).double().sum(1)  # noqa: E731 - one line, used twice
-        if torch.equal(fingerprint(given).sort().values, fingerprint(mixed).sort().values):
-            raise ValueError(f"layer `{injection.layer}`: the classifier got the batch's rows in another order "
-                             f"(training_step shuffled them); {remedy}")
+        if not (given is mixed or torch.equal(given, mixed.to(given.dtype))):
+            fingerprint = lambda rows: rows.detach().flatten(1).double().sum(1)  # noqa: E731 - one line, used twice
+            shuffled = torch.equal(fingerprint(given).sort().values, fingerprint(mixed).sort().values)
+            change = "its rows in another order (training_step shuffled them)" if shuffled else \
+                "other values than the batch's (training_step changed them: mixup, noise, normalisation?)"
+            raise ValueError(f"layer `{injection.layer}`: the classifier got {change}; {remedy}")
+        injection.in_forward, injection.replaced = True, False
 
     def _end_of_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """After the classifier's forward: batch norm back to normal; a pool that was never injected
-        (the layer did not run in train mode) is an error, not a silent skip."""
+        """After each classifier forward: batch norm back to normal; a forward that did not reach the
+        layer (it did not run in train mode) is an error, not a silent skip."""
         if self._separate is not None:
             self._separate.disarm()
         injection = self._injection
-        if injection is not None and module.training and injection.checked:
+        if injection is None or not injection.in_forward:
+            return
+        injection.in_forward = False
+        injection.forwards += 1
+        if not injection.replaced:
             self._injection = None
             raise RuntimeError(f"layer `{injection.layer}` did not run in the classifier's training forward, so its "
                                "pool rows were not used; check that the forward pass reaches it")
@@ -390,7 +388,13 @@ class LayerwiseAdversarialTraining(Callback):
             injection = self._injection
             if injection is None or injection.layer != layer or not module.training:
                 return None
-            self._injection = None  # one shot: the training forward of this step
+            if not injection.in_forward:
+                enclosing = ", ".join(f"'{name}'" for name in reversed(enclosing_modules(layer))) if self.module is None else ""
+                hint = f" (e.g. module={enclosing.split(', ')[0]})" if enclosing else ""
+                raise ValueError(f"layer `{layer}` ran in a training forward that did not go through the classifier "
+                                 f"({self._classifier_name()}), so the callback cannot check that the batch reached it "
+                                 f"unchanged: training_step calls a submodule directly? Pass that submodule as "
+                                 f"module=...{hint}, with layer names inside it")
             activations = injection.activations
             rows, batch = activations.shape[0], injection.batch_inputs.shape[0]
             if not isinstance(output, torch.Tensor) or output.shape[0] != batch:
@@ -399,6 +403,7 @@ class LayerwiseAdversarialTraining(Callback):
             if output.shape[1:] != activations.shape[1:]:
                 raise ValueError(f"layer `{layer}` returned rows of shape {tuple(output.shape[1:])} in training, its pool "
                                  f"holds {tuple(activations.shape[1:])}: the inputs changed shape on the way (a crop?)")
+            injection.replaced = True
             if self._separate is not None:
                 self._separate.arm(rows)  # batch norm above this layer: pool rows on the clean rows' statistics
             return torch.cat([output[:-rows], activations.to(output.dtype)], dim=0)  # no gradient path into the pool rows
@@ -407,51 +412,60 @@ class LayerwiseAdversarialTraining(Callback):
 
     @torch.no_grad()
     def refresh(self, layer: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        """Attack ``inputs`` at ``layer`` on the current model (in eval mode) and add what the pooling
-        policy keeps to the layer's pool, with the true labels."""
-        classifier = self._classifier
-        cut = self._cuts[layer]
-        was_training = classifier.training
-        classifier.eval()
+        """Attack ``inputs`` at ``layer`` on the current model (as in eval mode, every mode and buffer
+        put back afterwards) and add what the pooling policy keeps to the layer's pool, with the true
+        labels."""
+        site = self._sites[layer]
         started = time.perf_counter()
-        try:
-            activations = cut.bottom(inputs)
-            head = cut.head_for(inputs)
+        with untouched(self._classifier):
+            activations = site.bottom(inputs)
+            head = site.head_for(inputs)
             rows = (head(activations).argmax(1) == labels).nonzero()[:, 0]
             activations, labels, head = activations[rows], labels[rows], head_for_rows(head, rows)
+            kept = 0
             if labels.numel():
-                box = self._box_holding(layer, activations)
+                box = site.box_holding(activations)
                 result = self.attack(head, activations, labels, bounds=box, generator=self.generator)
-                examples, kept = self.pooling(activations, result, box)
-                self.pools[layer].add(examples[kept], labels[kept])
-                success, distortion = result.success_rate, result.mean_distortion
+                examples, keep = self.pooling(activations, result, box)
+                self.pools[layer].add(examples[keep], labels[keep])
+                success, distortion, kept = result.success_rate, result.mean_distortion, int(keep.sum())
             else:  # nothing attacked: no success rate to report
                 success, distortion = float("nan"), float("nan")
-            pool_error = self._pool_error(layer, cut, inputs)
-        finally:
-            classifier.train(was_training)
+            pool_error = self._pool_error(layer, inputs)
         seconds = time.perf_counter() - started
         self.seconds_generating += seconds
         self.stats[layer] = {
             "pool_size": float(len(self.pools[layer])),
             "generation_attacked": float(labels.numel()),
+            "generation_kept": float(kept),
             "pool_error": pool_error,
             "generation_success": success,
             "generation_distortion": distortion,
             "generation_seconds": seconds,
         }
+        self._watch_empty(layer)
 
-    def _box_holding(self, layer: str, activations: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
-        """The layer's box, widened where needed to hold the clean ``activations`` about to be attacked."""
-        lower, upper = (_as_bound(bound, activations) for bound in self.boxes[layer])
-        low, high = (torch.as_tensor(bound, dtype=activations.dtype, device=activations.device) for bound in (lower, upper))
-        outside = (activations < low) | (activations > high)
-        if not bool(outside.any()):
-            return lower, upper
-        self._warn_widened(layer, int(outside.sum()), self.boxes[layer])
-        return torch.minimum(low, activations), torch.maximum(high, activations)
+    def _watch_empty(self, layer: str) -> None:
+        """Warn, once per layer, when its pool is still empty after :data:`EMPTY_REFRESHES_WARNED`
+        refreshes: training is then plain training, and the reason is said."""
+        if len(self.pools[layer]):
+            self.empty_refreshes[layer] = 0
+            return
+        self.empty_refreshes[layer] += 1
+        if self.empty_refreshes[layer] != EMPTY_REFRESHES_WARNED:
+            return
+        stats = self.stats[layer]
+        if stats["generation_attacked"] == 0:
+            reason = "no recent training row was classified correctly, so none was attacked"
+        elif stats["generation_success"] == 0:
+            reason = f"the attack {self.attack!r} fooled the model on none of the {int(stats['generation_attacked'])} rows attacked"
+        else:
+            reason = (f"the pooling policy {self.pooling!r} dropped every example the attack {self.attack!r} found "
+                      f"(e.g. a budget below the attack's own step)")
+        warnings.warn(f"layer `{layer}`: its pool is still empty after {EMPTY_REFRESHES_WARNED} refreshes, so training "
+                      f"so far is plain training: {reason}", stacklevel=2)
 
-    def _pool_error(self, layer: str, cut: LayerCut, inputs: torch.Tensor, sample: int = 256) -> float:
+    def _pool_error(self, layer: str, inputs: torch.Tensor, sample: int = 256) -> float:
         """Fraction of (a sample of) the pool that the current model still gets wrong."""
         pool = self.pools[layer]
         if len(pool) == 0:
@@ -459,7 +473,7 @@ class LayerwiseAdversarialTraining(Callback):
         examples, labels = pool.sample(min(sample, len(pool)))
         examples = examples.to(inputs.device)
         # the cut is clean (nothing bypasses the layer), so any clean rows serve a replaying head
-        head = cut.head_for(inputs[torch.arange(len(examples), device=inputs.device) % inputs.shape[0]])
+        head = self._sites[layer].head_for(inputs[torch.arange(len(examples), device=inputs.device) % inputs.shape[0]])
         return float((head(examples).argmax(1).cpu() != labels.cpu()).float().mean())
 
     def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layer: str) -> None:
@@ -475,20 +489,41 @@ class LayerwiseAdversarialTraining(Callback):
 
     # ---- checkpoints ----
 
-    def state_dict(self) -> dict[str, Any]:
-        """Pools, counters, the recent clean rows and the random state."""
+    def _own_state(self) -> dict[str, Any]:
         return {
             "recent": [(inputs.cpu(), labels.cpu()) for inputs, labels in self._recent],
             "pools": {layer: pool.state_dict() for layer, pool in self.pools.items()},
             "steps_taken": dict(self.steps_taken),
+            "empty_refreshes": dict(self.empty_refreshes),
             "generator": self.generator.get_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (Lightning calls it after ``setup``, before training resumes)."""
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Pools, counters, the recent clean rows and the random state of every rank: under DDP each
+        rank keeps its own, gathered here (Lightning asks every rank, and rank 0 writes the file)."""
+        own = self._own_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, own)
+            return {"ranks": ranks}
+        return {"ranks": [own]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`: each rank its own state (Lightning calls it after ``setup``). A
+        rank the checkpoint has no state for (more ranks than when it was written) keeps its fresh
+        pools and its own seed, with a warning."""
+        ranks = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
+        if self._rank >= len(ranks):
+            warnings.warn(f"the checkpoint holds pools of {len(ranks)} rank(s); rank {self._rank} starts with empty pools",
+                          stacklevel=2)
+            return
+        state = ranks[self._rank]
         for layer, pool_state in state["pools"].items():
             self.pools[layer].load_state_dict(pool_state)
         self.steps_taken.update(state["steps_taken"])
+        self.empty_refreshes.update(state.get("empty_refreshes", {}))
         self.generator.set_state(state["generator"])
         self._recent = [tuple(chunk) for chunk in state["recent"]]
 
@@ -505,12 +540,3 @@ def check_writable(inputs: torch.Tensor, labels: torch.Tensor) -> None:
             raise ValueError(f"the batch's {name} share memory with a larger tensor (a slice of a dataset tensor?): "
                              "the pool rows written into the batch would overwrite it; have the loader yield "
                              "copies (the default collate does, and so does indexing with an index tensor)")
-
-
-def _as_bound(bound: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:
-    return bound.to(like.device, like.dtype) if isinstance(bound, torch.Tensor) else bound
-
-
-def _describe(box: Bounds) -> str:
-    return "(" + ", ".join(f"{float(b):g}" if not isinstance(b, torch.Tensor) or b.numel() == 1 else "per-unit tensor"
-                           for b in box) + ")"

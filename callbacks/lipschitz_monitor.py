@@ -13,6 +13,7 @@ from typing_extensions import override
 from advtrain.analysis import LipschitzTable, lipschitz_bounds
 from advtrain.batch import BatchKeys, check_batch_keys, read_inputs, shared_batch_keys
 from advtrain.checks import check_count
+from advtrain.classifier_layer import find_classifier
 
 
 class LipschitzMonitor(Callback):
@@ -94,7 +95,7 @@ class LipschitzMonitor(Callback):
         """Compute the table now, keep it in ``history`` and log it (None before any batch was seen)."""
         if self.input_shape is None:
             return None
-        classifier = pl_module if self.module is None else pl_module.get_submodule(self.module)
+        classifier = find_classifier(pl_module, self.module)
         table = lipschitz_bounds(classifier, self.input_shape)
         self.last_table = table
         metrics = {f"lipschitz/{row.name}": row.bound for row in table.rows

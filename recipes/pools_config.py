@@ -2,7 +2,7 @@
 
 The file holds the callback's own arguments, its attack and pooling policy nested in LightningCLI's
 ``class_path`` / ``init_args`` form (see ``recipes/configs/``); ``KEY=VALUE`` overrides change one
-entry, dotted for nested ones (``mix_fraction=0.1``, ``attack.init_args.distortion=0.05``). The
+entry, dotted for nested ones (``mix_fraction=0.1``, ``attack.init_args.epsilon=0.05``). The
 file is checked against the callback's signature by jsonargparse, so a recipe lists no callback
 knob of its own, and the resolved settings (every default filled in) are written beside the results.
 """

@@ -14,12 +14,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from typing_extensions import override
 
 
 class RandomState(Callback):
     """Keeps the global random state (Python, NumPy, torch CPU and CUDA) in checkpoints, so a
     resumed run draws what an uninterrupted one would have (dropout masks, for one)."""
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         kind, keys, position, has_gauss, gauss = np.random.get_state()
         numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)  # loads with weights_only
@@ -28,6 +30,7 @@ class RandomState(Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         random.setstate(state_dict["python"])
         kind, keys, position, has_gauss, gauss = state_dict["numpy"]
@@ -44,12 +47,15 @@ class WallClock(Callback):
         self.seconds = 0.0
         self._started: float | None = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.perf_counter()
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._add()
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._add()
 
@@ -59,10 +65,12 @@ class WallClock(Callback):
             self.seconds += now - self._started
             self._started = now
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         self._add()
         return {"seconds": self.seconds}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seconds = float(state_dict["seconds"])
 
@@ -74,6 +82,7 @@ class EpochLines(Callback):
     def __init__(self, label: str) -> None:
         self.label = label
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         metrics = ", ".join(f"{name} {float(value):.4g}" for name, value in sorted(trainer.callback_metrics.items())
                             if name.startswith("train/") and torch.as_tensor(value).numel() == 1)

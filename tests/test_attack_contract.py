@@ -18,7 +18,7 @@ from tests.real_models import PlainModule, bn_convnet, images, loader, pretraine
 
 ATTACKS = {
     "box-lbfgs": lambda: BoxLBFGS(search_steps=3, iterations=20),
-    "fast-gradient": lambda: FastGradient(distortion=0.1),
+    "fast-gradient": lambda: FastGradient(epsilon=0.1),
     "pgd-linf": lambda: PGD(epsilon=0.1, norm="linf", steps=5),
     "pgd-l2": lambda: PGD(epsilon=3.0, norm="l2", steps=5),
 }
@@ -109,7 +109,7 @@ def test_the_generator_decides_random_targets_and_starts(name: str) -> None:
     (lambda: BoxLBFGS(target="closest"), r"target must be a tensor of labels or one of"),
     (lambda: LayerwiseAdversarialTraining(attack=BoxLBFGS(), pooling=EveryStep()), r"EveryStep pools the rows a fixed-budget"),
     (lambda: PGD(epsilon=0.0), r"epsilon must be positive and finite"),
-    (lambda: PGD(epsilon=0.1, norm="l1"), r"norm must be 'linf' or 'l2'"),
+    (lambda: PGD(epsilon=0.1, norm="l1"), r"norm must be one of 'linf', 'l2', 'rms'"),
     (lambda: WithinBudget(0.05, beyond="shrink"), r"beyond must be 'drop' or 'project'"),
 ], ids=["fast-gradient-nearest", "pgd-nearest", "unknown-policy", "every-step-search", "pgd-budget", "pgd-norm",
         "within-budget-beyond"])
@@ -179,7 +179,7 @@ def test_inputs_of_another_precision_are_cast_to_the_models(dtype: torch.dtype) 
 def test_labels_may_be_a_list_and_a_one_class_model_is_refused() -> None:
     model = trained_net().eval()
     inputs, labels = images(4, size=8, seed=1)
-    result = FastGradient(distortion=0.1)(model, inputs, labels.tolist())
+    result = FastGradient(epsilon=0.1)(model, inputs, labels.tolist())
     assert len(result) == 4 and torch.equal(result.target[~result.success] != labels[~result.success], torch.ones_like(labels[~result.success], dtype=torch.bool))
     with pytest.raises(ValueError, match="labels must be integer class indices"):
         FastGradient()(model, inputs, [0.5, 1.0, 0.0, 1.0])

@@ -95,7 +95,7 @@ def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_roo
     (["--hidden", "400"], "pools way: unknown layer `sigmoid2`; layers are: input, flatten, fc1, sigmoid1, logits"),
     (["--model", "small-resnet", "--ways", "dropout"], "--ways dropout: the small-resnet has no dropout layers"),
     (["--model", "small-resnet", "--pools-set", "layers=[stage2.0.conv1]"],
-     "pools way: a skip connection bypasses layer `stage2.0.conv1`"),
+     "pools way: tensors computed below layer `stage2.0.conv1` reach the logits around it"),
     (["--model", "small-resnet", "--pools-set", "layers=[stage2.0.relu]"], "pools way: layer `stage2.0.relu` runs 2 times"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
@@ -124,14 +124,15 @@ def test_the_pools_way_comes_from_a_yaml_file_with_overrides() -> None:
     assert isinstance(default.attack, BoxLBFGS) and default.attack.target == GENERATION_ATTACK["target"]
     assert isinstance(default.pooling, Successes)
     args = parser.parse_args(["--pools", "recipes/configs/fast-gradient-input.yaml",
-                              "--pools-set", "attack.init_args.distortion=0.05", "--pools-set", "refresh_size=32"])
+                              "--pools-set", "attack.init_args.epsilon=0.05", "--pools-set", "refresh_size=32"])
     fast = pools_callback(args)
-    assert isinstance(fast.attack, FastGradient) and fast.attack.distortion == 0.05 and fast.refresh_size == 32
+    assert isinstance(fast.attack, FastGradient) and fast.attack.epsilon == 0.05 and fast.refresh_size == 32
     assert isinstance(fast.pooling, EveryStep) and fast.layers == ["input"]
-    assert args.pools_resolved["attack"]["init_args"] == {"distortion": 0.05, "target": "untargeted"}
+    assert args.pools_resolved["attack"]["init_args"] == {"epsilon": 0.05, "norm": "rms", "random_start": False,
+                                                         "step_size": None, "target": "untargeted"}
     budget = pools_callback(parser.parse_args(["--pools-set", "pooling={class_path: advtrain.pooling.WithinBudget, "
-                                                              "init_args: {budget: 0.04, stretch: true}}"]))
-    assert isinstance(budget.pooling, WithinBudget) and (budget.pooling.budget, budget.pooling.stretch) == (0.04, True)
+                                                              "init_args: {epsilon: 0.04, stretch: true}}"]))
+    assert isinstance(budget.pooling, WithinBudget) and (budget.pooling.epsilon, budget.pooling.stretch) == (0.04, True)
     pgd = pools_callback(parser.parse_args(["--pools-set", "attack={class_path: advtrain.attacks.PGD, "
                                                            "init_args: {epsilon: 1.5, norm: l2, steps: 7}}",
                                             "--pools-set", "pooling={class_path: advtrain.pooling.EveryStep}"]))

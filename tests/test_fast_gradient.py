@@ -35,7 +35,7 @@ def analytic_gradient(head: nn.Linear, inputs: torch.Tensor, labels: torch.Tenso
 
 def test_untargeted_step_has_the_asked_size_along_the_loss_gradient() -> None:
     head, (inputs, labels) = linear_head(), batch()
-    result = FastGradient(distortion=0.05)(head, inputs, labels, bounds=(-math.inf, math.inf))
+    result = FastGradient(epsilon=0.05)(head, inputs, labels, bounds=(-math.inf, math.inf))
     step = result.attempt - inputs
     rms = step.pow(2).mean(1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 0.05))
@@ -46,7 +46,7 @@ def test_untargeted_step_has_the_asked_size_along_the_loss_gradient() -> None:
 def test_targeted_step_descends_the_target_loss() -> None:
     head, (inputs, labels) = linear_head(), batch()
     targets = (labels + 1) % 4
-    result = FastGradient(distortion=0.05)(head, inputs, labels, target=targets, bounds=(-math.inf, math.inf))
+    result = FastGradient(epsilon=0.05)(head, inputs, labels, target=targets, bounds=(-math.inf, math.inf))
     cosine = nn.functional.cosine_similarity(result.attempt - inputs, -analytic_gradient(head, inputs, targets))
     torch.testing.assert_close(cosine, torch.ones_like(cosine))
     assert torch.equal(result.target, targets)
@@ -54,7 +54,7 @@ def test_targeted_step_descends_the_target_loss() -> None:
 
 def test_result_follows_the_attack_convention_and_keeps_every_step() -> None:
     head, (inputs, labels) = linear_head(), batch(64)
-    result = FastGradient(distortion=0.05)(head, inputs, labels, bounds=(0.0, 1.0))
+    result = FastGradient(epsilon=0.05)(head, inputs, labels, bounds=(0.0, 1.0))
     assert isinstance(result, AttackResult)
     assert 0 < int(result.success.sum()) < len(result)  # a step this size fools some rows, not all
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_clipping_at_the_box_edge_shortens_the_step() -> None:
     inputs = torch.ones(8, 6)  # on the upper face: every outward component is cut off
     with torch.no_grad():
         labels = head(inputs).argmax(1)
-    result = FastGradient(distortion=0.2)(head, inputs, labels, bounds=(0.0, 1.0))
+    result = FastGradient(epsilon=0.2)(head, inputs, labels, bounds=(0.0, 1.0))
     rms = (result.attempt - inputs).pow(2).mean(1).sqrt()
     assert bool((rms < 0.2).all()) and bool((result.attempt <= 1).all())
 
@@ -110,5 +110,5 @@ def test_bad_input_is_refused_with_a_clear_error(call, message: str) -> None:
 
 @pytest.mark.parametrize("distortion", [0.0, -1.0, math.inf, math.nan])
 def test_step_size_must_be_positive_and_finite(distortion: float) -> None:
-    with pytest.raises(ValueError, match="distortion must be positive and finite"):
-        FastGradient(distortion=distortion)
+    with pytest.raises(ValueError, match="epsilon must be positive and finite"):
+        FastGradient(epsilon=distortion)

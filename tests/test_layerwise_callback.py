@@ -222,7 +222,7 @@ class RecordingFastGradient(FastGradient):
 
 @pytest.mark.parametrize("pool_failures", [False, True])
 def test_fast_gradient_pools_its_fooled_rows_or_every_step(tmp_path: Path, pool_failures: bool) -> None:
-    attack = RecordingFastGradient(distortion=0.05)
+    attack = RecordingFastGradient(epsilon=0.05)
     callback = LayerwiseAdversarialTraining(["input"], module="model", refresh_size=16, capacity=64, attack=attack,
                                             pooling=EveryStep() if pool_failures else Successes())
     trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())

@@ -65,7 +65,7 @@ trainer:
         attack:
           class_path: advtrain.attacks.FastGradient
           init_args:
-            distortion: 0.2
+            epsilon: 0.2
         pooling:
           class_path: advtrain.pooling.EveryStep
         bounds:
@@ -83,12 +83,12 @@ def test_fit_with_a_yaml_config_builds_the_callbacks_and_trains(tmp_path: Path) 
                              "--trainer.default_root_dir", str(tmp_path / "run")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ATTACK FastGradient(target='untargeted', distortion=0.2)" in result.stdout
+    assert "ATTACK FastGradient(target='untargeted', epsilon=0.2, norm='rms')" in result.stdout
     assert "POOLING EveryStep()" in result.stdout
     pools = eval(result.stdout.split("POOLS ", 1)[1].splitlines()[0])  # noqa: S307 - our own printed dict
     assert pools["input"] > 0 and pools["2"] > 0
     saved = (tmp_path / "run" / "config.yaml").read_text()  # LightningCLI writes the resolved config
-    assert "advtrain.pooling.EveryStep" in saved and "distortion: 0.2" in saved
+    assert "advtrain.pooling.EveryStep" in saved and "epsilon: 0.2" in saved
 
 
 def test_a_bad_value_in_the_yaml_is_refused_with_the_callbacks_message(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def test_random_directions_are_unit_vectors_and_seeded() -> None:
 
 
 @pytest.mark.parametrize("call, message", [
-    pytest.param(lambda m, x: top_activating(m, "fc9", 0, x), "unknown layer 'fc9'; layers are: input, 0, 1, 2, 3", id="layer"),
+    pytest.param(lambda m, x: top_activating(m, "fc9", 0, x), "unknown layer `fc9`; layers are: input, 0, 1, 2, 3", id="layer"),
     pytest.param(lambda m, x: top_activating(m, "2", 6, x), "unit 6 is out of range: layer '2' has 6 units", id="unit"),
     pytest.param(lambda m, x: top_activating(m, "2", torch.ones(5), x), "direction has 5 entries but layer '2' has 6",
                  id="direction-size"),

@@ -32,6 +32,7 @@ from advtrain.analysis.operator_norms import (
     nonnegative_linear_norm_bound,
     windows_per_position,
 )
+from advtrain.model_state import untouched
 
 #: A module's bound from the module, its per-example input shape and output shape: (bound, note).
 ModuleBound = Callable[[nn.Module, tuple[int, ...], tuple[int, ...]], tuple[float, str]]
@@ -381,22 +382,17 @@ def lipschitz_bounds(model: nn.Module, input_shape: Sequence[int]) -> LipschitzT
     parameter = next(model.parameters(), None)
     example = torch.zeros((1, *input_shape), device=parameter.device if parameter is not None else "cpu",
                           dtype=parameter.dtype if parameter is not None else torch.float32)
-    was_training = model.training
-    model.eval()
     notes = []
-    try:
-        with torch.no_grad():
+    with untouched(model), torch.no_grad():
+        try:
+            rows, traced_with = _rows_by_fx(model, example), "torch.fx"
+        except Exception as error:  # fx cannot trace data-dependent control flow; hooks still see modules
+            notes.append(f"torch.fx could not trace the model ({type(error).__name__}), so only modules were "
+                         "inspected: operations written as functions in forward are not in this table.")
             try:
-                rows, traced_with = _rows_by_fx(model, example), "torch.fx"
-            except Exception as error:  # fx cannot trace data-dependent control flow; hooks still see modules
-                notes.append(f"torch.fx could not trace the model ({type(error).__name__}), so only modules were "
-                             "inspected: operations written as functions in forward are not in this table.")
-                try:
-                    rows, traced_with = _rows_by_hooks(model, example), "module hooks"
-                except RuntimeError as shape_error:
-                    raise ValueError(f"the model does not take inputs of shape {input_shape}: {shape_error}") from shape_error
-    finally:
-        model.train(was_training)
+                rows, traced_with = _rows_by_hooks(model, example), "module hooks"
+            except RuntimeError as shape_error:
+                raise ValueError(f"the model does not take inputs of shape {input_shape}: {shape_error}") from shape_error
     if any(math.isinf(row.bound) for row in rows):
         notes.append("Unbounded rows: " + ", ".join(f"{row.name} ({row.kind})" for row in rows if math.isinf(row.bound)))
     return LipschitzTable(rows, traced_with, notes)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from advtrain.checks import check_count, check_finite
-from advtrain.layers import INPUT, layer_names
+from advtrain.layers import INPUT, check_layer
+from advtrain.model_state import untouched
 
 
 @dataclass
@@ -34,9 +35,7 @@ class TopActivating:
 def layer_activations(model: nn.Module, layer: str, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """``φ(x)`` of every image at ``layer`` (a name from ``named_modules()``, or ``"input"``),
     flattened per image: ``(N, D)``, computed in eval mode in batches, on the model's device."""
-    names = layer_names(model)
-    if layer != INPUT and layer not in names:
-        raise ValueError(f"unknown layer {layer!r}; layers are: {', '.join(names)}")
+    check_layer(model, layer)
     check_finite("images", images)
     if layer == INPUT:
         return images.flatten(1)
@@ -44,14 +43,12 @@ def layer_activations(model: nn.Module, layer: str, images: torch.Tensor, batch_
     device = parameter.device if parameter is not None else images.device
     captured: list[torch.Tensor] = []
     handle = model.get_submodule(layer).register_forward_hook(lambda module, inputs, output: captured.append(output.flatten(1).cpu()))
-    was_training = model.training
-    model.eval()
     try:
-        for start in range(0, len(images), batch_size):
-            model(images[start:start + batch_size].to(device))
+        with untouched(model):
+            for start in range(0, len(images), batch_size):
+                model(images[start:start + batch_size].to(device))
     finally:
         handle.remove()
-        model.train(was_training)
     return torch.cat(captured)
 
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from advtrain.attacks.inputs import BoundsArg, CheckedBatch, Head, checked_batch
+from advtrain.attacks.inputs import CheckedBatch, Head, checked_batch
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.targets import POLICIES, TargetPolicy, choose_targets
+from advtrain.box import UNIT_BOX, Bounds
+from advtrain.model_state import untouched
 
 
 @dataclass
@@ -41,34 +41,6 @@ class Proposal:
     found: torch.Tensor
     c: torch.Tensor | None = None
     iterations: torch.Tensor | None = None
-
-
-@contextmanager
-def untouched(model: Head) -> Iterator[None]:
-    """Within the block the model runs as in eval mode with no parameter requiring gradient;
-    afterwards every module's mode, every parameter's ``requires_grad`` and ``.grad`` and every
-    buffer are as they were."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(module, module.training) for module in model.modules()]
-    parameters = [(p, p.requires_grad, p.grad) for p in model.parameters()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    model.eval()
-    for parameter, _, _ in parameters:
-        parameter.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
-        for parameter, flag, grad in parameters:
-            parameter.requires_grad_(flag)
-            parameter.grad = grad
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                if not torch.equal(buffer, saved):
-                    buffer.copy_(saved)
 
 
 class Attack(ABC):
@@ -118,7 +90,7 @@ class Attack(ABC):
         labels: torch.Tensor,
         *,
         target: TargetPolicy | torch.Tensor | None = None,
-        bounds: BoundsArg = (0.0, 1.0),
+        bounds: Bounds = UNIT_BOX,
         generator: torch.Generator | None = None,
     ) -> AttackResult:
         """Attack every row of ``inputs``.
@@ -130,7 +102,8 @@ class Attack(ABC):
             labels: ``(N,)`` true labels.
             target: ``(N,)`` target labels or a policy (default: the attack's own ``target``).
             bounds: ``(lower, upper)``, scalars or tensors broadcastable to the inputs; may be infinite.
-            generator: draws random targets and random starts (default: one seeded with 0).
+            generator: draws random targets and random starts (default: torch's global generator, so
+                successive calls draw anew and ``torch.manual_seed`` makes a run repeatable).
 
         Raises:
             ValueError: inputs that are not a finite floating-point batch inside the box, labels
@@ -139,7 +112,7 @@ class Attack(ABC):
         """
         target = self.target if target is None else target
         self.check_target(target)
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        generator = generator if generator is not None else torch.default_generator
         with torch.inference_mode(False), torch.enable_grad(), untouched(model):
             batch = checked_batch(model, inputs, labels, bounds)
             untargeted = isinstance(target, str) and target in ("untargeted", "nearest")

@@ -24,7 +24,7 @@ from advtrain.attacks.targets import TargetPolicy
 from advtrain.checks import check_count
 
 Loss = Literal["ce", "margin", "both"]
-Backend = Literal["auto", "torch", "scipy"]
+Backend = Literal["torch", "scipy"]
 
 
 class BoxLBFGS(Attack):
@@ -38,7 +38,7 @@ class BoxLBFGS(Attack):
             ``"both"``, the margin search and then a short cross-entropy search (3 values of c,
             half the iterations), the smaller success kept per example.
         backend: ``"torch"`` (batched projected L-BFGS, one history per example, CPU or GPU),
-            ``"scipy"`` (scipy's L-BFGS-B per example: exact box handling, slower), or ``"auto"``.
+            or ``"scipy"`` (scipy's L-BFGS-B per example: exact box handling, slower).
         search_steps: how many values of c to try per example.
         iterations: L-BFGS iterations per value of c.
         history: L-BFGS memory (curvature pairs kept per example).
@@ -77,7 +77,7 @@ class BoxLBFGS(Attack):
         self,
         *,
         loss: Loss = "margin",
-        backend: Backend = "auto",
+        backend: Backend = "torch",
         search_steps: int = 6,
         iterations: int = 50,
         history: int = 10,
@@ -90,8 +90,8 @@ class BoxLBFGS(Attack):
     ) -> None:
         if loss not in ("ce", "margin", "both"):
             raise ValueError(f"loss must be 'ce', 'margin' or 'both', got {loss!r}")
-        if backend not in ("auto", "torch", "scipy"):
-            raise ValueError(f"backend must be 'auto', 'torch' or 'scipy', got {backend!r}")
+        if backend not in ("torch", "scipy"):
+            raise ValueError(f"backend must be 'torch' or 'scipy', got {backend!r}")
         for name, value in (("search_steps", search_steps), ("iterations", iterations), ("history", history)):
             check_count(name, value)
         if c_init is not None and not (c_init > 0 and math.isfinite(c_init)):
@@ -112,10 +112,6 @@ class BoxLBFGS(Attack):
         self.confidence = confidence
         self.refine_steps = refine_steps
         self.progress = progress
-
-    def resolved_backend(self, device: torch.device) -> str:
-        """The backend ``"auto"`` stands for: the batched torch solver (see benchmarks/)."""
-        return "torch" if self.backend == "auto" else self.backend
 
     def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
                 generator: torch.Generator) -> Proposal:
@@ -194,7 +190,7 @@ class BoxLBFGS(Attack):
             improved, pick = smallest_per_row(l2.where(better, torch.full_like(l2, math.inf)), rows, count)
             best[improved], best_l2[improved], best_c[improved] = x[pick], l2[pick], c[improved]
 
-        solve = self._solve_torch if self.resolved_backend(device) == "torch" else self._solve_scipy
+        solve = self._solve_torch if self.backend == "torch" else self._solve_scipy
         steps = range(search_steps)
         if self.progress:
             from tqdm.auto import tqdm

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 
+from advtrain.box import Bounds, check_bounds
 from advtrain.checks import check_finite, check_labels
-
-Head = Callable[[torch.Tensor], torch.Tensor]
-BoundsArg = tuple[float | torch.Tensor, float | torch.Tensor]
+from advtrain.layers import Head
 
 
 def head_for_rows(head: Head, rows: torch.Tensor) -> Head:
@@ -25,7 +23,7 @@ def head_for_rows(head: Head, rows: torch.Tensor) -> Head:
     return head if select is None else select(rows)
 
 
-def check_attack_inputs(inputs: torch.Tensor, bounds: BoundsArg) -> tuple[torch.Tensor, torch.Tensor]:
+def check_attack_inputs(inputs: torch.Tensor, bounds: Bounds) -> tuple[torch.Tensor, torch.Tensor]:
     """The box as flat ``(N, n)`` lower and upper tensors, after checking that ``inputs`` is a finite
     floating-point batch inside it.
 
@@ -37,17 +35,12 @@ def check_attack_inputs(inputs: torch.Tensor, bounds: BoundsArg) -> tuple[torch.
         raise ValueError(f"inputs must be a floating-point tensor (N, ...), got {getattr(inputs, 'dtype', type(inputs))} "
                          f"of shape {tuple(getattr(inputs, 'shape', ()))}")
     check_finite("inputs", inputs)
-    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-        raise ValueError(f"bounds must be (lower, upper), got {bounds!r}")
+    bounds = check_bounds(bounds)
     try:
         lower, upper = (torch.as_tensor(b, dtype=inputs.dtype, device=inputs.device).expand_as(inputs).contiguous()
                         for b in bounds)
     except RuntimeError as error:
         raise ValueError(f"bounds must broadcast to the inputs' shape {tuple(inputs.shape)}: {error}") from error
-    if torch.isnan(lower).any() or torch.isnan(upper).any():
-        raise ValueError("bounds hold NaN")
-    if (lower > upper).any():
-        raise ValueError("bounds have lower > upper somewhere; give (lower, upper) in that order")
     outside = (inputs < lower) | (inputs > upper)
     if outside.any():
         raise ValueError(
@@ -106,7 +99,7 @@ class CheckedBatch:
     num_classes: int
 
 
-def checked_batch(head: Head, inputs: torch.Tensor, labels: torch.Tensor, bounds: BoundsArg) -> CheckedBatch:
+def checked_batch(head: Head, inputs: torch.Tensor, labels: torch.Tensor, bounds: Bounds) -> CheckedBatch:
     """Copy and check what an attack is given (:func:`check_attack_inputs`, :func:`check_logits`,
     labels in range, one per row) and run the head once on the clean inputs. Floating-point inputs
     of another precision than the model's (fp16 or fp64 into an fp32 model) are cast to the
@@ -125,21 +118,3 @@ def checked_batch(head: Head, inputs: torch.Tensor, labels: torch.Tensor, bounds
     num_classes = check_logits(clean_logits, inputs.shape[0])
     check_labels("labels", labels, num_classes, count=inputs.shape[0])
     return CheckedBatch(inputs, labels, lower, upper, clean_logits, num_classes)
-
-
-class FrozenParameters:
-    """Within the block, parameters need no gradient; afterwards flags and ``.grad`` are as before."""
-
-    def __init__(self, head: Head) -> None:
-        self.parameters = list(head.parameters()) if isinstance(head, nn.Module) else []
-
-    def __enter__(self) -> None:
-        self.flags = [parameter.requires_grad for parameter in self.parameters]
-        self.grads = [parameter.grad for parameter in self.parameters]
-        for parameter in self.parameters:
-            parameter.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for parameter, flag, grad in zip(self.parameters, self.flags, self.grads):
-            parameter.requires_grad_(flag)
-            parameter.grad = grad

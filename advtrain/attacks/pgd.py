@@ -1,16 +1,14 @@
-"""Projected gradient descent in L∞ or L2 with a random start: the field's standard attack for
-adversarial training (Madry et al., 2018).
+"""Projected gradient descent with a random start: the field's standard attack for adversarial
+training (Madry et al., 2018), in any norm of :mod:`advtrain.budget`.
 
 From a random point of the ε-ball around x (inside the box), ``steps`` steps up the cross-entropy
-of the true label (untargeted) or down that of a target: the sign of the gradient times the step
-size in L∞, the gradient scaled to the step size in L2, each followed by projection onto the
-ε-ball and the box. Every row ends somewhere inside the budget, fooled or not.
+of the true label (untargeted) or down that of a target: the steepest direction of the norm times
+the step size (the gradient's sign in L∞, the gradient scaled to the step in L2 and
+``sqrt(mean r²)``), each followed by projection onto the ε-ball and the box. Every row ends
+somewhere inside the budget, fooled or not.
 """
 
 from __future__ import annotations
-
-import math
-from typing import Literal
 
 import torch
 from torch import nn
@@ -18,18 +16,18 @@ from torch import nn
 from advtrain.attacks.base import Attack, Proposal
 from advtrain.attacks.inputs import CheckedBatch, Head
 from advtrain.attacks.targets import TargetPolicy
+from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius, project, step_direction
 from advtrain.checks import check_count
-
-Norm = Literal["linf", "l2"]
 
 
 class PGD(Attack):
     """Projected gradient descent with a random start.
 
     Args:
-        epsilon: the budget in the norm's own units: ``max |r|`` for ``"linf"``, ``‖r‖₂`` for
-            ``"l2"`` (on 28×28 images an L2 budget of 1.0 is a ``sqrt(mean r²)`` of 0.036).
-        norm: ``"linf"`` or ``"l2"``.
+        epsilon: the budget in ``norm`` (:mod:`advtrain.budget`): ``max |r|`` for ``"linf"``,
+            ``‖r‖₂`` for ``"l2"``, ``sqrt(mean r²)`` for ``"rms"`` (on 28×28 images an L2 budget of
+            1.0 is an rms budget of 0.036).
+        norm: ``"linf"``, ``"l2"`` or ``"rms"``.
         steps: gradient steps.
         step_size: the length of each step in the norm's units (default ``2.5 · epsilon / steps``,
             Madry et al.'s choice).
@@ -56,28 +54,21 @@ class PGD(Attack):
 
     def __init__(self, *, epsilon: float, norm: Norm = "linf", steps: int = 10, step_size: float | None = None,
                  random_start: bool = True, target: TargetPolicy = "untargeted") -> None:
-        if not (epsilon > 0 and math.isfinite(epsilon)):
-            raise ValueError(f"epsilon must be positive and finite, got {epsilon}")
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+        epsilon = check_epsilon(epsilon)
+        check_norm(norm)
         check_count("steps", steps)
-        if step_size is not None and not (step_size > 0 and math.isfinite(step_size)):
-            raise ValueError(f"step_size must be positive and finite (or None), got {step_size}")
+        if step_size is not None:
+            step_size = check_epsilon(step_size, name="step_size")
         super().__init__(target=target)
-        self.epsilon = float(epsilon)
+        self.epsilon = epsilon
         self.norm = norm
         self.steps = steps
-        self.step_size = float(step_size) if step_size is not None else 2.5 * self.epsilon / steps
-        self.random_start = random_start
+        self.step_size = step_size if step_size is not None else 2.5 * self.epsilon / steps
+        self.random_start = bool(random_start)
 
     def _project(self, points: torch.Tensor, origin: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
         """Onto the ε-ball around ``origin``, then into the box (rows flat: ``(N, D)``)."""
-        delta = points - origin
-        if self.norm == "linf":
-            delta = delta.clamp(-self.epsilon, self.epsilon)
-        else:
-            norms = delta.norm(dim=1, keepdim=True)
-            delta = delta * (self.epsilon / norms.clamp_min(self.epsilon))
+        delta = project(points - origin, self.epsilon, self.norm)
         return torch.minimum(torch.maximum(origin + delta, lower), upper)
 
     def _start(self, origin: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -89,11 +80,11 @@ class PGD(Attack):
         direction = torch.randn(shape, generator=generator, dtype=origin.dtype)
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(origin.dtype).tiny)
         radius = torch.rand((shape[0], 1), generator=generator, dtype=origin.dtype).pow(1.0 / dims)
-        return origin + (self.epsilon * radius * direction).to(origin.device)
+        return origin + (l2_radius(self.epsilon, self.norm, dims) * radius * direction).to(origin.device)
 
     def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
                 generator: torch.Generator) -> Proposal:
-        """``steps`` projected steps from a random start."""
+        """``steps`` projected steps from a random start (or from x)."""
         shape = batch.inputs.shape
         origin = batch.inputs.flatten(1)
         points = self._start(origin, generator) if self.random_start else origin.clone()
@@ -103,11 +94,8 @@ class PGD(Attack):
             points = points.detach().requires_grad_(True)
             loss = nn.functional.cross_entropy(model(points.view(shape)), goal, reduction="sum")
             (gradient,) = torch.autograd.grad(loss if targets is None else -loss, points)
-            if self.norm == "linf":
-                step = self.step_size * gradient.sign()
-            else:
-                step = self.step_size * gradient / gradient.norm(dim=1, keepdim=True).clamp_min(torch.finfo(gradient.dtype).tiny)
-            points = self._project(points.detach() + step, origin, batch.lower, batch.upper)
+            points = self._project(points.detach() + self.step_size * step_direction(gradient, self.norm), origin,
+                                   batch.lower, batch.upper)
         rows = len(batch.labels)
         return Proposal(points.view(shape), torch.ones(rows, dtype=torch.bool, device=points.device),
                         iterations=torch.full((rows,), self.steps, dtype=torch.long, device=points.device))
