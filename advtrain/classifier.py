@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from advtrain.checks import check_batch
+from advtrain.layers import INPUT, check_layer_name
 from advtrain.metrics import ErrorRate
 from advtrain.models import PaperModel
 
@@ -70,9 +71,9 @@ class Classifier(pl.LightningModule):
         modules = dict(model.named_modules())
         penalties = dict(penalties or {})
         for name in [*penalties, *frozen]:
-            if name not in modules or name == "":
-                layers = ", ".join(n for n in modules if n)
-                raise ValueError(f"unknown layer `{name}`; layers are: {layers}")
+            if name == INPUT:
+                raise ValueError(f"`{name}` is the input, not a layer with parameters; name a layer of the model")
+            check_layer_name(model, name)
         for name in penalties:
             if not isinstance(getattr(modules[name], "weight", None), torch.Tensor):
                 raise ValueError(f"layer `{name}` ({type(modules[name]).__name__}) has no weight to penalise")

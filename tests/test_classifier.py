@@ -74,7 +74,7 @@ def test_bad_batches_are_refused_by_name(make, message: str) -> None:
 
 def test_unknown_layers_and_settings_are_refused() -> None:
     model = fc100_100_10().module
-    with pytest.raises(ValueError, match=r"unknown layer `fc3`; layers are: flatten, fc1, sigmoid1"):
+    with pytest.raises(ValueError, match=r"unknown layer `fc3`; layers are: input, flatten, fc1, sigmoid1"):
         Classifier(model, penalties={"fc3": 1e-5})
     with pytest.raises(ValueError, match=r"layer `sigmoid1` \(Sigmoid\) has no weight to penalise"):
         Classifier(model, penalties={"sigmoid1": 1e-5})
