@@ -124,14 +124,14 @@ def test_a_call_cannot_ask_for_a_policy_the_attack_cannot_serve() -> None:
         FastGradient()(trained_net(), inputs, labels, target="nearest")
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "rms"])
 def test_pgd_stays_inside_its_budget_and_raises_the_loss(norm: str) -> None:
     model = trained_net().eval()
     inputs, labels = images(16, size=8, seed=2)
-    epsilon = 0.03 if norm == "linf" else 0.5
+    epsilon = {"linf": 0.03, "l2": 0.5, "rms": 0.5 / math.sqrt(inputs[0].numel())}[norm]
     result = PGD(epsilon=epsilon, norm=norm, steps=10)(model, inputs, labels)
     r = (result.attempt - inputs).flatten(1)
-    size = r.abs().amax(1) if norm == "linf" else r.norm(dim=1)
+    size = {"linf": r.abs().amax(1), "l2": r.norm(dim=1), "rms": r.norm(dim=1) / math.sqrt(r.shape[1])}[norm]
     assert bool((size <= epsilon * (1 + 1e-5)).all())
     assert bool(((result.attempt >= 0) & (result.attempt <= 1)).all())
     with torch.no_grad():
