@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from torch import nn
 
 from advtrain.attacks.inputs import CheckedBatch, Head, checked_batch
 from advtrain.attacks.result import AttackResult
