@@ -389,8 +389,8 @@ class LayerwiseAdversarialTraining(Callback):
             if injection is None or injection.layer != layer or not module.training:
                 return None
             if not injection.in_forward:
-                enclosing = ", ".join(f"'{name}'" for name in reversed(enclosing_modules(layer))) if self.module is None else ""
-                hint = f" (e.g. module={enclosing.split(', ')[0]})" if enclosing else ""
+                enclosing = enclosing_modules(layer) if self.module is None else []
+                hint = f" (e.g. module='{enclosing[-1]}')" if enclosing else ""
                 raise ValueError(f"layer `{layer}` ran in a training forward that did not go through the classifier "
                                  f"({self._classifier_name()}), so the callback cannot check that the batch reached it "
                                  f"unchanged: training_step calls a submodule directly? Pass that submodule as "
