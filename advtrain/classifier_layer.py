@@ -22,9 +22,10 @@ import warnings
 import torch
 from torch import nn
 
-from advtrain.box import UNBOUNDED, UNIT_BOX, Bounds, check_bounds, describe_bounds
+from advtrain.box import Bounds, describe_bounds
 from advtrain.checks import check_finite
-from advtrain.layers import INPUT, Head, LayerCut, LayerCutError, check_layer, cut_at, enclosing_modules, known_bounds, layer_names
+from advtrain.layers import (INPUT, Head, LayerCut, LayerCutError, check_layer, cut_at, enclosing_modules, layer_bounds,
+                             layer_names)
 from advtrain.model_state import untouched
 
 
@@ -91,7 +92,6 @@ class ClassifierLayer:
             raise ValueError(f"a layer name must be a string, got {name!r}")
         self.classifier = classifier
         self.name = name
-        box = check_bounds(bounds, name=f"bounds for layer `{name}`") if bounds is not None else None
         with untouched(classifier), torch.no_grad():
             if name == INPUT:
                 if not example_inputs.dtype.is_floating_point:
@@ -104,7 +104,8 @@ class ClassifierLayer:
                 self.cut = cut_at(classifier, name, example_inputs)
                 self._refuse_bypass(example_inputs)
             activations = self.cut.bottom(example_inputs)
-        self.box = box if box is not None else (UNIT_BOX if name == INPUT else known_bounds(classifier, name) or UNBOUNDED)
+        # after the layer check on the example inputs, whose error lists the layers that run
+        self.box = layer_bounds(classifier, [name], overrides=None if bounds is None else {name: bounds})[name]
         self._widened = False
         self._check_box(activations)
 
