@@ -109,3 +109,23 @@ def test_pool_error_is_the_share_of_the_pool_the_model_gets_wrong(tmp_path: Path
     assert 0.0 < float(wrong) < 1.0  # a share that tells a flipped comparison apart
     assert math.isclose(callback.stats["input"]["pool_error"], float(wrong), abs_tol=1e-6)
 
+
+
+def test_the_final_bisection_projects_its_points_onto_the_box() -> None:
+    """Bug: the final bisection skips the projection onto the box. Where no shorter step keeps the
+    target, the bisection returns ``x + 1·(best − x)``, which rounds past a bound that ``best``
+    touches when ``x`` and the bound differ in magnitude (float32: 31.26 + (0.99 − 31.26) < 0.99).
+    The public search reaches that case only by chance in a small test, so ``_refine`` is driven
+    directly, with a target no shorter step keeps."""
+    generator = torch.Generator().manual_seed(0)
+    count = 4096
+    origin = torch.rand(count, 1, generator=generator) * 100 + 1  # (N, 1): one value a row, far above its bound
+    lower = torch.rand(count, 1, generator=generator)  # per-unit lower bounds in [0, 1)
+    upper = torch.full_like(lower, math.inf)
+    best = lower.clone()  # each row's success lies on its lower bound
+    assert bool((origin + (best - origin) < lower).any())  # the rounding this test is about happens here
+    never_shorter = lambda logits, targets: torch.zeros(len(targets), dtype=torch.bool)  # noqa: E731
+    refined = BoxLBFGS()._refine(lambda x: x, origin, best, torch.zeros(count, dtype=torch.long),
+                                 torch.ones(count, dtype=torch.bool), origin.shape, never_shorter, lower, upper)
+    assert bool((refined >= lower).all()), f"{int((refined < lower).sum())} rows left the box"
+    assert torch.allclose(refined, best, rtol=0, atol=1e-5)  # one rounding step of values near 100
