@@ -70,6 +70,26 @@ def test_the_result_reports_c_iterations_and_attempt_as_the_attack_gave_them() -
     assert given.iterations.tolist() == [3, 4, 5]
 
 
+class Records(Attack):
+    """Records the policy each call hands to ``propose``; keeps the base's default target."""
+
+    policies = ("untargeted", "random", "runner_up", "least_likely", "nearest")
+
+    def propose(self, model, batch, targets, policy, generator) -> Proposal:
+        self.seen = policy
+        return Proposal(batch.inputs.clone(), torch.zeros(len(batch.labels), dtype=torch.bool))
+
+
+def test_the_default_target_is_untargeted_and_propose_gets_the_call_s_policy() -> None:
+    attack = Records()
+    assert attack.target == "untargeted"
+    for policy in ("nearest", "untargeted", "runner_up"):
+        attack(identity_classifier(), INPUTS, LABELS, target=policy)
+        assert attack.seen == policy
+    attack(identity_classifier(), INPUTS, LABELS)
+    assert attack.seen == "untargeted"
+
+
 def test_repr_shows_settings_and_hides_private_state() -> None:
     attack = Scripted(torch.zeros(3, 3))
     assert repr(attack) == "Scripted(target='untargeted')"
@@ -129,6 +149,24 @@ def test_batch_norm_without_running_statistics_normalises_pool_rows_with_the_bat
     separate.remove()
 
 
+def test_pool_rows_beside_a_constant_channel_get_eps_in_the_variance() -> None:
+    x = _batch()
+    x[:, 0] = 3.0  # channel 0 constant: its variance is 0, and only eps keeps the division finite
+    norm = nn.BatchNorm2d(4)
+    separate = SeparateBatchStatistics(norm)
+    separate.arm(3)
+    output = norm(x)
+    separate.remove()
+    assert torch.isfinite(output).all()
+    torch.testing.assert_close(output[7:, 0], torch.zeros_like(output[7:, 0]))  # (3 - 3) / sqrt(0 + eps)
+    x[7:, 0] = 3.0 + 1e-3  # a pool row just off the clean rows' constant: scaled by 1 / sqrt(eps)
+    separate = SeparateBatchStatistics(norm)
+    separate.arm(3)
+    output = norm(x)
+    separate.remove()
+    torch.testing.assert_close(output[7:, 0], torch.full_like(output[7:, 0], 1e-3 / math.sqrt(norm.eps)), rtol=1e-3, atol=0)
+
+
 # ---- boxes, budgets, pooling ----
 
 @pytest.mark.parametrize(("bounds", "message"), [
@@ -138,7 +176,8 @@ def test_batch_norm_without_running_statistics_normalises_pool_rows_with_the_bat
     ((math.nan, 1.0), r"bounds hold NaN: \(nan, 1\)"),
     ((0.0, math.nan), r"bounds hold NaN: \(0, nan\)"),
     ((torch.zeros(3), torch.ones(4)), r"the lower and upper bounds of bounds do not broadcast together"),
-    ((2.0, 2.0), r"bounds \(2, 2\) leave no room: lower equals upper everywhere"),
+    ((2.0, 2.0), r"bounds \(2, 2\) leave no room: lower equals upper everywhere, so no perturbation can move; widen "
+                 r"the box$"),
     ((torch.zeros(3), torch.zeros(3)), r"bounds \(per-unit tensor, per-unit tensor\) leave no room"),
 ], ids=["scalar", "triple", "text", "nan-low", "nan-high", "shapes", "point", "per-unit-point"])
 def test_malformed_boxes_are_named(bounds, message: str) -> None:
