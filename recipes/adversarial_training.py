@@ -30,7 +30,7 @@ from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.pools_config import build_pools, default_pools_config, pools_settings
 from advtrain.recipes.run_folder import (config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results,
                                         write_text)
-from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, last_checkpoint, on_a_terminal, progress
+from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, fit, on_a_terminal, progress
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
@@ -144,7 +144,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
         limit_train_batches=2000 // args.batch_size if args.quick else None, num_sanity_val_steps=0,
         log_every_n_steps=10,
     )
-    trainer.fit(classifier, datamodule=data, ckpt_path=last_checkpoint(folder))
+    fit(trainer, classifier, data, folder, "adversarial-training")
     return classifier, clock.seconds
 
 

@@ -20,6 +20,9 @@ from typing import Any
 
 #: Settings that may differ between a run and its resumption.
 RESUMABLE_DIFFERENCES = ("resume", "wandb")
+#: The file a run creates exclusively in its folder before writing anything else: of two runs started
+#: into one folder at once, only one can create it.
+CLAIM = ".advtrain-run"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, output: str) -> None:
@@ -90,10 +93,13 @@ def start_run_folder(args: argparse.Namespace) -> Path:
     ``args.resume``, check that the folder holds this run's config and continue in it.
 
     Raises:
-        SystemExit: the folder holds another run's files (without ``--resume``), ``--resume`` on a
-            folder without a run or with another run's settings, or a folder that cannot be written.
+        SystemExit: a shared setting that cannot work (:func:`check_common_settings`), the folder
+            holds another run's files or another run claimed it at the same moment (without
+            ``--resume``), ``--resume`` on a folder without a run or with another run's settings, or a
+            folder that cannot be written. Nothing is written in any of these cases.
     """
     output, recipe = args.output, getattr(args, "recipe", None) or "recipe"
+    check_common_settings(args, recipe)
     config = config_of(args)
     saved = output / "config.json"
     if getattr(args, "resume", False):
@@ -112,11 +118,54 @@ def start_run_folder(args: argparse.Namespace) -> Path:
                          f"{hint}: nothing is overwritten")
     try:
         output.mkdir(parents=True, exist_ok=True)
+        claim(output, recipe)
         write_json(saved, config)
         write_text(output / "command.txt", " ".join(["advtrain", *sys.argv[1:]]) + "\n")
     except OSError as error:
         raise SystemExit(f"advtrain {recipe}: cannot write the run folder --output {output}: {error.strerror or error}") from error
     return output
+
+
+def claim(output: Path, recipe: str) -> None:
+    """Create :data:`CLAIM` in ``output`` exclusively (``O_EXCL``), so that of two runs that both found
+    the folder empty only one goes on.
+
+    Raises:
+        SystemExit: another run claimed the folder first.
+    """
+    try:
+        os.close(os.open(output / CLAIM, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError as error:
+        raise SystemExit(f"advtrain {recipe}: --output {output} was claimed by another run started at the same time; "
+                         "choose a new folder: nothing is overwritten") from error
+
+
+def check_common_settings(args: argparse.Namespace, recipe: str) -> None:
+    """Refuse, before anything is written, the settings most recipes share that cannot work:
+    ``--batch-size``, ``--eval-examples`` below 1, ``--lr`` not positive and finite, ``--seed`` below 0,
+    ``--accelerator gpu`` (or ``cuda``) on a machine without a CUDA device. Settings a recipe does not
+    have, or leaves to its defaults (None), are skipped.
+
+    Raises:
+        SystemExit: naming the flag, the value and what it takes.
+    """
+    for flag in ("batch_size", "eval_examples"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise SystemExit(f"advtrain {recipe}: --{flag.replace('_', '-')} must be at least 1, got {value}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise SystemExit(f"advtrain {recipe}: --lr must be positive and finite, got {lr}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and not 0 <= seed < 2**32:
+        raise SystemExit(f"advtrain {recipe}: --seed must be in [0, 2**32), got {seed}")
+    accelerator = getattr(args, "accelerator", None)
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"advtrain {recipe}: --accelerator {accelerator}: this machine has no CUDA device; use "
+                             "--accelerator cpu or auto")
 
 
 def write_results(args: argparse.Namespace, results: Any, markdown: str) -> None:

@@ -21,7 +21,7 @@ from advtrain import Classifier
 from advtrain.data import MNISTDataModule
 from advtrain.models import MODEL_BUILDERS, build_model, pretrain_sparse_autoencoder
 from advtrain.recipes.run_folder import save_weights, start_run_folder, write_json, write_text
-from advtrain.recipes.trainer_parts import RandomState, checkpoints, last_checkpoint, on_a_terminal, progress
+from advtrain.recipes.trainer_parts import RandomState, checkpoints, fit, on_a_terminal, progress
 
 #: Settings measured to converge on this machine's CPU (see the README's results).
 DEFAULTS = {"epochs": 30, "batch_size": 64, "lr": 0.3, "optimizer": "sgd"}
@@ -87,7 +87,7 @@ def train_model(args: argparse.Namespace, data: MNISTDataModule) -> tuple[Classi
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    trainer.fit(classifier, datamodule=data, ckpt_path=last_checkpoint(folder))
+    fit(trainer, classifier, data, folder, "train")
     return classifier, trainer
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 
@@ -129,3 +130,22 @@ def last_checkpoint(folder: Path) -> str | None:
     """The checkpoint to resume from in ``folder``, if an earlier attempt left one."""
     path = folder / "last.ckpt"
     return str(path) if path.is_file() else None
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule, folder: Path, recipe: str) -> None:
+    """``trainer.fit`` from the last checkpoint in ``folder`` (where an earlier attempt left one). A fit
+    that SIGTERM stopped is not a finished one: Lightning ends it with a ``SystemExit`` of status 0
+    (or returns as if training had ended), so this exits with status 1 and says how to continue.
+
+    Raises:
+        SystemExit: the run received SIGTERM (exit status 1), saying how to continue it.
+    """
+    stopped = (f"advtrain {recipe}: stopped by SIGTERM before training finished; the last epoch's checkpoint is in "
+               f"{folder}: run the same command with --resume to continue")
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(folder))
+    except SIGTERMException as error:  # a SystemExit without a code: the process would exit 0
+        raise SystemExit(stopped) from error
+    if trainer.received_sigterm:
+        raise SystemExit(stopped)
+

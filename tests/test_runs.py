@@ -171,3 +171,100 @@ def test_verified_files_are_not_hashed_again_until_they_change(mnist_copy: Path)
     assert verify_mnist(raw) == []
     os.utime(raw / "t10k-labels-idx1-ubyte", ns=(1, 1))
     assert verify_mnist(raw) == ["t10k-labels-idx1-ubyte"]
+
+
+# ---- second pass: races, settings checked before writing, signals
+
+
+def _start_after(barrier, output: str, results) -> None:
+    """One of two runs started at once into ``output`` (a forked process)."""
+    import argparse
+
+    from advtrain.recipes.run_folder import start_run_folder
+
+    args = argparse.Namespace(output=Path(output), recipe="train", resume=False, seed=0)
+    barrier.wait()
+    try:
+        start_run_folder(args)
+        results.put("started")
+    except SystemExit as error:
+        results.put(str(error))
+
+
+def test_of_two_runs_started_into_one_folder_at_once_exactly_one_goes_on(tmp_path: Path) -> None:
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # start_run_folder uses no torch threads
+    for trial in range(10):
+        output = tmp_path / f"run{trial}"
+        barrier, results = context.Barrier(2), context.Queue()
+        processes = [context.Process(target=_start_after, args=(barrier, str(output), results)) for _ in range(2)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+        outcomes = sorted(results.get(timeout=10) for _ in processes)
+        assert outcomes[-1] == "started", outcomes
+        assert outcomes[0] != "started", f"trial {trial}: both runs went on into one folder"
+        assert "choose a new folder" in outcomes[0] and "nothing is overwritten" in outcomes[0]
+
+
+def test_a_run_that_lost_the_race_after_the_empty_check_is_refused_by_the_claim(tmp_path: Path, monkeypatch) -> None:
+    """The interleaving the claim exists for, made certain: run A has found the folder empty, then
+    run B starts, finds it empty too and claims it; A's own claim must fail."""
+    import argparse
+
+    from advtrain.recipes import run_folder
+
+    output = tmp_path / "run"
+    make_args = lambda: argparse.Namespace(output=output, recipe="train", resume=False, seed=0)  # noqa: E731
+    real_claim, calls = run_folder.claim, []
+
+    def claim_after_the_other_run(folder: Path, recipe: str) -> None:
+        calls.append(folder)
+        if len(calls) == 1:  # A, between its empty check and its claim: B runs start to finish
+            run_folder.start_run_folder(make_args())
+        real_claim(folder, recipe)
+
+    monkeypatch.setattr(run_folder, "claim", claim_after_the_other_run)
+    with pytest.raises(SystemExit, match=r"was claimed by another run started at the same time; choose a new folder"):
+        run_folder.start_run_folder(make_args())
+    assert len(calls) == 2 and (output / "config.json").is_file()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
+    (["--lr", "-1"], r"--lr must be positive and finite, got -1.0"),
+    (["--lr", "nan"], r"--lr must be positive and finite, got nan"),
+    (["--eval-examples", "0"], r"--eval-examples must be at least 1, got 0"),
+    (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+    (["--accelerator", "gpu"], r"--accelerator gpu: this machine has no CUDA device"),
+], ids=["batch-size", "lr", "lr-nan", "eval-examples", "seed", "gpu"])
+def test_a_setting_that_cannot_work_is_refused_before_the_run_folder_is_written(tmp_path: Path, flags, message) -> None:
+    if flags[0] == "--accelerator" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    output = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"advtrain adversarial-training: " + message):
+        main([*MLP_RUN, *flags, "--output", str(output)])
+    assert not output.exists()  # so the corrected command can use the same folder
+
+
+def test_sigterm_ends_a_run_with_a_failure_and_how_to_resume(mnist_root: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
+    process = subprocess.Popen([sys.executable, "-m", "advtrain.cli", *MLP_RUN, "--epochs", "8", "--output", str(output)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for(output / "weight-decay" / "checkpoints" / "last.ckpt", process)  # the first way is under way
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, (process.returncode, stderr[-2000:])
+    assert "advtrain adversarial-training: stopped by SIGTERM before training finished" in stderr
+    assert "run the same command with --resume to continue" in stderr
+    assert not (output / "results.json").exists() and not (output / "weight-decay" / "result.json").exists()
+    resumed = recipe([*MLP_RUN, "--epochs", "8", "--output", str(output), "--resume"], mnist_root)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (output / "results.json").exists()
