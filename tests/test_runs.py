@@ -18,6 +18,7 @@ import torch
 
 from advtrain.cli import main
 from advtrain.data import MNISTCorruptError, MNISTDataModule, verify_mnist
+from advtrain.data.sources import MNIST_MD5S
 from advtrain.recipes.run_folder import strict_json, write_json
 
 MLP_RUN = ["adversarial-training", "--quick", "--wandb", "off", "--hidden", "32", "16", "--ways", "weight-decay", "pools",
@@ -165,12 +166,16 @@ def test_a_damaged_mnist_file_is_refused_by_name(mnist_copy: Path, damage: str) 
         MNISTDataModule(mnist_copy, download=False).prepare_data()
 
 
-def test_verified_files_are_not_hashed_again_until_they_change(mnist_copy: Path) -> None:
+def test_a_file_altered_behind_a_kept_modification_time_is_refused(mnist_copy: Path) -> None:
     raw = mnist_copy / "MNIST" / "raw"
-    assert len(verify_mnist(raw)) == 4
-    assert verify_mnist(raw) == []
-    os.utime(raw / "t10k-labels-idx1-ubyte", ns=(1, 1))
-    assert verify_mnist(raw) == ["t10k-labels-idx1-ubyte"]
+    labels = raw / "train-labels-idx1-ubyte"
+    assert verify_mnist(raw) == list(MNIST_MD5S)
+    kept = labels.stat()
+    _damage(labels, 8 + 1000, bytes([(labels.read_bytes()[8 + 1000] + 1) % 10]))  # one label changed, same size
+    os.utime(labels, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # bit rot, or an edit that kept the mtime
+    assert labels.stat().st_mtime_ns == kept.st_mtime_ns and labels.stat().st_size == kept.st_size
+    with pytest.raises(MNISTCorruptError, match=r"train-labels-idx1-ubyte is not the original MNIST file"):
+        verify_mnist(raw)
 
 
 # ---- second pass: races, settings checked before writing, signals

