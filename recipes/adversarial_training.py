@@ -157,7 +157,11 @@ def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
     """
     resolve_defaults(args)
     settings = pools_settings(args.pools, args.pools_set)
-    callback, args.pools_resolved = build_pools(settings, module="model", seed=args.seed)
+    try:
+        callback, args.pools_resolved = build_pools(settings, module="model", seed=args.seed)
+    except ValueError as error:
+        overrides = "".join(f" --pools-set {override}" for override in args.pools_set)
+        raise ValueError(f"{args.pools}{overrides}: {error}") from error
     return callback
 
 

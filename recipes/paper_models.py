@@ -4,6 +4,8 @@ minimal adversarial examples, and the perturbations the paper compares them with
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from torch import nn
 from advtrain.attacks import AttackResult, BoxLBFGS
 from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
-from advtrain.recipes.run_folder import save_weights
+from advtrain.recipes.run_folder import save_weights, write_text
 from advtrain.recipes.train import DEFAULTS, train_model
 
 #: The models of the paper's Table 1, by command-line name.
@@ -27,7 +29,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, models_dir: str) -> 
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--models-dir", type=Path, default=Path(models_dir),
-                        help="trained models are saved here and reused when present (delete to retrain)")
+                        help="trained models are kept here, each under a key of its training settings, and "
+                             "reused only by a run with the same settings")
     parser.add_argument("--examples", type=int, default=100, help="images in the seeded subset that is attacked")
     parser.add_argument("--target", choices=["random", "nearest"], default="random",
                         help="random: a seeded random wrong label per image, the paper's practice; "
@@ -49,20 +52,34 @@ def prepared_mnist(args: argparse.Namespace, train_subset: str = "all", shift_pi
     return data
 
 
+def training_settings(name: str, args: argparse.Namespace, label: str | None = None) -> dict:
+    """Everything that decides what training model ``name`` gives (not where it runs): the key under
+    which a trained model is kept and reused."""
+    return {"model": name, "label": label or name, "seed": args.seed, "quick": bool(args.quick), "epochs": args.epochs,
+            "lr": args.lr, "batch_size": args.batch_size, "optimizer": "sgd", "penalty_scale": None}
+
+
 def trained_model(name: str, args: argparse.Namespace, data: MNISTDataModule, label: str | None = None) -> nn.Module:
-    """Model ``name`` trained on ``data`` with ``advtrain train``'s loop, loaded from
-    ``<models-dir>/<label>/model.pt`` where an earlier run left it; in eval mode on the CPU."""
-    path = args.models_dir / (label or name) / "model.pt"
+    """Model ``name`` trained on ``data`` with ``advtrain train``'s loop; in eval mode on the CPU.
+
+    Trained models are kept in ``<models-dir>/<label>/<key>/model.pt``, the key a digest of
+    :func:`training_settings` (written beside it as ``settings.json``), so a model is reused only by
+    a run with the same settings: a quick model never stands in for a full one."""
+    settings = training_settings(name, args, label)
+    text = json.dumps(settings, sort_keys=True)
+    folder = args.models_dir / settings["label"] / hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = folder / "model.pt"
     module = build_model(name).module
     if path.exists():
         module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        print(f"{label or name}: loaded {path}")
+        print(f"{settings['label']}: loaded {path}, trained with the same settings")
         return module.eval()
-    settings = argparse.Namespace(model=name, seed=args.seed, quick=args.quick, penalty_scale=None, optimizer="sgd",
-                                  lr=args.lr, epochs=args.epochs, accelerator=args.accelerator,
-                                  output=path.parent, batch_size=args.batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    classifier, _ = train_model(settings, data)  # continues from its last checkpoint where one was left
+    train_args = argparse.Namespace(model=name, seed=args.seed, quick=args.quick, penalty_scale=None, optimizer="sgd",
+                                    lr=args.lr, epochs=args.epochs, accelerator=args.accelerator,
+                                    output=folder, batch_size=args.batch_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / "settings.json", text + "\n")
+    classifier, _ = train_model(train_args, data)  # continues from its last checkpoint where one was left
     save_weights(path, classifier.model.state_dict())
     return classifier.model.cpu().eval()
 

@@ -9,6 +9,8 @@ knob of its own, and the resolved settings (every default filled in) are written
 
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,11 @@ def pools_settings(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
         settings = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as error:
         raise ValueError(f"cannot read the pools config {path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:  # its own message names "<unicode string>", not the file
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or "not valid YAML"
+        raise ValueError(f"the pools config {path} is not valid YAML: {problem}{where}") from error
     if not isinstance(settings, dict):
         raise ValueError(f"the pools config {path} must map LayerwiseAdversarialTraining's arguments to values")
     for override in overrides:
@@ -74,7 +81,17 @@ def build_pools(settings: dict[str, Any], **fixed: Any) -> tuple[Any, dict[str, 
 
 
 def _reason(text: str) -> str:
-    """jsonargparse's message, led by the refusal of the class itself where a Union buried it."""
-    reasons = [line.strip()[2:] for line in text.splitlines()
-               if line.strip().startswith("- ") and "NoneType" not in line]
-    return reasons[0] if reasons else " ".join(text.split())
+    """jsonargparse's message, led by the setting and the refusal of the class itself where a Union
+    buried it: ``attack: Problem with given class_path 'advtrain.attacks.FastGradient': Option
+    'epsilonn' is not accepted``."""
+    lines = text.splitlines()
+    key = re.match(r'Parser key "(?:pools\.)?([^"]+)"', lines[0]) if lines else None
+    for index, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped.startswith("- ") and "NoneType" not in stripped:
+            indent = len(line) - len(line.lstrip())
+            details = [detail.strip() for detail in itertools.takewhile(
+                lambda detail: len(detail) - len(detail.lstrip()) > indent, lines[index + 1:])]
+            reason = ": ".join([stripped[2:].rstrip(":"), *details])
+            return f"{key.group(1)}: {reason}" if key else reason
+    return " ".join(text.split())

@@ -7,6 +7,7 @@ import os
 import random
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,19 @@ def checkpoints(folder: Path) -> ModelCheckpoint:
 
 
 def last_checkpoint(folder: Path) -> str | None:
-    """The checkpoint to resume from in ``folder``, if an earlier attempt left one."""
+    """The checkpoint to resume from in ``folder``, if an earlier attempt left one.
+
+    Raises:
+        SystemExit: the file is empty or truncated (not a whole torch zip archive), naming it and
+            what to do, instead of torch's zip-reader traceback at load time.
+    """
     path = folder / "last.ckpt"
-    return str(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whose directory is at its end
+        raise SystemExit(f"advtrain: {path} is empty or truncated ({path.stat().st_size:,} bytes; a copy cut short?), "
+                         "so the run cannot resume from it: delete it to train this part of the run from its start")
+    return str(path)
 
 
 def fit(trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataModule, folder: Path, recipe: str) -> None:

@@ -17,6 +17,7 @@ from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 from advtrain.recipes.adversarial_training import add_arguments, pools_callback
+from advtrain.recipes.pools_config import default_pools_config
 
 
 def test_help_lists_every_recipe() -> None:
@@ -99,13 +100,16 @@ def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_roo
     (["--model", "small-resnet", "--pools-set", "layers=[stage2.0.relu]"], "pools way: layer `stage2.0.relu` runs 2 times"),
     (["--epochs", "0"], "--epochs must be at least 1, got 0"),
     (["--hidden", "100", "0"], "--hidden: hidden must be one or more positive integer widths, got [100, 0]"),
-    (["--pools-set", "mix_fraction=1.5"], "pools way: mix_fraction must be in (0, 1], got 1.5"),
+    (["--pools-set", "mix_fraction=1.5"], "pools way: " + str(default_pools_config("sigmoid-mlp"))
+     + " --pools-set mix_fraction=1.5: mix_fraction must be in (0, 1], got 1.5"),
     (["--pools-set", "capacity"], "pools way: --pools-set takes KEY=VALUE"),
     (["--pools-set", "mixing=0.5"], "pools way:"),
     (["--pools-set", "pooling={class_path: advtrain.pooling.EveryStep}"],
-     "pools way: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
+     "pools way: " + str(default_pools_config("sigmoid-mlp")) + " --pools-set pooling={class_path: "
+     "advtrain.pooling.EveryStep}: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search"),
     (["--pools", "recipes/configs/fast-gradient-input.yaml", "--pools-set", "attack.init_args.target=nearest"],
-     "pools way: FastGradient cannot serve target='nearest'"),
+     "pools way: recipes/configs/fast-gradient-input.yaml --pools-set attack.init_args.target=nearest: FastGradient "
+     "cannot serve target='nearest'"),
     (["--pools", "no-such-file.yaml"], "pools way: cannot read the pools config no-such-file.yaml"),
     (["--shift-pixels", "-1"], "--shift-pixels: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
 ])
@@ -145,3 +149,20 @@ def test_help_lists_no_callback_knob() -> None:
     flags = {action.dest for action in parser._actions}
     assert not flags & {"mix_fraction", "capacity", "refresh_every", "refresh_size", "layers", "target", "generator"}
     assert {"pools", "pools_set"} <= flags
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("layers: [input]\nattack:\n  class_path: advtrain.attacks.FastGradient\n  init_args:\n    epsilonn: 0.1\n",
+     r"pools.yaml: attack: Problem with given class_path 'advtrain.attacks.FastGradient': Option 'epsilonn' is not accepted"),
+    ("layers: [input]\nattack:\n  class_path: advtrain.attacks.NoSuch\n",
+     r"pools.yaml: attack: Problem with given class_path 'advtrain.attacks.NoSuch': module 'advtrain.attacks' has no "
+     r"attribute 'NoSuch'"),
+    ("layers: [input\nmix_fraction: 0.1\n", r"the pools config .*pools.yaml is not valid YAML: expected ',' or '\]', but "
+                                            r"got ':' at line 2, column 13"),
+], ids=["unknown-argument", "unknown-class", "broken-syntax"])
+def test_a_bad_pools_file_is_named_with_the_setting_and_the_reason(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "pools.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit, match=r"advtrain adversarial-training: pools way: .*" + message):
+        main(["adversarial-training", "--quick", "--wandb", "off", "--pools", str(config), "--output", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()

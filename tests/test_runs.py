@@ -289,3 +289,16 @@ def test_sigterm_ends_a_run_with_a_failure_and_how_to_resume(mnist_root: Path, t
     resumed = recipe([*MLP_RUN, "--epochs", "8", "--output", str(output), "--resume"], mnist_root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (output / "results.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_empty_or_truncated_checkpoint_is_named_instead_of_a_zip_traceback(tmp_path: Path, damage: str) -> None:
+    from advtrain.recipes.trainer_parts import last_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"weight": torch.rand(1000)}}, path)
+    assert last_checkpoint(tmp_path) == str(path)  # a whole one is used
+    path.write_bytes(b"" if damage == "empty" else path.read_bytes()[:2000])
+    with pytest.raises(SystemExit, match=r"last.ckpt is empty or truncated .* delete it to train this part of the run "
+                                         r"from its start"):
+        last_checkpoint(tmp_path)

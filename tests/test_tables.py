@@ -105,3 +105,32 @@ def test_table_recipes_quick_end_to_end(mnist_root: Path, tmp_path: Path) -> Non
     for label in changed:
         assert results["mean_distortion"][f"distorted for {label}, magnified to 0.1"] == pytest.approx(0.1, abs=0.01)
     assert sorted(p.name for p in (tmp_path / "models3").iterdir()) == ["fc100-100-10-P1", "fc100-100-10-P2", "fc123-456-10-P1"]
+
+
+def test_a_kept_model_is_reused_only_with_the_settings_that_trained_it(tmp_path: Path, monkeypatch) -> None:
+    """A quick model in a shared models folder must not stand in for a run with other settings."""
+    import argparse
+
+    from advtrain import Classifier
+    from advtrain.models import build_model
+    from advtrain.recipes import paper_models
+
+    trained: list[tuple[int, bool]] = []
+
+    def train_model(settings, data):
+        trained.append((settings.epochs, settings.quick))
+        return Classifier(build_model(settings.model).module), None
+
+    monkeypatch.setattr(paper_models, "train_model", train_model)
+
+    def args(**changes):
+        settings = dict(seed=0, quick=True, epochs=1, lr=0.1, batch_size=64, accelerator="cpu", models_dir=tmp_path)
+        return argparse.Namespace(**{**settings, **changes})
+
+    paper_models.trained_model("fc10-1e-4", args(), data=None)
+    paper_models.trained_model("fc10-1e-4", args(), data=None)  # the same settings: reused
+    paper_models.trained_model("fc10-1e-4", args(quick=False, epochs=2), data=None)  # others: trained anew
+    paper_models.trained_model("fc10-1e-4", args(seed=1), data=None)
+    paper_models.trained_model("fc10-1e-4", args(accelerator="gpu"), data=None)  # where it runs is no setting
+    assert trained == [(1, True), (2, False), (1, True)]
+    assert len(list(tmp_path.glob("fc10-1e-4/*/model.pt"))) == 3
