@@ -29,7 +29,7 @@ from torch import nn
 from typing_extensions import override
 
 from advtrain.attacks import Attack, BoxLBFGS
-from advtrain.attacks.inputs import head_for_rows
+from advtrain.attacks.inputs import head_for_rows, model_dtype
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.batch_statistics import SeparateBatchStatistics
 from advtrain.box import Bounds, check_bounds
@@ -250,6 +250,8 @@ class LayerwiseAdversarialTraining(Callback):
                              f"{inputs.shape[0]} (mix_fraction {self.mix_fraction}); raise capacity or lower mix_fraction")
         classifier = self._classifier if self._classifier is not None else find_classifier(pl_module, self.module)
         self._classifier = classifier
+        inputs = self._as_model_input(inputs)
+        self._check_logits(classifier, inputs)
         sites = {layer: ClassifierLayer(classifier, layer, inputs, bounds=self.bounds_override.get(layer))
                  for layer in self.layers}
         for layer, site in sites.items():
@@ -265,6 +267,28 @@ class LayerwiseAdversarialTraining(Callback):
                         for layer in self.layers if layer != INPUT]
         if self._separate is None and any(layer != INPUT for layer in self.layers):
             self._separate = SeparateBatchStatistics(classifier)
+
+    def _as_model_input(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Floating inputs in the classifier's precision: a batch of fp16 images that
+        ``training_step`` casts before its forward is attacked as the model sees it."""
+        dtype = model_dtype(self._classifier)
+        return inputs.to(dtype) if dtype is not None and inputs.dtype.is_floating_point and inputs.dtype != dtype else inputs
+
+    def _check_logits(self, classifier: nn.Module, inputs: torch.Tensor) -> None:
+        """The classifier must return logits ``(N, C)``: the pools attack it and read its argmax.
+
+        Raises:
+            ValueError: another output (a tuple, a dict, a wrong shape), naming it and what to do.
+        """
+        with untouched(classifier), torch.no_grad():
+            output = classifier(inputs)
+        if isinstance(output, torch.Tensor) and output.ndim == 2 and output.shape[0] == inputs.shape[0]:
+            return
+        got = f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else \
+            f"a {type(output).__name__}" + (f" with keys {', '.join(map(str, output))}" if isinstance(output, Mapping) else "")
+        raise ValueError(f"the classifier ({self._classifier_name()}) returns {got}; the pools need logits (N, C) from it. "
+                         "Pass module= naming the submodule that returns logits, or wrap the network so that its "
+                         "forward returns them")
 
     @property
     def boxes(self) -> dict[str, Bounds]:
@@ -298,6 +322,8 @@ class LayerwiseAdversarialTraining(Callback):
         """Refresh this step's pool if due, then mix it into the batch."""
         self._injection = None
         inputs, labels = self.read_batch(batch)
+        if inputs.shape[0] == 0:  # an empty batch (the end of a stream): nothing to mix into or learn from
+            return
         if not self._sites:
             self.prepare(pl_module, inputs, labels)
         if not self.is_active(trainer):
@@ -307,7 +333,7 @@ class LayerwiseAdversarialTraining(Callback):
         clean = inputs.shape[0] - mixed if mixed < inputs.shape[0] else inputs.shape[0]  # rows the pool leaves alone
         self._remember(inputs[:clean], labels[:clean])
         if self.should_refresh(layer):
-            recent_inputs = torch.cat([rows for rows, _ in self._recent]).to(inputs.device)
+            recent_inputs = self._as_model_input(torch.cat([rows for rows, _ in self._recent]).to(inputs.device))
             recent_labels = torch.cat([rows for _, rows in self._recent]).to(labels.device)
             self.refresh(layer, recent_inputs, recent_labels)
             self._log(trainer, pl_module, layer)

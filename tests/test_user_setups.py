@@ -355,3 +355,61 @@ def test_an_attack_without_a_generator_draws_from_torch_s_global_generator() -> 
     third = attack(model, inputs, labels)
     torch.manual_seed(5)
     assert torch.equal(attack(model, inputs, labels).attempt, third.attempt)
+
+
+class ReturnsTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = pretrained(bn_convnet(), *images(32))
+
+    def forward(self, x):
+        return self.body(x), x.mean()
+
+
+class TupleModule(PlainModule):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0])[0], batch[1])
+
+
+def test_a_classifier_that_returns_a_tuple_is_refused_with_what_to_do(tmp_path) -> None:
+    callback = LayerwiseAdversarialTraining(["input"], module="net", **FAST)
+    with pytest.raises(ValueError, match=r"the classifier \(module `net`\) returns a tuple; the pools need logits \(N, C\) "
+                                         r"from it. Pass module= naming the submodule that returns logits"):
+        trainer_for(tmp_path, [callback], max_steps=1).fit(TupleModule(ReturnsTuple()), loader(*images(32)))
+
+
+class CastsToFloat(PlainModule):
+    """A half-precision dataset, cast to the network's precision inside training_step."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        return nn.functional.cross_entropy(self.net(inputs.float()), labels)
+
+
+@pytest.mark.parametrize("layers", [["input"], ["5"]], ids=["input", "hidden"])
+def test_a_half_precision_batch_cast_in_training_step_is_attacked_in_the_model_s_precision(tmp_path, layers) -> None:
+    inputs, labels = images(32)
+    callback = LayerwiseAdversarialTraining(layers, module="net", refresh_every=1, mix_fraction=0.25, **FAST)
+    trainer_for(tmp_path, [callback], max_steps=2).fit(CastsToFloat(pretrained(bn_convnet(), inputs, labels)),
+                                                     loader(inputs.half(), labels))
+    assert len(callback.pools[layers[0]]) > 0 and callback.pools[layers[0]].examples.dtype == torch.float32
+
+
+class EmptyFirst(IterableDataset):
+    def __iter__(self):
+        inputs, labels = images(32)
+        yield inputs[:0].clone(), labels[:0].clone()  # the stream's first batch is empty
+        for start in range(0, 32, 8):
+            yield inputs[start:start + 8].clone(), labels[start:start + 8].clone()
+
+
+class SkipsEmpty(PlainModule):
+    def training_step(self, batch, batch_idx):
+        return None if len(batch[1]) == 0 else super().training_step(batch, batch_idx)
+
+
+def test_an_empty_first_batch_is_passed_over(tmp_path) -> None:
+    callback = LayerwiseAdversarialTraining(["input"], module="net", refresh_every=1, mix_fraction=0.25, **FAST)
+    trainer_for(tmp_path, [callback], max_epochs=1).fit(SkipsEmpty(pretrained(bn_convnet(), *images(32))),
+                                                      DataLoader(EmptyFirst(), batch_size=None))
+    assert callback.steps_taken["input"] == 4 and len(callback.pools["input"]) > 0
