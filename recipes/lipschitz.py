@@ -67,7 +67,17 @@ def models_to_bound(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module
     labelled = []
     for path in args.checkpoint:
         paper_model = build_model(args.model)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as error:
+            raise SystemExit(f"advtrain lipschitz: --checkpoint {path}: no such file") from error
+        except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+            raise SystemExit(f"advtrain lipschitz: --checkpoint {path} is not a saved state dict (torch.save of "
+                             f"model.state_dict(), as the recipes' model.pt files are): {type(error).__name__}. It is "
+                             "never loaded with weights_only=False, which could run code from the file") from error
+        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+            raise SystemExit(f"advtrain lipschitz: --checkpoint {path} holds a {type(state).__name__}, not a state dict of "
+                             "tensors (a Lightning .ckpt? pass the model.pt a recipe wrote)")
         try:
             paper_model.module.load_state_dict(state)
         except RuntimeError as error:

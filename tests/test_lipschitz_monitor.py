@@ -114,3 +114,19 @@ def test_lipschitz_recipe_compares_checkpoints(tmp_path: Path) -> None:
         main(["lipschitz", "--model", "fc100-100-10", "--checkpoint", str(tmp_path / "other.pt"),
               "--output", str(tmp_path / "other-run"), "--wandb", "off"])
     assert not math.isnan(tables["pools"]["network_bound"])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"junk that is no checkpoint", r"junk.pt is not a saved state dict \(torch.save of model.state_dict\(\).*never loaded "
+                                   r"with weights_only=False"),
+    (None, r"junk.pt holds a list, not a state dict of tensors"),
+], ids=["junk", "not-a-state-dict"])
+def test_a_checkpoint_that_is_no_state_dict_is_named_without_unsafe_advice(tmp_path: Path, content, message) -> None:
+    path = tmp_path / "junk.pt"
+    if content is None:
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match=r"advtrain lipschitz: --checkpoint .*" + message):
+        main(["lipschitz", "--model", "fc100-100-10", "--checkpoint", str(path), "--wandb", "off",
+              "--output", str(tmp_path / "run")])
