@@ -167,3 +167,26 @@ def test_a_fetch_into_a_root_with_some_files_writes_only_the_missing_ones(tmp_pa
     assert {name: (raw / name).stat().st_ino for name in kept} == kept  # the files already there were not replaced
     for name, expected in MNIST_MD5S.items():
         assert _md5(raw / name) == expected
+
+
+@pytest.mark.parametrize("blocked", ["raw", "MNIST"])
+def test_a_file_where_the_mnist_folder_should_be_is_named(tmp_path: Path, blocked: str) -> None:
+    path = tmp_path / "MNIST" / "raw" if blocked == "raw" else tmp_path / "MNIST"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("not a folder")
+    with pytest.raises(MNISTUnavailableError, match=rf"{path} is a file, where MNIST's folder .* should be: move it away"):
+        ensure_mnist(tmp_path)
+    assert path.read_text() == "not a folder"
+
+
+def test_a_folder_that_cannot_be_written_is_named_before_any_source_runs(tmp_path: Path, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # a read-only data root (root bypasses chmod here)
+
+    tried = []
+    monkeypatch.setattr(sources.tempfile, "TemporaryFile", refuse)
+    monkeypatch.setattr(sources, "download_with_torchvision", lambda root: tried.append(root))
+    with pytest.raises(MNISTUnavailableError, match=r"cannot write MNIST into .*MNIST/raw: Permission denied; point the "
+                                                    r"data root at a writable folder"):
+        ensure_mnist(tmp_path)
+    assert tried == [] and not (tmp_path / "MNIST").exists()

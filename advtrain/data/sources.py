@@ -298,6 +298,32 @@ def check_present_files(folder: Path) -> None:
                 "verified copy, or put the original back")
 
 
+def check_writable(folder: Path) -> None:
+    """Before any source fetches into ``folder``: it must be a folder (or creatable as one) that
+    files can be written into.
+
+    Raises:
+        MNISTUnavailableError: a path in the way that is a file, or a folder that cannot be written,
+            named with what to do.
+    """
+    blocking = next((path for path in (folder, *folder.parents) if path.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise MNISTUnavailableError(f"{blocking} is a file, where MNIST's folder {folder} should be: move it away, or "
+                                    "point the data root elsewhere (--data-dir or ADVTRAIN_DATA_DIR)")
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        if created:
+            _remove_empty(folder)
+        raise MNISTUnavailableError(f"cannot write MNIST into {folder}: {error.strerror or error}; point the data root at "
+                                    "a writable folder (--data-dir or ADVTRAIN_DATA_DIR)") from error
+    if created:
+        _remove_empty(folder)
+
+
 def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
     """Make sure ``root`` holds MNIST; return the name of the source that was used. Missing files are
     fetched; a file already there is kept, and must be the original (:func:`check_present_files`).
@@ -312,6 +338,8 @@ def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
         log.info("MNIST: using the files in %s", raw_folder(root))
         return "data root"
     check_present_files(raw_folder(root))  # a fetch must not write over a file that is not the original
+    if download:
+        check_writable(raw_folder(root))
     attempts: list[SourceAttempt] = [SourceAttempt("data root", f"no MNIST files in {raw_folder(root)}")]
     if download:
         sources: list[tuple[str, Callable[[Path], None]]] = [
