@@ -29,6 +29,7 @@ from advtrain.recipes.paper_models import (
     save_figure5,
     seeded_subset,
     trained_model,
+    training_settings,
 )
 from advtrain.recipes.run_folder import (add_common_arguments, log_image, log_table, save_weights, start_run_folder,
                                         start_wandb, write_results)
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> list[Table1Row]:
                         result.success_rate, time.perf_counter() - started)
         rows.append(row)
         save_weights(args.output / "adversarial" / f"{name}.pt",
-                     {"images": images, "labels": labels, "adversarial": adversarial, "model": name, "target": args.target})
+                     {"images": images, "labels": labels, "adversarial": adversarial, "model": name, "target": args.target,
+                      "training": training_settings(name, args)})
         if name == args.figure_model or (figure is None and name == args.models[-1]):
             figure = save_figure5(images, adversarial, args.output / f"figure5_{name}.png")
         if wandb_run is not None:

@@ -26,6 +26,7 @@ from advtrain.recipes.paper_models import (
     prepared_mnist,
     seeded_subset,
     trained_model,
+    training_settings,
 )
 from advtrain.recipes.run_folder import add_common_arguments, log_table, start_run_folder, start_wandb, write_results
 
@@ -54,12 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def examples_for(name: str, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  args: argparse.Namespace) -> torch.Tensor:
-    """The model's adversarial set of ``images``: table1's where it was made for these images, else made now."""
+    """The model's adversarial set of ``images``: table1's where it was made for these images, with the
+    same target policy, by a model trained with the same settings; else made now."""
     saved = args.table1 / "adversarial" / f"{name}.pt"
     if saved.exists():
         stored = torch.load(saved, map_location="cpu", weights_only=True)
         same_images = stored["images"].shape == images.shape and torch.equal(stored["images"], images)
-        if same_images and stored.get("target") == args.target:
+        same_model = stored.get("training") == training_settings(name, args)  # not a quick model's examples
+        if same_images and same_model and stored.get("target") == args.target:
             print(f"{name}: adversarial examples from {saved}")
             return stored["adversarial"]
     return minimal_adversarial(model, images, labels, args.seed, args.target)[0]

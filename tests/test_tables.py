@@ -134,3 +134,25 @@ def test_a_kept_model_is_reused_only_with_the_settings_that_trained_it(tmp_path:
     paper_models.trained_model("fc10-1e-4", args(accelerator="gpu"), data=None)  # where it runs is no setting
     assert trained == [(1, True), (2, False), (1, True)]
     assert len(list(tmp_path.glob("fc10-1e-4/*/model.pt"))) == 3
+
+
+def test_table1_s_adversarial_sets_are_reused_only_for_a_model_trained_alike(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from advtrain.recipes import table2
+    from advtrain.recipes.paper_models import training_settings
+
+    images, labels = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    settings = dict(seed=0, quick=True, epochs=1, lr=0.1, batch_size=64, target="random", table1=tmp_path)
+    (tmp_path / "adversarial").mkdir()
+    stored = torch.rand(4, 1, 28, 28)
+    torch.save({"images": images, "labels": labels, "adversarial": stored, "model": "fc10-1e-4", "target": "random",
+                "training": training_settings("fc10-1e-4", argparse.Namespace(**settings))},
+               tmp_path / "adversarial" / "fc10-1e-4.pt")
+    made = torch.zeros(4, 1, 28, 28)
+    monkeypatch.setattr(table2, "minimal_adversarial", lambda *args: (made, None))
+    same = table2.examples_for("fc10-1e-4", None, images, labels, argparse.Namespace(**settings))
+    full = table2.examples_for("fc10-1e-4", None, images, labels, argparse.Namespace(**{**settings, "quick": False,
+                                                                                       "epochs": 2}))
+    assert same is stored or torch.equal(same, stored)
+    assert torch.equal(full, made)  # a full run's model: its own examples, not the quick model's
