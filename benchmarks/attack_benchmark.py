@@ -16,6 +16,7 @@ recipe.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +31,7 @@ from advtrain.data import MNISTDataModule
 from advtrain.layers import cut_at, layer_bounds
 from advtrain.models import build_model
 from advtrain.recipes import train as train_recipe
-from advtrain.recipes.run_folder import write_json
+from advtrain.recipes.run_folder import config_of, write_json
 
 MODELS = {"fc10-1e-4": [], "fc100-100-10": ["sigmoid1"], "fc200-200-10": [], "convnet": ["pool1", "relu3"],
           "small-resnet": ["stage2"]}
@@ -55,13 +56,24 @@ class Row:
 
 
 def trained_model(name: str, models_dir: Path, data_dir: str | None) -> torch.nn.Module:
-    """The model trained by the recipe, training it first where ``model.pt`` is missing."""
+    """The model trained by the recipe, training it first where ``model.pt`` is missing. A model
+    already there is used only where its run's ``config.json`` holds the settings this benchmark
+    trains with (a quick or otherwise different model is refused, naming what differs)."""
     folder = models_dir / name
+    parser = argparse.ArgumentParser()
+    train_recipe.add_arguments(parser)
+    extra = ["--data-dir", data_dir] if data_dir else []
+    args = parser.parse_args(["--model", name, "--output", str(folder), *TRAINING.get(name, []), *extra])
     if not (folder / "model.pt").exists():
-        parser = argparse.ArgumentParser()
-        train_recipe.add_arguments(parser)
-        extra = ["--data-dir", data_dir] if data_dir else []
-        train_recipe.run(parser.parse_args(["--model", name, "--output", str(folder), *TRAINING.get(name, []), *extra]))
+        train_recipe.run(args)
+    else:
+        wanted, saved = config_of(args), json.loads((folder / "config.json").read_text())
+        ignored = {"output", "data_dir", "resume", "wandb", "accelerator"}  # where and how it ran, not what it learnt
+        differ = sorted(key for key in set(wanted) | set(saved) if key not in ignored and wanted.get(key) != saved.get(key))
+        if differ:
+            raise SystemExit(f"{folder} holds a model trained with other settings than this benchmark's ("
+                             + ", ".join(f"{key}: {saved.get(key)!r} there, {wanted.get(key)!r} here" for key in differ)
+                             + "); pass another --models-dir, or delete the folder to train it")
     module = build_model(name).module
     module.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
     return module.eval().requires_grad_(False)

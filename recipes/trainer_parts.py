@@ -149,14 +149,20 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, data: pl.LightningDataM
     (or returns as if training had ended), so this exits with status 1 and says how to continue.
 
     Raises:
-        SystemExit: the run received SIGTERM (exit status 1), saying how to continue it.
+        SystemExit: the run received SIGTERM or SIGINT (exit status 1), saying how to continue it.
     """
-    stopped = (f"advtrain {recipe}: stopped by SIGTERM before training finished; the last epoch's checkpoint is in "
-               f"{folder}: run the same command with --resume to continue")
+    def stopped(by: str) -> str:
+        return (f"advtrain {recipe}: stopped by {by} before training finished; the last epoch's checkpoint is in "
+                f"{folder}: run the same command with --resume to continue")
+
     try:
         trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(folder))
     except SIGTERMException as error:  # a SystemExit without a code: the process would exit 0
-        raise SystemExit(stopped) from error
+        raise SystemExit(stopped("SIGTERM")) from error
+    except SystemExit as error:  # Lightning turns Ctrl+C (SIGINT) into sys.exit(1) without a word on resuming
+        if trainer.interrupted:
+            raise SystemExit(stopped("an interrupt (Ctrl+C)")) from error
+        raise
     if trainer.received_sigterm:
-        raise SystemExit(stopped)
+        raise SystemExit(stopped("SIGTERM"))
 

@@ -270,20 +270,22 @@ def test_a_setting_that_cannot_work_is_refused_before_the_run_folder_is_written(
     assert not output.exists()  # so the corrected command can use the same folder
 
 
-def test_sigterm_ends_a_run_with_a_failure_and_how_to_resume(mnist_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stop", "by"), [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "an interrupt (Ctrl+C)")],
+                         ids=["sigterm", "sigint"])
+def test_a_signal_ends_a_run_with_a_failure_and_how_to_resume(mnist_root: Path, tmp_path: Path, stop, by: str) -> None:
     output = tmp_path / "run"
     env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
     process = subprocess.Popen([sys.executable, "-m", "advtrain.cli", *MLP_RUN, "--epochs", "8", "--output", str(output)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         _wait_for(output / "weight-decay" / "checkpoints" / "last.ckpt", process)  # the first way is under way
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         stdout, stderr = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
     assert process.returncode == 1, (process.returncode, stderr[-2000:])
-    assert "advtrain adversarial-training: stopped by SIGTERM before training finished" in stderr
+    assert f"advtrain adversarial-training: stopped by {by} before training finished" in stderr
     assert "run the same command with --resume to continue" in stderr
     assert not (output / "results.json").exists() and not (output / "weight-decay" / "result.json").exists()
     resumed = recipe([*MLP_RUN, "--epochs", "8", "--output", str(output), "--resume"], mnist_root)

@@ -156,3 +156,31 @@ def test_table1_s_adversarial_sets_are_reused_only_for_a_model_trained_alike(tmp
                                                                                        "epochs": 2}))
     assert same is stored or torch.equal(same, stored)
     assert torch.equal(full, made)  # a full run's model: its own examples, not the quick model's
+
+
+def test_the_attack_benchmark_refuses_a_kept_model_trained_otherwise(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+    import json
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import attack_benchmark
+
+    from advtrain.models import build_model
+    from advtrain.recipes import train as train_recipe
+    from advtrain.recipes.run_folder import config_of
+
+    folder = tmp_path / "fc100-100-10"
+    folder.mkdir()
+    parser = argparse.ArgumentParser()
+    train_recipe.add_arguments(parser)
+    args = parser.parse_args(["--model", "fc100-100-10", "--output", str(folder),
+                              *attack_benchmark.TRAINING.get("fc100-100-10", [])])
+    torch.save(build_model("fc100-100-10").module.state_dict(), folder / "model.pt")
+    (folder / "config.json").write_text(json.dumps({**config_of(args), "data_dir": "elsewhere"}))
+    assert attack_benchmark.trained_model("fc100-100-10", tmp_path, None) is not None  # trained alike: used
+    (folder / "config.json").write_text(json.dumps({**config_of(args), "quick": True, "epochs": 1}))
+    with pytest.raises(SystemExit, match=r"holds a model trained with other settings than this benchmark's \(epochs: 1 "
+                                         r"there, .* here, quick: True there, False here\)"):
+        attack_benchmark.trained_model("fc100-100-10", tmp_path, None)
+    del sys.modules["attack_benchmark"]
