@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from advtrain.attacks import AttackResult, BoxLBFGS
+from advtrain.attacks import PGD, Attack, AttackResult, BoxLBFGS
+from advtrain.budget import check_epsilon, check_norm, perturbation_size
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
@@ -35,6 +36,9 @@ class AdversarialReport:
         success_rate: fraction of the correctly classified examples the search succeeded on
             (``nan`` where none was correctly classified).
         attacked: how many examples were attacked (the correctly classified ones).
+        robust_error: norm to budget to the fraction misclassified as they are or broken by a
+            perturbation within that budget found by any attack of the evaluation
+            (:func:`robust_errors`); empty where no threat model was given.
     """
 
     clean_error: float
@@ -42,6 +46,7 @@ class AdversarialReport:
     mean_distortion: float
     success_rate: float
     attacked: int = 0
+    robust_error: dict[str, dict[float, float]] = field(default_factory=dict)
 
 
 def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Sequence[float]) -> AdversarialReport:
@@ -61,6 +66,58 @@ def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Seq
     )
 
 
+def robust_errors(classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
+                  search: AttackResult, threat_models: Mapping[str, Sequence[float]], bounds: tuple[float, float], *,
+                  steps: int = 20, seed: int = 0) -> dict[str, dict[float, float]]:
+    """The robust error at every budget of every threat model, worst case per example.
+
+    An example counts as broken at ``(norm, epsilon)`` where it is misclassified as it is, or where
+    any attack found a perturbation inside the box and within ``epsilon`` in ``norm``, verified by a
+    fresh forward pass. The attacks are the minimal search already run (``search``, on the correctly
+    classified rows), then PGD at that budget (``steps`` steps, random start) on the rows nothing
+    has broken yet. Budgets are taken in increasing order, and a row broken at one budget stays
+    broken at every larger one.
+    """
+    count = correct.numel()
+    rows = correct.nonzero()[:, 0]  # the search's rows, in order
+    generator = torch.Generator().manual_seed(seed)
+    errors: dict[str, dict[float, float]] = {}
+    for norm, epsilons in threat_models.items():
+        sizes = torch.full((count,), math.inf, device=inputs.device)
+        found = perturbation_size(search.perturbation, norm).where(search.success, torch.full_like(search.distortion, math.inf))
+        sizes[rows] = found.to(sizes.device, sizes.dtype)
+        broken = ~correct.to(inputs.device)
+        errors[norm] = {}
+        for epsilon in sorted(epsilons):
+            broken = broken | (sizes <= epsilon)
+            rest = (~broken).nonzero()[:, 0]
+            if rest.numel():
+                result = PGD(epsilon=epsilon, norm=norm, steps=steps)(classifier, inputs[rest], labels[rest], bounds=bounds,
+                                                                      generator=generator)
+                within = perturbation_size(result.perturbation, norm) <= epsilon * (1 + 1e-6)
+                broken[rest[result.success & within]] = True
+            errors[norm][float(epsilon)] = float(broken.float().mean())
+    return errors
+
+
+def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ...]]:
+    """``{norm: (epsilon, ...)}`` after checking every norm and budget.
+
+    Raises:
+        ValueError: an unknown norm (listing the norms), an empty list, a budget that is not positive
+            and finite.
+    """
+    checked = {}
+    for norm, epsilons in budgets.items():
+        check_norm(norm, name=f"budgets key {norm!r}: a norm")
+        if isinstance(epsilons, (int, float)) or not len(epsilons):
+            raise ValueError(f"budgets[{norm!r}] must be a non-empty list of budgets, got {epsilons!r}")
+        checked[norm] = tuple(check_epsilon(epsilon, name=f"budgets[{norm!r}] entry") for epsilon in epsilons)
+    if not checked:
+        raise ValueError("budgets must name at least one norm: {'linf': [...], 'l2': [...], 'rms': [...]}")
+    return checked
+
+
 def figure_grid(images: torch.Tensor, adversarial: torch.Tensor, magnify: float = 10.0) -> torch.Tensor:
     """The paper's Figure 5 layout: a row each of originals, perturbations ×``magnify`` (grey is
     zero) and adversarial images. Returns an image tensor ``(C, H, W)`` in [0, 1]."""
@@ -77,8 +134,12 @@ class AdversarialEvaluation(Callback):
 
     Args:
         examples: size of the subset (the same examples every time).
-        budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error.
-        attack: the search (default: ``BoxLBFGS()``).
+        budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error, or threat
+            models ``{"linf": [...], "l2": [...], "rms": [...]}`` (any of the norms of
+            :mod:`advtrain.budget`), whose robust error is the worst case per example over the
+            minimal search and PGD at each budget (:func:`robust_errors`).
+        attack: the minimal search (default: ``BoxLBFGS()``); a fixed-budget attack (PGD, a fast
+            gradient step) is refused: its errors say nothing of other budgets.
         target: the attack's target policy: ``"untargeted"`` (default: one search per example
             towards whichever wrong class is nearest to hand), ``"nearest"`` (a search for every
             wrong class, the closest kept: as many times the cost, and the exact minimum over
@@ -90,7 +151,9 @@ class AdversarialEvaluation(Callback):
             names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
         seed: seeds the subset.
 
-    Logs ``adv_<stage>/clean_err``, ``adv_<stage>/adv_err@<budget>`` and ``adv_<stage>/attacked``
+    Logs ``adv_<stage>/clean_err``, ``adv_<stage>/adv_err@<budget>`` (budgets as a list) or
+    ``adv_<stage>/robust_err@<norm>=<epsilon>`` (threat models, e.g. ``adv_val/robust_err@linf=0.1``), and
+    ``adv_<stage>/attacked``
     (how many correctly classified examples were attacked); ``adv_<stage>/mean_distortion`` only
     where the search succeeded on some example.
 
@@ -105,8 +168,8 @@ class AdversarialEvaluation(Callback):
         self,
         *,
         examples: int = 100,
-        budgets: Sequence[float] = (0.05, 0.1),
-        attack: BoxLBFGS | None = None,
+        budgets: Sequence[float] | Mapping[str, Sequence[float]] = (0.05, 0.1),
+        attack: Attack | None = None,
         target: TargetPolicy = "untargeted",
         module: str | None = None,
         bounds: tuple[float, float] = (0.0, 1.0),
@@ -116,12 +179,17 @@ class AdversarialEvaluation(Callback):
     ) -> None:
         super().__init__()
         check_count("examples", examples)
-        if not budgets or any(not b > 0 for b in budgets):
+        self.threat_models = check_threat_models(budgets) if isinstance(budgets, Mapping) else {}
+        if not self.threat_models and (not budgets or any(not b > 0 for b in budgets)):
             raise ValueError(f"budgets must be positive distortions, got {list(budgets)!r}")
+        if attack is not None and getattr(attack, "fixed_budget", False):
+            raise ValueError(f"attack must be a minimal search such as BoxLBFGS(); {attack!r} perturbs every example by "
+                             "a fixed budget, so the errors at other budgets would be wrong. Give the budgets instead: "
+                             "budgets={'linf': [0.1, 0.3]} (PGD at each budget is part of the evaluation)")
         if target not in POLICIES:
             raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         self.examples = examples
-        self.budgets = tuple(float(b) for b in budgets)
+        self.budgets = () if self.threat_models else tuple(float(b) for b in budgets)
         self.attack = attack if attack is not None else BoxLBFGS()
         self.target = target
         self.module = module
@@ -144,12 +212,18 @@ class AdversarialEvaluation(Callback):
         self._keys = shared_batch_keys(trainer, self.batch_keys)
 
     def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
-        """Clean predictions, then the search on the correct ones (model in eval mode)."""
+        """Clean predictions, the search on the correct ones, then PGD at each threat model's budgets
+        on the rows nothing has broken (model as in eval mode, everything put back)."""
         with untouched(classifier):
             with torch.inference_mode(False), torch.no_grad():
                 correct = classifier(inputs).argmax(1) == labels
             result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
-        return adversarial_report(result, correct.cpu(), self.budgets), result
+            report = adversarial_report(result, correct.cpu(), self.budgets)
+            if self.threat_models:
+                with torch.inference_mode(False):
+                    report.robust_error = robust_errors(classifier, inputs, labels, correct, result, self.threat_models,
+                                                        self.bounds, seed=self.seed)
+        return report, result
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, loaders: Any) -> None:
         if trainer.sanity_checking or loaders is None:
@@ -167,6 +241,9 @@ class AdversarialEvaluation(Callback):
             pl_module.log(f"adv_{stage}/mean_distortion", report.mean_distortion)
         for budget, error in report.adversarial_error.items():
             pl_module.log(f"adv_{stage}/adv_err@{budget:g}", error)
+        for norm, errors in report.robust_error.items():
+            for epsilon, error in errors.items():
+                pl_module.log(f"adv_{stage}/robust_err@{norm}={epsilon:g}", error)
         self._log_figure(trainer, stage, result)
 
     def _log_figure(self, trainer: pl.Trainer, stage: str, result: AttackResult) -> None:

@@ -12,7 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from advtrain import Classifier
-from advtrain.attacks import AttackResult
+from advtrain.attacks import PGD, AttackResult
+from advtrain.budget import perturbation_size
 from advtrain.callbacks import AdversarialEvaluation
 from advtrain.callbacks.adversarial_evaluation import adversarial_report, figure_grid
 from wandb_records import history
@@ -111,3 +112,64 @@ def test_defaults_to_one_untargeted_search_and_logs_nothing_as_zero_that_is_not(
     assert trainer.logged_metrics["adv_test/attacked"] == report.attacked
     with pytest.raises(ValueError, match="target must be one of"):
         AdversarialEvaluation(target="closest")
+
+
+THREATS = {"linf": [0.02, 0.1, 1.0], "l2": [0.3, 1.0], "rms": [0.05]}
+
+
+def trained_image_classifier() -> Classifier:
+    classifier = image_classifier()
+    images, labels = image_data().tensors
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.5)
+    for _ in range(200):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(classifier(images), labels).backward()
+        optimizer.step()
+    return classifier
+
+
+def test_threat_models_log_the_worst_case_robust_error_at_every_budget(tmp_path: Path) -> None:
+    callback = AdversarialEvaluation(examples=32, budgets=THREATS)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, inference_mode=True, callbacks=[callback])
+    classifier = trained_image_classifier()
+    metrics = trainer.test(classifier, DataLoader(image_data(), batch_size=16), verbose=False)[0]
+    report = callback.reports["test"]
+    for norm, epsilons in THREATS.items():
+        errors = [report.robust_error[norm][epsilon] for epsilon in epsilons]
+        for epsilon, error in zip(epsilons, errors):
+            assert metrics[f"adv_test/robust_err@{norm}={epsilon:g}"] == pytest.approx(error)
+        assert report.clean_error <= errors[0] and errors == sorted(errors)  # grows with the budget
+    assert report.robust_error["linf"][1.0] == 1.0  # the whole box: every example broken
+    assert report.clean_error < report.robust_error["linf"][0.1] < 1.0
+    assert "adv_test/adv_err@0.05" not in metrics  # threat models replace the list of rms budgets
+
+
+def test_the_robust_error_is_at_least_each_attack_alone() -> None:
+    classifier = trained_image_classifier().model.eval()
+    images, labels = image_data(32).tensors
+    callback = AdversarialEvaluation(examples=32, budgets=THREATS)
+    report, search = callback.evaluate(classifier, images, labels)
+    correct = classifier(images).argmax(1) == labels
+    for norm, epsilons in THREATS.items():
+        for epsilon in epsilons:
+            alone = PGD(epsilon=epsilon, norm=norm, steps=20)(classifier, images[correct], labels[correct],
+                                                              generator=torch.Generator().manual_seed(1))
+            pgd_error = 1 - float((correct.sum() - alone.success.sum()) / len(labels))
+            found = search.success & (perturbation_size(search.perturbation, norm) <= epsilon)
+            search_error = 1 - float((correct.sum() - found.sum()) / len(labels))
+            assert report.robust_error[norm][epsilon] >= max(search_error, pgd_error) - 1 / 32  # PGD's seed differs
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(attack=PGD(epsilon=0.3)), r"attack must be a minimal search such as BoxLBFGS\(\); PGD\(.*\) perturbs every "
+                                    r"example by a fixed budget.*budgets=\{'linf': \[0.1, 0.3\]\}"),
+    (dict(budgets={"l1": [0.1]}), r"budgets key 'l1': a norm must be one of 'linf', 'l2', 'rms'"),
+    (dict(budgets={"linf": []}), r"budgets\['linf'\] must be a non-empty list of budgets"),
+    (dict(budgets={"linf": 0.1}), r"budgets\['linf'\] must be a non-empty list of budgets, got 0.1"),
+    (dict(budgets={"l2": [0.5, 0.0]}), r"budgets\['l2'\] entry must be positive and finite, got 0.0"),
+    (dict(budgets={}), r"budgets must name at least one norm"),
+], ids=["fixed-budget-attack", "unknown-norm", "empty-list", "scalar", "zero", "no-norm"])
+def test_bad_threat_models_and_fixed_budget_attacks_are_refused(settings, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdversarialEvaluation(**settings)

@@ -63,6 +63,7 @@ class BoxLBFGS(Attack):
     Example::
 
         >>> import torch
+        >>> _ = torch.manual_seed(0)  # a model and inputs whose examples can all be fooled inside the box
         >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
         >>> result = BoxLBFGS()(model, torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1]))
         >>> bool(result.success.all()), result.distortion.shape
