@@ -14,8 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from advtrain.attacks import PGD, Attack, AttackResult, BoxLBFGS
-from advtrain.budget import check_epsilon, check_norm, perturbation_size
+from advtrain.attacks import Attack, AttackResult, BoxLBFGS
+from advtrain.budget import check_epsilon, check_norm
+from advtrain.evaluation_checks import output_checks, result_checks, warn_failed
+from advtrain.robustness import Ensemble, RobustnessResult, run_ensemble
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
@@ -38,7 +40,11 @@ class AdversarialReport:
         attacked: how many examples were attacked (the correctly classified ones).
         robust_error: norm to budget to the fraction misclassified as they are or broken by a
             perturbation within that budget found by any attack of the evaluation
-            (:func:`robust_errors`); empty where no threat model was given.
+            (:func:`advtrain.robustness.run_ensemble`); empty where no threat model was given.
+        checks_failed: the names of the evaluation checks that failed
+            (:mod:`advtrain.evaluation_checks`); empty when all passed.
+        robustness: everything the ensemble found (which attack broke what, the whole-box error);
+            ``None`` where no threat model was given.
     """
 
     clean_error: float
@@ -47,6 +53,8 @@ class AdversarialReport:
     success_rate: float
     attacked: int = 0
     robust_error: dict[str, dict[float, float]] = field(default_factory=dict)
+    checks_failed: list[str] = field(default_factory=list)
+    robustness: RobustnessResult | None = None
 
 
 def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Sequence[float]) -> AdversarialReport:
@@ -64,40 +72,6 @@ def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Seq
         success_rate=float(found.float().mean()) if found.numel() else math.nan,
         attacked=int(found.numel()),
     )
-
-
-def robust_errors(classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
-                  search: AttackResult, threat_models: Mapping[str, Sequence[float]], bounds: tuple[float, float], *,
-                  steps: int = 20, seed: int = 0) -> dict[str, dict[float, float]]:
-    """The robust error at every budget of every threat model, worst case per example.
-
-    An example counts as broken at ``(norm, epsilon)`` where it is misclassified as it is, or where
-    any attack found a perturbation inside the box and within ``epsilon`` in ``norm``, verified by a
-    fresh forward pass. The attacks are the minimal search already run (``search``, on the correctly
-    classified rows), then PGD at that budget (``steps`` steps, random start) on the rows nothing
-    has broken yet. Budgets are taken in increasing order, and a row broken at one budget stays
-    broken at every larger one.
-    """
-    count = correct.numel()
-    rows = correct.nonzero()[:, 0]  # the search's rows, in order
-    generator = torch.Generator().manual_seed(seed)
-    errors: dict[str, dict[float, float]] = {}
-    for norm, epsilons in threat_models.items():
-        sizes = torch.full((count,), math.inf, device=inputs.device)
-        found = perturbation_size(search.perturbation, norm).where(search.success, torch.full_like(search.distortion, math.inf))
-        sizes[rows] = found.to(sizes.device, sizes.dtype)
-        broken = ~correct.to(inputs.device)
-        errors[norm] = {}
-        for epsilon in sorted(epsilons):
-            broken = broken | (sizes <= epsilon)
-            rest = (~broken).nonzero()[:, 0]
-            if rest.numel():
-                result = PGD(epsilon=epsilon, norm=norm, steps=steps)(classifier, inputs[rest], labels[rest], bounds=bounds,
-                                                                      generator=generator)
-                within = perturbation_size(result.perturbation, norm) <= epsilon * (1 + 1e-6)
-                broken[rest[result.success & within]] = True
-            errors[norm][float(epsilon)] = float(broken.float().mean())
-    return errors
 
 
 def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ...]]:
@@ -137,7 +111,8 @@ class AdversarialEvaluation(Callback):
         budgets: distortions (sqrt(mean r²), pixels in [0, 1]) at which to report the error, or threat
             models ``{"linf": [...], "l2": [...], "rms": [...]}`` (any of the norms of
             :mod:`advtrain.budget`), whose robust error is the worst case per example over the
-            minimal search and PGD at each budget (:func:`robust_errors`).
+            minimal search and the ensemble of :mod:`advtrain.robustness` (APGD with cross-entropy
+            and targeted DLR, Square) at each budget. A plain list is the search's figure alone.
         attack: the minimal search (default: ``BoxLBFGS()``); a fixed-budget attack (PGD, a fast
             gradient step) is refused: its errors say nothing of other budgets.
         target: the attack's target policy: ``"untargeted"`` (default: one search per example
@@ -149,7 +124,15 @@ class AdversarialEvaluation(Callback):
         figure_examples: columns of the Figure-5 image logged where the logger takes images; 0 for none.
         batch_keys: ``(inputs, labels)`` keys of dict dataset items (default: found by their usual
             names, or taken from another advtrain callback in the Trainer; see :mod:`advtrain.batch`).
-        seed: seeds the subset.
+        ensemble: the effort of the threat models' attacks (default: AutoAttack's standard,
+            :class:`~advtrain.robustness.Ensemble`).
+        every_n_epochs: evaluate at the end of every n-th validation epoch (test: always).
+        seed: seeds the subset and every attack's random draws.
+
+    Every evaluation runs the checks of :mod:`advtrain.evaluation_checks` (those on the ensemble's
+    findings with threat models only): each failed check is an
+    :class:`~advtrain.evaluation_checks.EvaluationCheckWarning` naming it, and
+    ``adv_<stage>/checks_failed`` counts them (0 when all pass).
 
     Logs ``adv_<stage>/clean_err``, ``adv_<stage>/adv_err@<budget>`` (budgets as a list) or
     ``adv_<stage>/robust_err@<norm>=<epsilon>`` (threat models, e.g. ``adv_val/robust_err@linf=0.1``), and
@@ -175,17 +158,20 @@ class AdversarialEvaluation(Callback):
         bounds: tuple[float, float] = (0.0, 1.0),
         figure_examples: int = 8,
         batch_keys: tuple[str, str] | None = None,
+        ensemble: Ensemble | None = None,
+        every_n_epochs: int = 1,
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_count("examples", examples)
+        check_count("every_n_epochs", every_n_epochs)
         self.threat_models = check_threat_models(budgets) if isinstance(budgets, Mapping) else {}
         if not self.threat_models and (not budgets or any(not b > 0 for b in budgets)):
             raise ValueError(f"budgets must be positive distortions, got {list(budgets)!r}")
         if attack is not None and getattr(attack, "fixed_budget", False):
             raise ValueError(f"attack must be a minimal search such as BoxLBFGS(); {attack!r} perturbs every example by "
                              "a fixed budget, so the errors at other budgets would be wrong. Give the budgets instead: "
-                             "budgets={'linf': [0.1, 0.3]} (PGD at each budget is part of the evaluation)")
+                             "budgets={'linf': [0.1, 0.3]} (APGD and Square at each budget are part of the evaluation)")
         if target not in POLICIES:
             raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         self.examples = examples
@@ -197,6 +183,8 @@ class AdversarialEvaluation(Callback):
         self.figure_examples = figure_examples
         self.batch_keys = check_batch_keys(batch_keys)
         self._keys: BatchKeys | None = self.batch_keys
+        self.ensemble = ensemble if ensemble is not None else Ensemble()
+        self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.reports: dict[str, AdversarialReport] = {}
 
@@ -212,17 +200,22 @@ class AdversarialEvaluation(Callback):
         self._keys = shared_batch_keys(trainer, self.batch_keys)
 
     def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
-        """Clean predictions, the search on the correct ones, then PGD at each threat model's budgets
-        on the rows nothing has broken (model as in eval mode, everything put back)."""
-        with untouched(classifier):
-            with torch.inference_mode(False), torch.no_grad():
+        """Clean predictions, the search on the correct ones, then the ensemble at each threat
+        model's budgets, and the checks (model as in eval mode, everything put back); failed checks
+        are warned about and named in the report."""
+        with untouched(classifier), torch.inference_mode(False):
+            with torch.no_grad():
                 correct = classifier(inputs).argmax(1) == labels
             result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
             report = adversarial_report(result, correct.cpu(), self.budgets)
+            failed = output_checks(classifier, inputs, labels)
             if self.threat_models:
-                with torch.inference_mode(False):
-                    report.robust_error = robust_errors(classifier, inputs, labels, correct, result, self.threat_models,
-                                                        self.bounds, seed=self.seed)
+                report.robustness = run_ensemble(classifier, inputs, labels, self.threat_models, self.bounds,
+                                                 ensemble=self.ensemble, search=result, seed=self.seed)
+                report.robust_error = report.robustness.robust_error
+                failed += result_checks(report.robustness)
+        report.checks_failed = [check.name for check in failed]
+        warn_failed(failed, "AdversarialEvaluation")
         return report, result
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, loaders: Any) -> None:
@@ -237,6 +230,7 @@ class AdversarialEvaluation(Callback):
         self.reports[stage] = report
         pl_module.log(f"adv_{stage}/clean_err", report.clean_error)
         pl_module.log(f"adv_{stage}/attacked", float(report.attacked))
+        pl_module.log(f"adv_{stage}/checks_failed", float(len(report.checks_failed)))
         if not math.isnan(report.mean_distortion):  # nothing found: no mean to log (0 would claim one)
             pl_module.log(f"adv_{stage}/mean_distortion", report.mean_distortion)
         for budget, error in report.adversarial_error.items():
@@ -258,7 +252,9 @@ class AdversarialEvaluation(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Evaluate on the validation subset."""
+        """Evaluate on the validation subset, every ``every_n_epochs`` epochs."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
         self._run(trainer, pl_module, "val", trainer.val_dataloaders)
 
     @override

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from advtrain.attacks import PGD, Attack, BoxLBFGS, FastGradient
+from advtrain.attacks import APGD, PGD, Attack, BoxLBFGS, FastGradient, Square
 from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 from tests.real_models import PlainModule, bn_convnet, images, loader, pretrained
@@ -21,6 +21,10 @@ ATTACKS = {
     "fast-gradient": lambda: FastGradient(epsilon=0.1),
     "pgd-linf": lambda: PGD(epsilon=0.1, norm="linf", steps=5),
     "pgd-l2": lambda: PGD(epsilon=3.0, norm="l2", steps=5),
+    "apgd-ce-linf": lambda: APGD(epsilon=0.1, norm="linf", steps=5),
+    "apgd-dlr-rms": lambda: APGD(epsilon=0.1, norm="rms", steps=5, loss="dlr", restarts=2),
+    "square-linf": lambda: Square(epsilon=0.3, queries=50),
+    "square-l2": lambda: Square(epsilon=3.0, norm="l2", queries=20),
 }
 
 

@@ -1,0 +1,217 @@
+"""Robust error at stated threat models: the worst case per example over an ensemble of strong,
+diverse attacks, the field's protocol (AutoAttack: Croce & Hein, 2020).
+
+At each budget ε of each norm, an example counts as broken when it is misclassified as it is, or
+when any attack found a point inside the box, within ε in that norm, that a fresh forward pass
+misclassifies. The attacks, each on the rows nothing has broken yet:
+
+1. the minimal search the caller already ran (its perturbations, measured in the norm);
+2. APGD with cross-entropy (:class:`~advtrain.attacks.APGD`), run on *every* correctly classified
+   example, so that its error at each budget, on its own, tells whether the error grows with the
+   budget as it must (:mod:`advtrain.evaluation_checks`);
+3. APGD with the targeted difference of logits ratio, towards each of the ``targets`` most likely
+   wrong classes in turn;
+4. Square (:class:`~advtrain.attacks.Square`), which reads no gradient.
+
+Budgets are taken in increasing order, and a row broken at one budget stays broken at every larger
+one. Finally APGD with the difference of logits ratio is given the whole box (an L∞ budget as wide as the box): every
+ordinary classifier then errs on nearly every example, and one that does not is hiding its
+gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from advtrain.attacks import APGD, AttackResult, Square
+from advtrain.attacks.base import Attack
+from advtrain.box import Bounds, check_bounds
+from advtrain.budget import perturbation_size
+from advtrain.checks import check_count
+
+#: relative slack on the budget for a verified point: projection onto the ball rounds in float32
+BUDGET_TOLERANCE = 1e-5
+
+
+@dataclass
+class Ensemble:
+    """The attacks of the evaluation and their effort (AutoAttack's standard version by default).
+
+    Args:
+        steps: APGD's steps per run.
+        restarts: APGD's random restarts.
+        targets: how many of the most likely wrong classes the targeted APGD tries, one run each.
+        queries: Square's model queries per example; 0 leaves Square out (and the check that
+            compares it with the gradient attacks).
+        whole_box: give APGD the whole box at the end (the check that a huge budget breaks nearly
+            everything).
+
+    Raises:
+        ValueError: ``steps``, ``restarts`` below 1, ``targets`` or ``queries`` negative.
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    targets: int = 9
+    queries: int = 5000
+    whole_box: bool = True
+
+    def __post_init__(self) -> None:
+        check_count("steps", self.steps)
+        check_count("restarts", self.restarts)
+        check_count("targets", self.targets, minimum=0)
+        check_count("queries", self.queries, minimum=0)
+
+
+@dataclass
+class RobustnessResult:
+    """What the ensemble found on one set of examples.
+
+    Attributes:
+        examples: how many examples were evaluated.
+        clean_error: fraction misclassified as they are.
+        robust_error: norm to budget to the fraction misclassified as they are or broken within
+            that budget by any attack.
+        broken_by: norm to budget to attack name to how many examples that attack broke first at
+            that budget (the search, ``apgd-ce``, ``apgd-t``, ``square``; rows broken at a smaller
+            budget count as ``smaller budget``).
+        first_attack_error: norm to budget to the error APGD with cross-entropy reached on its own
+            over every correctly classified example.
+        whole_box_error: the error APGD reached with the whole box (``nan`` where not run).
+        broken: norm to budget to a ``(N,)`` bool tensor of the broken examples.
+    """
+
+    examples: int
+    clean_error: float
+    robust_error: dict[str, dict[float, float]] = field(default_factory=dict)
+    broken_by: dict[str, dict[float, dict[str, int]]] = field(default_factory=dict)
+    first_attack_error: dict[str, dict[float, float]] = field(default_factory=dict)
+    whole_box_error: float = math.nan
+    broken: dict[str, dict[float, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+
+def verified_breaks(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, points: torch.Tensor, norm: str,
+                    epsilon: float, bounds: Bounds) -> torch.Tensor:
+    """``(N,)`` rows whose ``points`` lie inside the box and within ``epsilon`` of ``inputs`` in
+    ``norm`` and are misclassified by a fresh forward pass."""
+    lower, upper = (torch.as_tensor(b, dtype=inputs.dtype, device=inputs.device).expand_as(inputs) for b in bounds)
+    inside = ((points >= lower) & (points <= upper)).flatten(1).all(1)
+    within = perturbation_size(points - inputs, norm) <= epsilon * (1 + BUDGET_TOLERANCE)
+    with torch.no_grad():
+        fooled = model(points).argmax(1) != labels
+    return inside & within & fooled
+
+
+def ranked_wrong_classes(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, C-1)`` the wrong classes of each row, most likely first by the clean logits."""
+    with torch.no_grad():
+        logits = model(inputs)
+    order = logits.scatter(1, labels[:, None], float("-inf")).argsort(1, descending=True)
+    return order[:, :-1]
+
+
+def _attack_rows(attack: Attack, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
+                 norm: str, epsilon: float, bounds: Bounds, generator: torch.Generator,
+                 targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Run ``attack`` on ``rows`` and return the rows it verifiably broke."""
+    if not rows.numel():
+        return rows
+    result: AttackResult = attack(model, inputs[rows], labels[rows], bounds=bounds, generator=generator,
+                                  target=targets if targets is not None else "untargeted")
+    broke = verified_breaks(model, inputs[rows], labels[rows], result.attempt, norm, epsilon, bounds)
+    return rows[broke]
+
+
+def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, threat_models: Mapping[str, Sequence[float]],
+                 bounds: Bounds, *, ensemble: Ensemble | None = None, search: AttackResult | None = None,
+                 seed: int = 0) -> RobustnessResult:
+    """The robust error of ``model`` (in eval mode, callers put it back) on ``inputs`` at every
+    budget of every threat model (see the module docstring).
+
+    Args:
+        model: inputs to logits.
+        inputs, labels: the examples, inside ``bounds``.
+        threat_models: ``{norm: [epsilon, ...]}``, checked by the caller.
+        bounds: the input box.
+        ensemble: the attacks' effort (default: :class:`Ensemble`'s).
+        search: a minimal search's result on the correctly classified rows, in order, whose
+            perturbations count at every budget they fit in.
+        seed: seeds every random start and draw.
+    """
+    ensemble = ensemble if ensemble is not None else Ensemble()
+    bounds = check_bounds(bounds)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        correct = model(inputs).argmax(1) == labels
+    count = labels.numel()
+    result = RobustnessResult(examples=count, clean_error=float((~correct).float().mean()) if count else math.nan)
+    candidates = correct.nonzero()[:, 0]
+    wrong_classes = ranked_wrong_classes(model, inputs, labels)
+    for norm, epsilons in threat_models.items():
+        broken = ~correct
+        result.robust_error[norm], result.broken_by[norm], result.first_attack_error[norm], result.broken[norm] = {}, {}, {}, {}
+        for epsilon in sorted(float(e) for e in epsilons):
+            tally = {"smaller budget": int((broken & correct).sum())}
+            new = broken.clone()
+            if search is not None:
+                sizes = perturbation_size(search.perturbation, norm).to(inputs.device)
+                hits = candidates[search.success.to(inputs.device) & (sizes <= epsilon * (1 + BUDGET_TOLERANCE))]
+                tally["search"] = int((~new[hits]).sum())
+                new[hits] = True
+            ce = APGD(epsilon=epsilon, norm=norm, steps=ensemble.steps, restarts=ensemble.restarts, loss="ce")
+            by_ce = _attack_rows(ce, model, inputs, labels, candidates, norm, epsilon, bounds, generator)
+            first = ~correct
+            first[by_ce] = True
+            result.first_attack_error[norm][epsilon] = float(first.float().mean())
+            tally["apgd-ce"] = int((~new[by_ce]).sum())
+            new[by_ce] = True
+            targeted = APGD(epsilon=epsilon, norm=norm, steps=ensemble.steps, restarts=ensemble.restarts, loss="dlr")
+            tally["apgd-t"] = 0
+            for rank in range(min(ensemble.targets, wrong_classes.shape[1])):
+                rest = (~new).nonzero()[:, 0]
+                hits = _attack_rows(targeted, model, inputs, labels, rest, norm, epsilon, bounds, generator,
+                                    targets=wrong_classes[rest, rank])
+                tally["apgd-t"] += hits.numel()
+                new[hits] = True
+            if ensemble.queries:
+                square = Square(epsilon=epsilon, norm=norm, queries=ensemble.queries)
+                hits = _attack_rows(square, model, inputs, labels, (~new).nonzero()[:, 0], norm, epsilon, bounds, generator)
+                tally["square"] = hits.numel()
+                new[hits] = True
+            broken = new
+            result.robust_error[norm][epsilon] = float(broken.float().mean())
+            result.broken_by[norm][epsilon] = tally
+            result.broken[norm][epsilon] = broken.clone()
+    if ensemble.whole_box and candidates.numel():
+        result.whole_box_error = whole_box_error(model, inputs, labels, correct, threat_models, bounds, ensemble, generator)
+    return result
+
+
+def whole_box_width(bounds: Bounds, threat_models: Mapping[str, Sequence[float]]) -> float:
+    """An L∞ budget that covers the whole box: its widest side, or where the box is unbounded, ten
+    times the largest budget given."""
+    lower, upper = (torch.as_tensor(b, dtype=torch.float64) for b in bounds)
+    width = float((upper - lower).max())
+    return width if math.isfinite(width) else 10 * max(max(e) for e in threat_models.values())
+
+
+def whole_box_error(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, correct: torch.Tensor,
+                    threat_models: Mapping[str, Sequence[float]], bounds: Bounds, ensemble: Ensemble,
+                    generator: torch.Generator) -> float:
+    """The error APGD with the difference of logits ratio reaches when its L∞ budget covers the
+    whole box."""
+    width = whole_box_width(bounds, threat_models)
+    attack = APGD(epsilon=width, norm="linf", steps=ensemble.steps, loss="dlr")  # scale-free: a saturated softmax cannot stop it
+    hits = _attack_rows(attack, model, inputs, labels, correct.nonzero()[:, 0], "linf", width, bounds, generator)
+    broken = ~correct
+    broken[hits] = True
+    return float(broken.float().mean())
+
+
+__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "ranked_wrong_classes", "run_ensemble",
+           "verified_breaks", "whole_box_error", "whole_box_width"]
