@@ -12,6 +12,8 @@ from importlib import import_module
 RECIPES: dict[str, tuple[str, str]] = {
     "adversarial-training": ("advtrain.recipes.adversarial_training",
                              "FC100-100-10 with weight decay, dropout and per-layer adversarial pools, compared"),
+    "evaluate": ("advtrain.recipes.evaluate", "robust error of a trained model at L∞/L2 budgets by an ensemble of attacks, "
+                 "with checks for gradient masking"),
     "lipschitz": ("advtrain.recipes.lipschitz", "per-layer upper Lipschitz bounds (the paper's Table 5) of AlexNet or an MNIST model"),
     "units": ("advtrain.recipes.units", "inputs that most activate single units versus random directions (Figures 1 and 2)"),
     "table1": ("advtrain.recipes.table1", "the paper's Table 1: errors and minimal distortion of six MNIST models"),

@@ -31,7 +31,7 @@ from torch import nn
 from advtrain.attacks import APGD, AttackResult, Square
 from advtrain.attacks.base import Attack
 from advtrain.box import Bounds, check_bounds
-from advtrain.budget import perturbation_size
+from advtrain.budget import check_epsilon, check_norm, perturbation_size
 from advtrain.checks import check_count
 
 #: relative slack on the budget for a verified point: projection onto the ball rounds in float32
@@ -187,8 +187,9 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
             result.robust_error[norm][epsilon] = float(broken.float().mean())
             result.broken_by[norm][epsilon] = tally
             result.broken[norm][epsilon] = broken.clone()
-    if ensemble.whole_box and candidates.numel():
-        result.whole_box_error = whole_box_error(model, inputs, labels, correct, threat_models, bounds, ensemble, generator)
+    if ensemble.whole_box:  # with nothing correctly classified, every example is already an error
+        result.whole_box_error = (whole_box_error(model, inputs, labels, correct, threat_models, bounds, ensemble, generator)
+                                  if candidates.numel() else result.clean_error)
     return result
 
 
@@ -213,5 +214,46 @@ def whole_box_error(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return float(broken.float().mean())
 
 
-__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "ranked_wrong_classes", "run_ensemble",
+def combine(parts: Sequence[RobustnessResult]) -> RobustnessResult:
+    """One result for the examples of several (the chunks of a data set, evaluated in turn):
+    errors weighted by the chunks' sizes, tallies summed, broken masks concatenated."""
+    total = sum(part.examples for part in parts)
+    if not parts or not total:
+        raise ValueError("combine needs at least one result with examples")
+
+    def weighted(values: Sequence[float]) -> float:  # each value is a count over its part's examples
+        return sum(round(v * part.examples) for v, part in zip(values, parts)) / total
+
+    first = parts[0]
+    result = RobustnessResult(examples=total, clean_error=weighted([part.clean_error for part in parts]))
+    for norm, budgets in first.robust_error.items():
+        result.robust_error[norm] = {e: weighted([p.robust_error[norm][e] for p in parts]) for e in budgets}
+        result.first_attack_error[norm] = {e: weighted([p.first_attack_error[norm][e] for p in parts]) for e in budgets}
+        result.broken_by[norm] = {e: {name: sum(p.broken_by[norm][e].get(name, 0) for p in parts)
+                                      for name in first.broken_by[norm][e]} for e in budgets}
+        result.broken[norm] = {e: torch.cat([p.broken[norm][e].cpu() for p in parts]) for e in budgets}
+    boxes = [p.whole_box_error for p in parts]
+    result.whole_box_error = math.nan if any(math.isnan(b) for b in boxes) else weighted(boxes)
+    return result
+
+
+def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ...]]:
+    """``{norm: (epsilon, ...)}`` after checking every norm and budget.
+
+    Raises:
+        ValueError: an unknown norm (listing the norms), an empty list, a budget that is not positive
+            and finite.
+    """
+    checked = {}
+    for norm, epsilons in budgets.items():
+        check_norm(norm, name=f"budgets key {norm!r}: a norm")
+        if isinstance(epsilons, (int, float)) or not len(epsilons):
+            raise ValueError(f"budgets[{norm!r}] must be a non-empty list of budgets, got {epsilons!r}")
+        checked[norm] = tuple(check_epsilon(epsilon, name=f"budgets[{norm!r}] entry") for epsilon in epsilons)
+    if not checked:
+        raise ValueError("budgets must name at least one norm: {'linf': [...], 'l2': [...], 'rms': [...]}")
+    return checked
+
+
+__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "ranked_wrong_classes", "run_ensemble",
            "verified_breaks", "whole_box_error", "whole_box_width"]

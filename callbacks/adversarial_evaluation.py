@@ -15,9 +15,8 @@ from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
 from advtrain.attacks import Attack, AttackResult, BoxLBFGS
-from advtrain.budget import check_epsilon, check_norm
 from advtrain.evaluation_checks import output_checks, result_checks, warn_failed
-from advtrain.robustness import Ensemble, RobustnessResult, run_ensemble
+from advtrain.robustness import Ensemble, RobustnessResult, check_threat_models, run_ensemble
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
@@ -74,24 +73,6 @@ def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Seq
     )
 
 
-def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ...]]:
-    """``{norm: (epsilon, ...)}`` after checking every norm and budget.
-
-    Raises:
-        ValueError: an unknown norm (listing the norms), an empty list, a budget that is not positive
-            and finite.
-    """
-    checked = {}
-    for norm, epsilons in budgets.items():
-        check_norm(norm, name=f"budgets key {norm!r}: a norm")
-        if isinstance(epsilons, (int, float)) or not len(epsilons):
-            raise ValueError(f"budgets[{norm!r}] must be a non-empty list of budgets, got {epsilons!r}")
-        checked[norm] = tuple(check_epsilon(epsilon, name=f"budgets[{norm!r}] entry") for epsilon in epsilons)
-    if not checked:
-        raise ValueError("budgets must name at least one norm: {'linf': [...], 'l2': [...], 'rms': [...]}")
-    return checked
-
-
 def figure_grid(images: torch.Tensor, adversarial: torch.Tensor, magnify: float = 10.0) -> torch.Tensor:
     """The paper's Figure 5 layout: a row each of originals, perturbations ×``magnify`` (grey is
     zero) and adversarial images. Returns an image tensor ``(C, H, W)`` in [0, 1]."""
@@ -137,8 +118,10 @@ class AdversarialEvaluation(Callback):
     Logs ``adv_<stage>/clean_err``, ``adv_<stage>/adv_err@<budget>`` (budgets as a list) or
     ``adv_<stage>/robust_err@<norm>=<epsilon>`` (threat models, e.g. ``adv_val/robust_err@linf=0.1``), and
     ``adv_<stage>/attacked``
-    (how many correctly classified examples were attacked); ``adv_<stage>/mean_distortion`` only
-    where the search succeeded on some example.
+    (how many correctly classified examples were attacked), ``adv_<stage>/checks_failed``;
+    ``adv_<stage>/mean_distortion`` only where the search succeeded on some example; with threat
+    models, the table ``adv_<stage>/robust_curve`` (norm, epsilon, robust error) where the logger
+    takes tables (W&B).
 
     Example::
 
@@ -238,7 +221,18 @@ class AdversarialEvaluation(Callback):
         for norm, errors in report.robust_error.items():
             for epsilon, error in errors.items():
                 pl_module.log(f"adv_{stage}/robust_err@{norm}={epsilon:g}", error)
+        self._log_curve(trainer, stage, report)
         self._log_figure(trainer, stage, result)
+
+    def _log_curve(self, trainer: pl.Trainer, stage: str, report: AdversarialReport) -> None:
+        """The robust error against the budget, one row per norm and budget, as a table where the
+        logger takes tables (W&B: ``adv_<stage>/robust_curve``, to plot as a line per norm)."""
+        logger = trainer.logger
+        if not report.robust_error or logger is None or not hasattr(logger, "log_table"):
+            return
+        rows = [[norm, epsilon, error] for norm, errors in report.robust_error.items() for epsilon, error in sorted(errors.items())]
+        logger.log_table(key=f"adv_{stage}/robust_curve", columns=["norm", "epsilon", "robust_error"], data=rows,
+                         step=trainer.global_step)
 
     def _log_figure(self, trainer: pl.Trainer, stage: str, result: AttackResult) -> None:
         logger = trainer.logger

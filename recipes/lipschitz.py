@@ -20,7 +20,7 @@ from torch import nn
 
 from advtrain.analysis import LipschitzTable, lipschitz_bounds
 from advtrain.models import MODEL_BUILDERS, build_model
-from advtrain.recipes.run_folder import add_common_arguments, log_table, start_run_folder, start_wandb, write_results
+from advtrain.recipes.run_folder import add_common_arguments, load_weights, log_table, start_run_folder, start_wandb, write_results
 
 #: Table 5 of the paper (AlexNet), for the side-by-side column.
 PAPER_TABLE5 = {"Conv. 1": 2.75, "Conv. 2": 10, "Conv. 3": 7, "Conv. 4": 7.5, "Conv. 5": 11, "FC1": 3.12, "FC2": 4, "FC3": 4}
@@ -67,17 +67,7 @@ def models_to_bound(args: argparse.Namespace) -> tuple[list[tuple[str, nn.Module
     labelled = []
     for path in args.checkpoint:
         paper_model = build_model(args.model)
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError as error:
-            raise SystemExit(f"advtrain lipschitz: --checkpoint {path}: no such file") from error
-        except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-            raise SystemExit(f"advtrain lipschitz: --checkpoint {path} is not a saved state dict (torch.save of "
-                             f"model.state_dict(), as the recipes' model.pt files are): {type(error).__name__}. It is "
-                             "never loaded with weights_only=False, which could run code from the file") from error
-        if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-            raise SystemExit(f"advtrain lipschitz: --checkpoint {path} holds a {type(state).__name__}, not a state dict of "
-                             "tensors (a Lightning .ckpt? pass the model.pt a recipe wrote)")
+        state = load_weights(path, "lipschitz")
         try:
             paper_model.module.load_state_dict(state)
         except RuntimeError as error:

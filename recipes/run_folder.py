@@ -88,6 +88,32 @@ def save_weights(path: Path, state: Any) -> None:
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
+def load_weights(path: Path, recipe: str, flag: str = "--checkpoint") -> dict[str, Any]:
+    """The model weights in ``path``: a state dict saved with ``torch.save`` (the recipes' ``.pt``
+    files), or the model's part (keys under ``model.``) of a Lightning checkpoint. Never loaded with
+    ``weights_only=False``, which could run code from the file.
+
+    Raises:
+        SystemExit: no such file, not a saved state dict or checkpoint, or not a dict of tensors.
+    """
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise SystemExit(f"advtrain {recipe}: {flag} {path}: no such file") from error
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        raise SystemExit(f"advtrain {recipe}: {flag} {path} is not a saved state dict (torch.save of "
+                         f"model.state_dict(), as the recipes' model.pt files are): {type(error).__name__}. It is "
+                         "never loaded with weights_only=False, which could run code from the file") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # a Lightning checkpoint
+        state = {key.removeprefix("model."): value for key, value in state["state_dict"].items() if key.startswith("model.")}
+    if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise SystemExit(f"advtrain {recipe}: {flag} {path} holds a {type(state).__name__}, not a state dict of "
+                         "tensors (pass the model.pt a recipe wrote, or a Lightning checkpoint of advtrain.Classifier)")
+    return state
+
+
 def start_run_folder(args: argparse.Namespace) -> Path:
     """Create the run folder and write the config and the command line into it; or, with
     ``args.resume``, check that the folder holds this run's config and continue in it.

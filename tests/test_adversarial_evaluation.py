@@ -173,3 +173,42 @@ def test_the_robust_error_is_at_least_each_attack_alone() -> None:
 def test_bad_threat_models_and_fixed_budget_attacks_are_refused(settings, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AdversarialEvaluation(**settings)
+
+
+def test_robust_curve_and_check_count_reach_the_offline_wandb_run_every_n_epochs(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    from advtrain.robustness import Ensemble
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = WandbLogger(project="advtrain-tests", save_dir=str(tmp_path), offline=True)
+    data = image_data()
+    callback = AdversarialEvaluation(examples=32, budgets={"linf": [0.05, 0.2], "l2": [0.5]}, figure_examples=0,
+                                     every_n_epochs=2, ensemble=Ensemble(steps=10, targets=1, queries=50))
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=4, logger=logger, enable_progress_bar=False, inference_mode=True,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[callback])
+    trainer.fit(image_classifier(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=32))
+    wandb.finish()
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    series = history(run_file)
+    assert len(series["adv_val/clean_err"]) == 2  # epochs 2 and 4 of 4
+    assert series["adv_val/checks_failed"] == [0.0, 0.0]
+    assert series["adv_val/robust_curve/_type"] == ["table-file"] * 2
+    tables = sorted(run_file.parent.glob("files/media/table/adv_val/robust_curve_*.table.json"))
+    last = json.loads(tables[-1].read_text())
+    assert last["columns"] == ["norm", "epsilon", "robust_error"]
+    report = callback.reports["val"]
+    assert last["data"] == [[norm, epsilon, pytest.approx(error)] for norm, errors in report.robust_error.items()
+                            for epsilon, error in sorted(errors.items())]
+    assert series["adv_val/robust_err@linf=0.2"][-1] == pytest.approx(report.robust_error["linf"][0.2])
+
+
+def test_every_n_epochs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="every_n_epochs must be a positive integer, got 0"):
+        AdversarialEvaluation(every_n_epochs=0)

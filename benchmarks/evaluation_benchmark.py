@@ -1,0 +1,238 @@
+"""The evaluation's robust error against torchattacks' AutoAttack and Foolbox's minimum-norm
+attacks on the same examples, and its cost against AutoAttack's, measured in one run.
+
+    python benchmarks/evaluation_benchmark.py [--examples 100] [--models-dir runs/evaluation-benchmark]
+
+Four MNIST models, trained here first where ``--models-dir`` lacks them (plain PyTorch loops,
+seeded): FC100-100-10 trained plainly and with L∞ PGD, the BN SmallResNet trained plainly, and the
+ReLU convnet trained with L∞ PGD. On the first ``--examples`` test images (clean mistakes
+included), at the standard MNIST budgets (L∞ 0.1, 0.2, 0.3; L2 1.0, 1.5, 2.0):
+
+- ``advtrain``: :func:`advtrain.robustness.run_ensemble` with its defaults, after the untargeted
+  ``BoxLBFGS()`` search, exactly as ``AdversarialEvaluation`` runs them, once for all budgets;
+- ``AutoAttack``: torchattacks' ``AutoAttack(version="standard")``, once per budget;
+- ``Foolbox``: per example the smallest of DDN, FMN and C&W (L2) and of FMN (L∞), counted at
+  each budget it fits in.
+
+Every break is verified by our own forward pass, the box and the budget. The minimal distortion
+``sqrt(mean r²)`` of the untargeted search is compared per example with the best of Foolbox's
+L2 attacks. Writes ``results.json`` and ``results.md`` to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advtrain.attacks import PGD, BoxLBFGS
+from advtrain.data import MNISTDataModule
+from advtrain.models import build_model
+from advtrain.recipes.run_folder import write_json
+from advtrain.robustness import BUDGET_TOLERANCE, Ensemble, run_ensemble
+
+BUDGETS = {"linf": [0.1, 0.2, 0.3], "l2": [1.0, 1.5, 2.0]}
+#: name: (architecture, PGD training budget in L∞ or None, epochs, training images)
+MODELS = {
+    "fc100-100-10 plain": ("fc100-100-10", None, 5, 55_000),
+    "fc100-100-10 PGD L∞ 0.1": ("fc100-100-10", 0.1, 5, 55_000),
+    "small-resnet plain": ("small-resnet", None, 1, 55_000),
+    "convnet PGD L∞ 0.3": ("convnet", 0.3, 4, 20_000),
+}
+
+
+@dataclass
+class ModelRow:
+    """One model: robust error per method, norm and budget, seconds per method, distortion."""
+
+    model: str
+    clean_error: float
+    robust_error: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method, norm, epsilon
+    seconds: dict[str, float] = field(default_factory=dict)
+    shortfall: float = math.nan  # max over budgets of (best peer - advtrain), in points
+    distortion_vs_foolbox: float = math.nan  # mean over examples of ours / Foolbox's best, both found
+    distortion: dict[str, float] = field(default_factory=dict)
+    checks_failed: list[str] = field(default_factory=list)
+
+
+def train(name: str, architecture: str, pgd_epsilon: float | None, epochs: int, count: int, data: MNISTDataModule,
+          models_dir: Path) -> nn.Module:
+    """The model, trained here (Adam, batch 128, seeded) where ``models_dir`` lacks it."""
+    model = build_model(architecture).module
+    path = models_dir / (name.replace(" ", "_").replace("∞", "inf") + ".pt")
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    torch.manual_seed(0)
+    images, labels = data.train_set.tensors
+    count = min(count, len(labels))
+    images, labels = images[:count], labels[:count]
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(epochs):
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count, 128):
+            rows = order[start:start + 128]
+            inputs = images[rows]
+            if pgd_epsilon is not None:  # Madry et al.: train on PGD examples, found in eval mode
+                inputs = PGD(epsilon=pgd_epsilon, norm="linf", steps=7, step_size=pgd_epsilon / 4)(
+                    model, inputs, labels[rows], generator=generator).attempt
+            model.train()
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(inputs), labels[rows]).backward()
+            optimizer.step()
+        print(f"  {name}: epoch {epoch + 1}/{epochs}", flush=True)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def size(perturbation: torch.Tensor, norm: str) -> torch.Tensor:
+    flat = perturbation.flatten(1)
+    return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
+
+
+def verified(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, points: torch.Tensor, norm: str,
+             epsilon: float) -> torch.Tensor:
+    """Rows whose point is in [0, 1], within ``epsilon`` and misclassified (our own check)."""
+    with torch.no_grad():
+        fooled = model(points).argmax(1) != labels
+    inside = ((points >= 0) & (points <= 1)).flatten(1).all(1)
+    return fooled & inside & (size(points - images, norm) <= epsilon * (1 + BUDGET_TOLERANCE))
+
+
+def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float]:
+    """torchattacks' standard AutoAttack, once per budget: robust errors and total seconds."""
+    import torchattacks
+
+    errors: dict[str, dict[str, float]] = {}
+    started = time.perf_counter()
+    for norm, epsilons in BUDGETS.items():
+        errors[norm] = {}
+        for epsilon in epsilons:
+            attack = torchattacks.AutoAttack(model, norm="Linf" if norm == "linf" else "L2", eps=epsilon,
+                                             version="standard", n_classes=10, seed=0)
+            points = attack(images, labels)
+            with torch.no_grad():
+                clean_wrong = model(images).argmax(1) != labels
+            broken = clean_wrong | verified(model, images, labels, points, norm, epsilon)
+            errors[norm][f"{epsilon:g}"] = float(broken.float().mean())
+    return errors, time.perf_counter() - started
+
+
+def foolbox_minimal(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor]:
+    """Per example, the smallest verified perturbation of Foolbox's L2 (DDN, FMN, C&W) and L∞
+    (FMN) minimum-norm attacks: robust errors at the budgets, seconds, and the L2 sizes."""
+    import foolbox
+
+    wrapped = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
+    attacks = {"l2": [foolbox.attacks.DDNAttack(steps=1000), foolbox.attacks.L2FMNAttack(steps=1000),
+                      foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=9, steps=1000)],
+               "linf": [foolbox.attacks.LInfFMNAttack(steps=1000)]}
+    with torch.no_grad():
+        clean_wrong = model(images).argmax(1) != labels
+    started = time.perf_counter()
+    best = {}
+    for norm, members in attacks.items():
+        smallest = torch.full((len(labels),), math.inf)
+        for attack in members:
+            _, points, _ = attack(wrapped, images, labels, epsilons=None)
+            found = verified(model, images, labels, points, norm, math.inf)
+            smallest = torch.minimum(smallest, torch.where(found, size(points - images, norm), torch.full_like(smallest, math.inf)))
+        best[norm] = torch.where(clean_wrong, torch.zeros_like(smallest), smallest)
+    seconds = time.perf_counter() - started
+    errors = {norm: {f"{e:g}": float((best[norm] <= e * (1 + BUDGET_TOLERANCE)).float().mean()) for e in BUDGETS[norm]}
+              for norm in BUDGETS}
+    return errors, seconds, best["l2"]
+
+
+def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor, list[str]]:
+    """The evaluation as the callback runs it: robust errors, seconds, the search's L2 sizes
+    (``inf`` where it failed, 0 for clean mistakes), and the names of failed checks."""
+    from advtrain.evaluation_checks import output_checks, result_checks
+
+    started = time.perf_counter()
+    with torch.no_grad():
+        correct = model(images).argmax(1) == labels
+    search = BoxLBFGS()(model, images[correct], labels[correct], target="untargeted")
+    result = run_ensemble(model, images, labels, BUDGETS, (0.0, 1.0), ensemble=Ensemble(), search=search)
+    seconds = time.perf_counter() - started
+    failed = [check.name for check in output_checks(model, images, labels) + result_checks(result)]
+    l2 = torch.zeros(len(labels))
+    l2[correct] = torch.where(search.success, search.l2, torch.full_like(search.l2, math.inf))
+    errors = {norm: {f"{e:g}": value for e, value in values.items()} for norm, values in result.robust_error.items()}
+    return errors, seconds, l2, failed
+
+
+def markdown(rows: list[ModelRow]) -> str:
+    """The results as Markdown tables."""
+    lines = ["| model | budget | clean | advtrain | AutoAttack | Foolbox best |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        for norm, epsilons in BUDGETS.items():
+            for epsilon in epsilons:
+                key = f"{epsilon:g}"
+                values = [row.robust_error[m][norm][key] for m in ("advtrain", "AutoAttack", "Foolbox")]
+                lines.append(f"| {row.model} | {'L∞' if norm == 'linf' else 'L2'} {key} | {row.clean_error:.1%} | "
+                             + " | ".join(f"{v:.1%}" for v in values) + " |")
+    lines += ["", "| model | advtrain s | AutoAttack s | ratio | Foolbox s | shortfall (points) | distortion vs Foolbox | checks failed |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row.model} | {row.seconds['advtrain']:.0f} | {row.seconds['AutoAttack']:.0f} | "
+                     f"{row.seconds['advtrain'] / row.seconds['AutoAttack']:.2f} | {row.seconds['Foolbox']:.0f} | "
+                     f"{row.shortfall:+.1f} | {row.distortion_vs_foolbox:.4f} | {', '.join(row.checks_failed) or 'none'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models-dir", type=Path, default=Path("runs/evaluation-benchmark"))
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation"))
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = MNISTDataModule(args.data_dir)
+    data.prepare_data()
+    data.setup("fit")
+    data.setup("test")
+    images, labels = (t[: args.examples] for t in data.test_set.tensors)
+    rows = []
+    for name in args.models:
+        architecture, pgd_epsilon, epochs, count = MODELS[name]
+        print(f"{name}: training or loading", flush=True)
+        model = train(name, architecture, pgd_epsilon, epochs, count, data, args.models_dir)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        with torch.no_grad():
+            clean_error = float((model(images).argmax(1) != labels).float().mean())
+        row = ModelRow(name, clean_error)
+        print(f"{name}: advtrain", flush=True)
+        row.robust_error["advtrain"], row.seconds["advtrain"], our_l2, row.checks_failed = ours(model, images, labels)
+        print(f"{name}: AutoAttack", flush=True)
+        row.robust_error["AutoAttack"], row.seconds["AutoAttack"] = autoattack(model, images, labels)
+        print(f"{name}: Foolbox", flush=True)
+        row.robust_error["Foolbox"], row.seconds["Foolbox"], their_l2 = foolbox_minimal(model, images, labels)
+        row.shortfall = 100 * max(max(row.robust_error[peer][norm][key] for peer in ("AutoAttack", "Foolbox"))
+                                  - row.robust_error["advtrain"][norm][key]
+                                  for norm in BUDGETS for key in row.robust_error["advtrain"][norm])
+        both = torch.isfinite(our_l2) & torch.isfinite(their_l2) & (their_l2 > 0)
+        row.distortion_vs_foolbox = float((our_l2[both] / their_l2[both]).mean())
+        row.distortion = {"advtrain": float(our_l2[both].mean() / 28), "Foolbox": float(their_l2[both].mean() / 28),
+                          "examples": int(both.sum()), "advtrain_found": int(torch.isfinite(our_l2).sum())}
+        rows.append(row)
+        print(markdown([row]), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    write_json(args.output / "results.json", {"examples": args.examples, "budgets": BUDGETS,
+                                              "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]})
+    (args.output / "results.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""``advtrain evaluate``: the robustness report of a trained MNIST model, at stated threat models.
+
+For a recipe's run folder (``advtrain train``: its ``model.pt``; ``advtrain adversarial-training``:
+one ``<way>.pt`` per way) or a saved state dict or Lightning checkpoint with ``--model``: robust
+error at each budget by the ensemble of :mod:`advtrain.robustness` (AutoAttack's standard by
+default), the mean minimal distortion of the untargeted search, and the checks that flag a broken
+evaluation, on the first ``--examples`` MNIST test images. Writes ``robustness.json`` and the curve
+``robustness.png`` to ``--output`` (default: ``robustness/`` in the run folder) and prints a table.
+
+Reads top to bottom: settings, the models, the data, evaluate each, write, print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from advtrain.budget import NORMS
+from advtrain.data import MNISTDataModule
+from advtrain.evaluation import RobustnessReport, evaluate_robustness, write_report
+from advtrain.models import MODEL_BUILDERS, build_model
+from advtrain.recipes.run_folder import load_weights
+from advtrain.recipes.trainer_parts import on_a_terminal
+from advtrain.robustness import Ensemble, check_threat_models
+
+#: The standard MNIST threat models (Madry et al., 2018; RobustBench).
+DEFAULT_BUDGETS = ["linf=0.1,0.2,0.3", "l2=1.0,1.5,2.0"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command line of ``advtrain evaluate``."""
+    parser.add_argument("source", type=Path, help="a recipe's run folder, or a model.pt / Lightning .ckpt with --model")
+    parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), default=None,
+                        help="the architecture of a state dict or checkpoint given directly")
+    parser.add_argument("--way", action="append", default=None, help="an adversarial-training run's way (default: every way saved)")
+    parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS, metavar="NORM=EPS,EPS",
+                        help=f"threat models, norms {', '.join(NORMS)} (default: {' '.join(DEFAULT_BUDGETS)})")
+    parser.add_argument("--examples", type=int, default=1000, help="the first N MNIST test images")
+    parser.add_argument("--steps", type=int, default=Ensemble.steps, help="APGD's steps")
+    parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD tries")
+    parser.add_argument("--queries", type=int, default=Ensemble.queries, help="Square's queries per example (0: no Square)")
+    parser.add_argument("--output", type=Path, default=None, help="where to write (default: <run folder>/robustness)")
+    parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_budgets(tokens: list[str]) -> dict[str, tuple[float, ...]]:
+    """``["linf=0.1,0.3", "l2=1"]`` as threat models.
+
+    Raises:
+        SystemExit: a token without ``=``, a budget that is not a number, or what
+            :func:`~advtrain.robustness.check_threat_models` refuses.
+    """
+    budgets: dict[str, list[float]] = {}
+    for token in tokens:
+        norm, _, values = token.partition("=")
+        if not values:
+            raise SystemExit(f"advtrain evaluate: --budgets {token!r}: write NORM=EPS,EPS (e.g. linf=0.1,0.3)")
+        try:
+            budgets.setdefault(norm, []).extend(float(value) for value in values.split(","))
+        except ValueError as error:
+            raise SystemExit(f"advtrain evaluate: --budgets {token!r}: {error}") from error
+    try:
+        return check_threat_models(budgets)
+    except ValueError as error:
+        raise SystemExit(f"advtrain evaluate: --budgets: {error}") from error
+
+
+def built(architecture: str, state: dict, path: Path) -> nn.Module:
+    """The builder's module with ``state`` loaded.
+
+    Raises:
+        SystemExit: the weights do not fit the architecture.
+    """
+    module = build_model(architecture).module
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise SystemExit(f"advtrain evaluate: {path} is not a state dict of {architecture}: {error}") from error
+    return module.eval()
+
+
+def models_of(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """Name to model for the source: a run folder's model(s), or one file with ``--model``.
+
+    Raises:
+        SystemExit: no such source, a folder with no recipe run, a file without ``--model``, an unknown way.
+    """
+    source: Path = args.source
+    if source.is_file():
+        if args.model is None:
+            raise SystemExit(f"advtrain evaluate: {source} is a file; say which architecture it holds with --model "
+                             f"({', '.join(sorted(MODEL_BUILDERS))})")
+        return {source.stem: built(args.model, load_weights(source, "evaluate", "source"), source)}
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise SystemExit(f"advtrain evaluate: {source} is neither a file nor a recipe's run folder (no config.json)")
+    config = json.loads(config_path.read_text())
+    if config.get("recipe") == "train":
+        return {config["model"]: built(config["model"], load_weights(source / "model.pt", "evaluate", "source"), source)}
+    if config.get("recipe") == "adversarial-training":
+        from advtrain.recipes.adversarial_training import network
+
+        saved = sorted(path.stem for path in source.glob("*.pt"))
+        ways = args.way or saved
+        missing = [way for way in ways if way not in saved]
+        if missing or not ways:
+            raise SystemExit(f"advtrain evaluate: {source} holds no weights for way(s) {missing or ways}; saved: "
+                             f"{', '.join(saved) or 'none (the run has not finished a way)'}")
+        settings = argparse.Namespace(**config)
+        models = {}
+        for way in ways:
+            module = network(settings, way).module
+            module.load_state_dict(load_weights(source / f"{way}.pt", "evaluate", "source"))
+            models[way] = module.eval()
+        return models
+    raise SystemExit(f"advtrain evaluate: {source} is a run of {config.get('recipe')!r}, which saves no model to evaluate; "
+                     "give a run folder of train or adversarial-training, or a model.pt with --model")
+
+
+def markdown(reports: dict[str, RobustnessReport]) -> str:
+    """One row per model: clean error, robust error per budget, distortion, failed checks."""
+    first = next(iter(reports.values()))
+    budgets = [(norm, epsilon) for norm, values in first.robust_error.items() for epsilon in values]
+    header = ["model", "clean", *(f"{'L∞' if n == 'linf' else n.upper() if n == 'l2' else 'rms'} {e}" for n, e in budgets),
+              "mean min. distortion", "checks failed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, report in reports.items():
+        cells = [name, f"{report.clean_error:.1%}", *(f"{report.robust_error[n][e]:.1%}" for n, e in budgets),
+                 f"{report.mean_distortion:.4f}", ", ".join(report.checks_failed) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, RobustnessReport]:
+    """Evaluate every model of the source; write and print the report."""
+    budgets = parse_budgets(args.budgets)
+    if args.examples < 1:
+        raise SystemExit(f"advtrain evaluate: --examples must be at least 1, got {args.examples}")
+    try:
+        ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries)
+    except ValueError as error:
+        raise SystemExit(f"advtrain evaluate: {error}") from error
+    output = args.output or (args.source / "robustness" if args.source.is_dir() else args.source.with_name(f"{args.source.stem}-robustness"))
+    if (output / "robustness.json").exists():
+        raise SystemExit(f"advtrain evaluate: {output} already holds a report; choose another --output: nothing is overwritten")
+    models = models_of(args)
+    data = MNISTDataModule(args.data_dir)
+    data.prepare_data()
+    data.setup("test")
+    loader = DataLoader(data.test_set, batch_size=500)
+    reports = {}
+    for name, model in models.items():
+        print(f"{name}: evaluating {args.examples} test images", flush=True)
+        reports[name] = evaluate_robustness(model, loader, budgets, examples=args.examples, ensemble=ensemble,
+                                            seed=args.seed, progress=on_a_terminal())
+    json_path, png_path = write_report(reports, output)
+    table = markdown(reports)
+    (output / "robustness.md").write_text(table)
+    print(table + f"\nwritten: {json_path}, {png_path}")
+    return reports

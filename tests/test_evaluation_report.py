@@ -1,0 +1,123 @@
+"""The robustness report outside training: ``evaluate_robustness``, its files, and ``advtrain evaluate``."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from advtrain.attacks import PGD
+from advtrain.evaluation import evaluate_robustness, write_report
+from advtrain.evaluation_checks import EvaluationCheckWarning
+from advtrain.models import build_model
+from advtrain.robustness import Ensemble, RobustnessResult, combine
+from test_robustness_ensemble import QUICK, Quantised, trained_mlp
+
+BUDGETS = {"linf": [0.05, 0.1, 0.2], "l2": [0.5, 1.0]}
+
+
+def test_combined_chunks_count_every_example_once() -> None:
+    def part(examples: int, error: float, box: float) -> RobustnessResult:
+        broken = torch.arange(examples) < round(error * examples)
+        return RobustnessResult(examples=examples, clean_error=0.0, robust_error={"linf": {0.1: error}},
+                                first_attack_error={"linf": {0.1: error}}, whole_box_error=box,
+                                broken_by={"linf": {0.1: {"apgd-ce": int(broken.sum())}}}, broken={"linf": {0.1: broken}})
+
+    total = combine([part(30, 0.5, 1.0), part(10, 0.1, 0.9)])
+    assert total.examples == 40 and total.robust_error["linf"][0.1] == pytest.approx(16 / 40)
+    assert total.broken_by["linf"][0.1] == {"apgd-ce": 16} and total.broken["linf"][0.1].sum() == 16
+    assert total.whole_box_error == pytest.approx((30 + 9) / 40)
+    with pytest.raises(ValueError, match="at least one result"):
+        combine([])
+
+
+def test_report_in_chunks_is_the_worst_case_per_example_and_written_as_json_and_png(tmp_path: Path) -> None:
+    model, inputs, labels = trained_mlp()
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=32)
+    report = evaluate_robustness(model, loader, BUDGETS, examples=80, chunk_size=30, ensemble=QUICK)
+    assert report.examples == 80 and report.checks_failed == []
+    correct = model(inputs[:80]).argmax(1) == labels[:80]
+    assert report.clean_error == pytest.approx(float((~correct).float().mean()))
+    for norm, epsilons in BUDGETS.items():
+        errors = [report.robust_error[norm][f"{e:g}"] for e in epsilons]
+        assert errors == sorted(errors) and errors[0] >= report.clean_error
+        for epsilon, error in zip(epsilons, errors):
+            alone = PGD(epsilon=epsilon, norm=norm, steps=20)(model, inputs[:80], labels[:80],
+                                                              generator=torch.Generator().manual_seed(5))
+            pgd_error = float(((model(alone.attempt).argmax(1) != labels[:80]) | ~correct).float().mean())
+            assert error >= pgd_error - 2 / 80  # the ensemble at least matches plain PGD (seeds differ)
+            assert sum(report.broken_by[norm][f"{epsilon:g}"].values()) == round((error - report.clean_error) * 80)
+    assert 0 < report.mean_distortion < 0.2 and report.search_success == 1.0
+    json_path, png_path = write_report({"mlp": report}, tmp_path / "out")
+    saved = json.loads(json_path.read_text())["mlp"]
+    assert saved["robust_error"] == report.robust_error and saved["ensemble"]["steps"] == QUICK.steps
+    assert Image.open(png_path).size == (360 * 2 + 60, 360)
+
+
+def test_a_masked_model_is_reported_with_its_failed_checks() -> None:
+    model, inputs, labels = trained_mlp()
+    loader = DataLoader(TensorDataset(inputs * (inputs > 0.1), labels), batch_size=50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = evaluate_robustness(Quantised(model), loader, BUDGETS, examples=60, ensemble=QUICK)
+    assert {"gradients", "whole box"} <= set(report.checks_failed)
+    assert len(report.check_messages) == len(report.checks_failed)
+    warned = [str(w.message) for w in caught if issubclass(w.category, EvaluationCheckWarning)]
+    assert len(warned) == len(report.checks_failed) and "'gradients'" in " ".join(warned)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(budgets={"l1": [0.1]}), r"budgets key 'l1'"),
+    (dict(examples=0), r"examples must be a positive integer"),
+    (dict(chunk_size=0), r"chunk_size must be a positive integer"),
+    (dict(bounds=(1.0, 0.0)), r"lower > upper"),
+], ids=["norm", "examples", "chunk", "box"])
+def test_bad_settings_are_named(settings: dict, message: str) -> None:
+    model, inputs, labels = trained_mlp(count=8)
+    arguments = dict(budgets=BUDGETS) | settings
+    with pytest.raises(ValueError, match=message):
+        evaluate_robustness(model, DataLoader(TensorDataset(inputs, labels)), arguments.pop("budgets"), **arguments)
+
+
+def test_advtrain_evaluate_reports_a_train_run_folder(mnist_root: Path, tmp_path: Path, capsys) -> None:
+    from advtrain.cli import main
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"recipe": "train", "model": "fc10-1e-4"}))
+    torch.manual_seed(0)
+    torch.save(build_model("fc10-1e-4").module.state_dict(), folder / "model.pt")
+    flags = ["--examples", "12", "--steps", "3", "--targets", "1", "--queries", "10", "--data-dir", str(mnist_root),
+             "--budgets", "linf=0.05,0.1", "l2=1"]
+    assert main(["evaluate", str(folder), *flags]) == 0
+    saved = json.loads((folder / "robustness" / "robustness.json").read_text())["fc10-1e-4"]
+    assert saved["examples"] == 12 and set(saved["robust_error"]) == {"linf", "l2"}
+    assert saved["robust_error"]["linf"]["0.05"] <= saved["robust_error"]["linf"]["0.1"]
+    assert (folder / "robustness" / "robustness.png").is_file()
+    assert "| fc10-1e-4 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already holds a report"):
+        main(["evaluate", str(folder), *flags])
+    with pytest.raises(SystemExit, match="is a file; say which architecture"):
+        main(["evaluate", str(folder / "model.pt"), *flags])
+    with pytest.raises(SystemExit, match="is not a state dict of convnet"):
+        main(["evaluate", str(folder / "model.pt"), "--model", "convnet", "--output", str(tmp_path / "x"), *flags])
+    with pytest.raises(SystemExit, match=r"--budgets 'linf': write NORM=EPS,EPS"):
+        main(["evaluate", str(folder), "--budgets", "linf"])
+    assert math.isfinite(saved["seconds"])
+
+
+def test_advtrain_evaluate_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
+    from advtrain.cli import main
+
+    with pytest.raises(SystemExit, match="neither a file nor a recipe's run folder"):
+        main(["evaluate", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "table1"}))
+    with pytest.raises(SystemExit, match="saves no model to evaluate"):
+        main(["evaluate", str(tmp_path)])
+    assert Ensemble().steps == 100  # the default is AutoAttack's standard effort
