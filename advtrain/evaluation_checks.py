@@ -27,6 +27,8 @@ from torch import nn
 
 from advtrain.robustness import RobustnessResult
 
+#: every check, in the order they run
+CHECK_NAMES = ("randomness", "probabilities", "gradients", "gradient-free", "budget", "whole box")
 #: share of the examples with zero or non-finite input gradients that fails the ``gradients`` check
 GRADIENT_SHARE = 0.05
 #: share of the examples (and at least two) by which Square may beat the gradient attacks, or the
@@ -114,4 +116,4 @@ def warn_failed(checks: list[FailedCheck], where: str) -> None:
         warnings.warn(f"{where}: evaluation check '{check.name}' failed: {check.message}", EvaluationCheckWarning, stacklevel=3)
 
 
-__all__ = ["EvaluationCheckWarning", "FailedCheck", "output_checks", "result_checks", "warn_failed"]
+__all__ = ["CHECK_NAMES", "EvaluationCheckWarning", "FailedCheck", "output_checks", "result_checks", "warn_failed"]

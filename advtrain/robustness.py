@@ -214,26 +214,51 @@ def whole_box_error(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return float(broken.float().mean())
 
 
+def result_counts(result: RobustnessResult) -> dict[str, float]:
+    """Everything ``result`` measured as counts of examples, keyed by name: what ranks or chunks
+    add up (:func:`result_from_counts` makes a result of the sums)."""
+    counts = {"examples": float(result.examples), "clean": round(result.clean_error * result.examples),
+              "whole box": math.nan if math.isnan(result.whole_box_error) else round(result.whole_box_error * result.examples)}
+    for norm, errors in result.robust_error.items():
+        for epsilon, error in errors.items():
+            counts[f"robust|{norm}|{epsilon!r}"] = round(error * result.examples)
+            counts[f"first|{norm}|{epsilon!r}"] = round(result.first_attack_error[norm][epsilon] * result.examples)
+            for name, broke in result.broken_by[norm][epsilon].items():
+                counts[f"by|{norm}|{epsilon!r}|{name}"] = broke
+    return {key: float(value) for key, value in counts.items()}
+
+
+def result_from_counts(counts: Mapping[str, float]) -> RobustnessResult:
+    """The result whose counts (:func:`result_counts`) are ``counts`` (summed over parts)."""
+    examples = round(counts["examples"])
+    result = RobustnessResult(examples=examples, clean_error=counts["clean"] / examples,
+                              whole_box_error=counts["whole box"] / examples)
+    for key, value in counts.items():
+        kind, *rest = key.split("|")
+        if kind in ("robust", "first", "by"):
+            norm, epsilon = rest[0], float(rest[1])
+            if kind == "robust":
+                result.robust_error.setdefault(norm, {})[epsilon] = value / examples
+            elif kind == "first":
+                result.first_attack_error.setdefault(norm, {})[epsilon] = value / examples
+            else:
+                result.broken_by.setdefault(norm, {}).setdefault(epsilon, {})[rest[2]] = round(value)
+    for norm in result.robust_error:  # budgets in increasing order, as run
+        result.robust_error[norm] = dict(sorted(result.robust_error[norm].items()))
+        result.first_attack_error[norm] = dict(sorted(result.first_attack_error[norm].items()))
+        result.broken_by[norm] = dict(sorted(result.broken_by[norm].items()))
+    return result
+
+
 def combine(parts: Sequence[RobustnessResult]) -> RobustnessResult:
     """One result for the examples of several (the chunks of a data set, evaluated in turn):
-    errors weighted by the chunks' sizes, tallies summed, broken masks concatenated."""
-    total = sum(part.examples for part in parts)
-    if not parts or not total:
+    counts added up (:func:`result_counts`), broken masks concatenated."""
+    if not parts or not sum(part.examples for part in parts):
         raise ValueError("combine needs at least one result with examples")
-
-    def weighted(values: Sequence[float]) -> float:  # each value is a count over its part's examples
-        return sum(round(v * part.examples) for v, part in zip(values, parts)) / total
-
-    first = parts[0]
-    result = RobustnessResult(examples=total, clean_error=weighted([part.clean_error for part in parts]))
-    for norm, budgets in first.robust_error.items():
-        result.robust_error[norm] = {e: weighted([p.robust_error[norm][e] for p in parts]) for e in budgets}
-        result.first_attack_error[norm] = {e: weighted([p.first_attack_error[norm][e] for p in parts]) for e in budgets}
-        result.broken_by[norm] = {e: {name: sum(p.broken_by[norm][e].get(name, 0) for p in parts)
-                                      for name in first.broken_by[norm][e]} for e in budgets}
+    counts = [result_counts(part) for part in parts]
+    result = result_from_counts({key: sum(c[key] for c in counts) for key in counts[0]})
+    for norm, budgets in parts[0].broken.items():
         result.broken[norm] = {e: torch.cat([p.broken[norm][e].cpu() for p in parts]) for e in budgets}
-    boxes = [p.whole_box_error for p in parts]
-    result.whole_box_error = math.nan if any(math.isnan(b) for b in boxes) else weighted(boxes)
     return result
 
 
@@ -255,5 +280,5 @@ def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tup
     return checked
 
 
-__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "ranked_wrong_classes", "run_ensemble",
+__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "result_counts", "result_from_counts", "ranked_wrong_classes", "run_ensemble",
            "verified_breaks", "whole_box_error", "whole_box_width"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
 from advtrain.attacks import Attack, AttackResult, BoxLBFGS
-from advtrain.evaluation_checks import output_checks, result_checks, warn_failed
-from advtrain.robustness import Ensemble, RobustnessResult, check_threat_models, run_ensemble
+from advtrain.evaluation_checks import CHECK_NAMES, FailedCheck, output_checks, result_checks, warn_failed
+from advtrain.robustness import (Ensemble, RobustnessResult, check_threat_models, result_counts, result_from_counts,
+                                 run_ensemble)
 from advtrain.attacks.targets import POLICIES, TargetPolicy
 from advtrain.batch import BatchKeys, check_batch_keys, read_batch, shared_batch_keys
 from advtrain.checks import check_count
@@ -37,6 +38,7 @@ class AdversarialReport:
         success_rate: fraction of the correctly classified examples the search succeeded on
             (``nan`` where none was correctly classified).
         attacked: how many examples were attacked (the correctly classified ones).
+        examples: how many examples were evaluated.
         robust_error: norm to budget to the fraction misclassified as they are or broken by a
             perturbation within that budget found by any attack of the evaluation
             (:func:`advtrain.robustness.run_ensemble`); empty where no threat model was given.
@@ -51,6 +53,7 @@ class AdversarialReport:
     mean_distortion: float
     success_rate: float
     attacked: int = 0
+    examples: int = 0
     robust_error: dict[str, dict[float, float]] = field(default_factory=dict)
     checks_failed: list[str] = field(default_factory=list)
     robustness: RobustnessResult | None = None
@@ -70,6 +73,7 @@ def adversarial_report(result: AttackResult, correct: torch.Tensor, budgets: Seq
         mean_distortion=float(result.distortion[result.success].mean()) if bool(found.any()) else math.nan,
         success_rate=float(found.float().mean()) if found.numel() else math.nan,
         attacked=int(found.numel()),
+        examples=count,
     )
 
 
@@ -81,6 +85,39 @@ def figure_grid(images: torch.Tensor, adversarial: torch.Tensor, magnify: float 
     perturbation = (0.5 + magnify * (adversarial - images)).clamp(0, 1)
     tiles = torch.cat([images, perturbation, adversarial]).detach().cpu()
     return make_grid(tiles, nrow=images.shape[0], padding=2, pad_value=1.0)
+
+
+def reduced_report(report: AdversarialReport, failed: dict[str, str],
+                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[AdversarialReport, dict[str, str]]:
+    """The report of every process's examples from each one's own: every figure as a count of
+    examples, summed by ``reduce`` (the strategy's sum over ranks) in one tensor. Checks failed on
+    any rank are failed; a rank that did not see one names it with a line saying so."""
+    examples = report.examples
+    counts: dict[str, float] = {"attacked": report.attacked}
+    found = 0 if math.isnan(report.success_rate) else round(report.success_rate * report.attacked)
+    counts["found"], counts["distortion"] = found, 0.0 if math.isnan(report.mean_distortion) else report.mean_distortion * found
+    robustness = report.robustness
+    if robustness is not None:
+        counts |= {f"ensemble {key}": value for key, value in result_counts(robustness).items()}
+    counts["examples"], counts["clean"] = examples, round(report.clean_error * examples)
+    counts |= {f"adv {budget!r}": round(error * examples) for budget, error in report.adversarial_error.items()}
+    counts |= {f"check {name}": float(name in failed) for name in CHECK_NAMES}
+    keys = sorted(counts)
+    summed = dict(zip(keys, reduce(torch.tensor([counts[key] for key in keys], dtype=torch.float64)).tolist()))
+    total = summed["examples"]
+    merged = AdversarialReport(
+        clean_error=summed["clean"] / total,
+        adversarial_error={budget: summed[f"adv {budget!r}"] / total for budget in report.adversarial_error},
+        mean_distortion=summed["distortion"] / summed["found"] if summed["found"] else math.nan,
+        success_rate=summed["found"] / summed["attacked"] if summed["attacked"] else math.nan,
+        attacked=round(summed["attacked"]), examples=round(total),
+    )
+    if robustness is not None:
+        merged.robustness = result_from_counts({key.removeprefix("ensemble "): value for key, value in summed.items()
+                                                if key.startswith("ensemble ")})
+    failed = {name: failed.get(name, "failed on another process's share of the examples")
+              for name in CHECK_NAMES if summed[f"check {name}"] > 0}
+    return merged, failed
 
 
 class AdversarialEvaluation(Callback):
@@ -182,23 +219,30 @@ class AdversarialEvaluation(Callback):
         """Take the batch keys another advtrain callback was given, where this one has none."""
         self._keys = shared_batch_keys(trainer, self.batch_keys)
 
-    def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[AdversarialReport, AttackResult]:
+    def evaluate(self, classifier: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, *,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None, warn: bool = True,
+                 ) -> tuple[AdversarialReport, AttackResult]:
         """Clean predictions, the search on the correct ones, then the ensemble at each threat
         model's budgets, and the checks (model as in eval mode, everything put back); failed checks
-        are warned about and named in the report."""
+        are warned about and named in the report. ``reduce`` sums a tensor over processes (DDP:
+        each rank evaluated its share of the examples, and the report is of them all)."""
         with untouched(classifier), torch.inference_mode(False):
             with torch.no_grad():
                 correct = classifier(inputs).argmax(1) == labels
             result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
             report = adversarial_report(result, correct.cpu(), self.budgets)
-            failed = output_checks(classifier, inputs, labels)
+            failed = {check.name: check.message for check in output_checks(classifier, inputs, labels)}
             if self.threat_models:
                 report.robustness = run_ensemble(classifier, inputs, labels, self.threat_models, self.bounds,
                                                  ensemble=self.ensemble, search=result, seed=self.seed)
-                report.robust_error = report.robustness.robust_error
-                failed += result_checks(report.robustness)
-        report.checks_failed = [check.name for check in failed]
-        warn_failed(failed, "AdversarialEvaluation")
+        if reduce is not None:
+            report, failed = reduced_report(report, failed, reduce)
+        if report.robustness is not None:
+            report.robust_error = report.robustness.robust_error
+            failed |= {check.name: check.message for check in result_checks(report.robustness)}
+        report.checks_failed = list(failed)
+        if warn:
+            warn_failed([FailedCheck(name, message) for name, message in failed.items()], "AdversarialEvaluation")
         return report, result
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, loaders: Any) -> None:
@@ -209,7 +253,12 @@ class AdversarialEvaluation(Callback):
         inputs, labels = self.subset(loader)
         with torch.inference_mode(False):
             inputs, labels = inputs.clone().to(pl_module.device), labels.clone().to(pl_module.device)
-        report, result = self.evaluate(classifier, inputs, labels)
+        rank, world = trainer.global_rank, trainer.world_size
+        reduce = None
+        if world > 1:  # each rank its share of the subset; the counts summed over the ranks
+            inputs, labels = inputs[rank::world], labels[rank::world]
+            reduce = lambda counts: trainer.strategy.reduce(counts, reduce_op="sum")  # noqa: E731
+        report, result = self.evaluate(classifier, inputs, labels, reduce=reduce, warn=trainer.is_global_zero)
         self.reports[stage] = report
         pl_module.log(f"adv_{stage}/clean_err", report.clean_error)
         pl_module.log(f"adv_{stage}/attacked", float(report.attacked))
