@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 import sys
 from collections.abc import Sequence
 from importlib import import_module
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the recipe named on the command line."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):  # its tips and device lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning's own, per way
     args = build_parser().parse_args(argv)
     from advtrain.data import MNISTUnavailableError
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,6 +26,7 @@ from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraini
 from advtrain.data import MNISTDataModule
 from advtrain.classifier_layer import ClassifierLayer
 from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
+from advtrain.robustness import Ensemble
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.pools_config import build_pools, default_pools_config, pools_settings
 from advtrain.recipes.run_folder import (config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results,
@@ -34,6 +35,11 @@ from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, 
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
 WAYS = ("weight-decay", "dropout", "pools")
+#: The standard MNIST threat models (Madry et al., 2018; RobustBench) of the robust errors.
+THREAT_MODELS = {"linf": [0.1, 0.2, 0.3], "l2": [1.0, 1.5, 2.0]}
+#: A lighter ensemble for the per-epoch validation (a trend to watch); the test figures use the
+#: standard one (AutoAttack's effort).
+VALIDATION_ENSEMBLE = Ensemble(steps=20, targets=3, queries=300)
 MODELS = ("sigmoid-mlp", "small-resnet")
 #: Per-model defaults of the settings left at None on the command line.
 MODEL_DEFAULTS = {
@@ -52,6 +58,8 @@ class WayResult:
     mean_distortion: float
     seconds: float
     train_error: float
+    robust_error: dict = field(default_factory=dict)  # norm to budget to robust test error (the ensemble)
+    checks_failed: list = field(default_factory=list)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,7 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "attack.init_args.epsilon=0.05 (repeatable)")
     parser.add_argument("--shift-pixels", type=int, default=0,
                         help="augment every way's training batches with random shifts of up to this many pixels (0: none)")
-    parser.add_argument("--eval-examples", type=int, default=200, help="fixed test subset for the minimal distortion")
+    parser.add_argument("--eval-examples", type=int, default=200,
+                        help="fixed test subset for the minimal distortion and the robust error")
+    parser.add_argument("--val-size", type=int, default=5000,
+                        help="training images held out to validate on every epoch (0: train on all 60,000, no validation)")
+    parser.add_argument("--val-examples", type=int, default=100,
+                        help="validation images attacked each epoch (robust error by a lighter ensemble)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accelerator", default="auto")
@@ -138,11 +151,15 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     callbacks: list[pl.Callback] = [checkpoints(folder), RandomState(), clock, *progress(way)]
     if way == "pools":
         callbacks.append(pools_callback(args))
+    if args.val_size:  # clean and robust validation error every epoch, on a fixed subset of the held-out images
+        callbacks.append(AdversarialEvaluation(examples=min(args.val_examples, args.val_size), budgets=THREAT_MODELS,
+                                               ensemble=VALIDATION_ENSEMBLE, figure_examples=0, seed=args.seed,
+                                               target="untargeted"))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
         logger=logger_for(args, way), callbacks=callbacks, enable_progress_bar=on_a_terminal(),
         limit_train_batches=2000 // args.batch_size if args.quick else None, num_sanity_val_steps=0,
-        log_every_n_steps=10,
+        log_every_n_steps=10, enable_model_summary=False, limit_val_batches=1.0 if args.val_size else 0,
     )
     fit(trainer, classifier, data, folder, "adversarial-training")
     return classifier, clock.seconds
@@ -181,9 +198,11 @@ def check_settings(args: argparse.Namespace) -> str:
     except ValueError as error:
         raise SystemExit(f"advtrain adversarial-training: --hidden: {error}") from error
     try:
-        MNISTDataModule(args.data_dir, shift_pixels=args.shift_pixels)  # checks its settings, reads nothing
+        MNISTDataModule(args.data_dir, shift_pixels=args.shift_pixels, val_size=args.val_size)  # checks, reads nothing
     except ValueError as error:
-        raise SystemExit(f"advtrain adversarial-training: --shift-pixels: {error}") from error
+        raise SystemExit(f"advtrain adversarial-training: --shift-pixels or --val-size: {error}") from error
+    if args.val_examples < 1:
+        raise SystemExit(f"advtrain adversarial-training: --val-examples must be at least 1, got {args.val_examples}")
     if "pools" in args.ways:
         try:
             callback = pools_callback(args)  # the config, the callback and its attack check their own settings
@@ -206,11 +225,12 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     start_run_folder(args)
     if "pools" in args.ways and not args.resume:  # the pools way's settings, every default filled in
         write_text(args.output / "pools.yaml", yaml.safe_dump(args.pools_resolved, sort_keys=False))
-    data = prepared_mnist(args, shift_pixels=args.shift_pixels)
+    data = prepared_mnist(args, shift_pixels=args.shift_pixels, val_size=args.val_size)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
     evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed,
-                                       target=args.eval_target)
+                                       target=args.eval_target, budgets=THREAT_MODELS,
+                                       ensemble=VALIDATION_ENSEMBLE if args.quick else Ensemble())
     subset = evaluation.subset(data.test_dataloader())
     results = []
     for way in args.ways:
@@ -222,7 +242,9 @@ def run(args: argparse.Namespace) -> list[WayResult]:
         classifier, seconds = train_one_way(args, way, data)
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
         results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
-                                 error_on(classifier, train_images, train_labels)))
+                                 error_on(classifier, train_images, train_labels),
+                                 {norm: {f"{e:g}": v for e, v in errors.items()} for norm, errors in report.robust_error.items()},
+                                 report.checks_failed))
         save_weights(args.output / f"{way}.pt", classifier.model.state_dict())
         write_json(finished, asdict(results[-1]))
         _finish_wandb(args, results[-1])
@@ -243,10 +265,13 @@ def _finish_wandb(args: argparse.Namespace, result: WayResult) -> None:
 
 
 def markdown(results: list[WayResult], model_name: str = "FC100-100-10") -> str:
-    """The comparison table."""
-    lines = [f"| {model_name} trained with | test error | mean minimal distortion | wall time | training error |",
-             "|---|---|---|---|---|"]
+    """The comparison table: clean, minimal distortion, robust error at each budget, cost."""
+    budgets = [(norm, key) for norm, errors in (results[0].robust_error if results else {}).items() for key in errors]
+    robust_header = "".join(f" {'L∞' if norm == 'linf' else 'L2'} {key} |" for norm, key in budgets)
+    lines = [f"| {model_name} trained with | test error | mean minimal distortion |{robust_header} wall time | training error |",
+             "|---|---|---|" + "---|" * len(budgets) + "---|---|"]
     for r in results:
-        lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} | {r.seconds:.0f} s "
+        robust = "".join(f" {100 * r.robust_error[norm][key]:.1f}% |" if norm in r.robust_error else " – |" for norm, key in budgets)
+        lines.append(f"| {r.way} | {100 * r.test_error:.2f}% | {r.mean_distortion:.4f} |{robust} {r.seconds:.0f} s "
                      f"| {100 * r.train_error:.2f}% |")
     return "\n".join(lines) + "\n"

@@ -40,13 +40,14 @@ def add_training_arguments(parser: argparse.ArgumentParser, models_dir: str) -> 
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2,000 training images, one epoch, 10 examples")
 
 
-def prepared_mnist(args: argparse.Namespace, train_subset: str = "all", shift_pixels: int = 0) -> MNISTDataModule:
+def prepared_mnist(args: argparse.Namespace, train_subset: str = "all", shift_pixels: int = 0,
+                   val_size: int = 0) -> MNISTDataModule:
     """MNIST set up for a recipe: global seed set, all training images (or a paper half) for
-    training and none held out, read from ``args.data_dir``; training batches shifted by up to
-    ``shift_pixels``."""
+    training but ``val_size`` held out for validation, read from ``args.data_dir``; training
+    batches shifted by up to ``shift_pixels``."""
     pl.seed_everything(args.seed, workers=True)
-    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0, train_subset=train_subset, seed=args.seed,
-                           shift_pixels=shift_pixels)
+    data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=val_size, train_subset=train_subset,
+                           seed=args.seed, shift_pixels=shift_pixels)
     data.prepare_data()
     data.setup()
     return data

@@ -78,16 +78,29 @@ class WallClock(Callback):
 
 
 class EpochLines(Callback):
-    """One line per epoch with the logged training metrics: the progress of a run whose output
-    goes to a file (a progress bar there would write thousands of carriage-return updates)."""
+    """One line per epoch with the logged training and validation metrics (clean and robust
+    validation error where the run validates with ``AdversarialEvaluation``): the progress of a
+    run whose output goes to a file (a progress bar there would write thousands of
+    carriage-return updates). Lightning calls it after the epoch's validation."""
 
     def __init__(self, label: str) -> None:
         self.label = label
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = ", ".join(f"{name} {float(value):.4g}" for name, value in sorted(trainer.callback_metrics.items())
-                            if name.startswith("train/") and torch.as_tensor(value).numel() == 1)
+        scalars = {name: float(value) for name, value in trainer.callback_metrics.items() if torch.as_tensor(value).numel() == 1}
+        parts = [f"{name} {value:.4g}" for name, value in sorted(scalars.items()) if name.startswith("train/") or name == "val/err"]
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for name, value in scalars.items():  # adv_val/robust_err@linf=0.1 -> one group per norm
+            if name.startswith("adv_val/robust_err@"):
+                norm, _, epsilon = name.removeprefix("adv_val/robust_err@").partition("=")
+                curves.setdefault(norm, []).append((float(epsilon), value))
+        for norm, points in curves.items():
+            points.sort()
+            parts.append(f"robust {norm} {'/'.join(f'{e:g}' for e, _ in points)}: {'/'.join(f'{v:.3f}' for _, v in points)}")
+        if "adv_val/checks_failed" in scalars:
+            parts.append(f"checks failed {scalars['adv_val/checks_failed']:.0f}")
+        metrics = ", ".join(parts)
         print(f"{self.label}: epoch {trainer.current_epoch + 1}/{trainer.max_epochs}" + (f": {metrics}" if metrics else ""),
               flush=True)
 

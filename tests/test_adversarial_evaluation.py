@@ -16,6 +16,7 @@ from advtrain.attacks import PGD, AttackResult
 from advtrain.budget import perturbation_size
 from advtrain.callbacks import AdversarialEvaluation
 from advtrain.callbacks.adversarial_evaluation import adversarial_report, figure_grid
+from advtrain.robustness import Ensemble
 from wandb_records import history
 
 
@@ -129,7 +130,7 @@ def trained_image_classifier() -> Classifier:
 
 
 def test_threat_models_log_the_worst_case_robust_error_at_every_budget(tmp_path: Path) -> None:
-    callback = AdversarialEvaluation(examples=32, budgets=THREATS)
+    callback = AdversarialEvaluation(examples=32, budgets=THREATS, ensemble=Ensemble(steps=20, targets=1, queries=300))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                          default_root_dir=tmp_path, inference_mode=True, callbacks=[callback])
     classifier = trained_image_classifier()
@@ -148,7 +149,7 @@ def test_threat_models_log_the_worst_case_robust_error_at_every_budget(tmp_path:
 def test_the_robust_error_is_at_least_each_attack_alone() -> None:
     classifier = trained_image_classifier().model.eval()
     images, labels = image_data(32).tensors
-    callback = AdversarialEvaluation(examples=32, budgets=THREATS)
+    callback = AdversarialEvaluation(examples=32, budgets=THREATS, ensemble=Ensemble(steps=20, targets=1, queries=300))
     report, search = callback.evaluate(classifier, images, labels)
     correct = classifier(images).argmax(1) == labels
     for norm, epsilons in THREATS.items():

@@ -71,6 +71,20 @@ def test_adversarial_training_quick_runs_three_ways_and_logs_offline(mnist_root:
     assert "| pools |" in result.stdout
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 3
+    from wandb_records import history
+
+    for run in runs:  # validation on the held-out split: clean and robust error, every epoch
+        series = history(run)
+        assert len(series["val/err"]) == 1 and len(series["adv_val/robust_err@linf=0.3"]) == 1
+        assert series["adv_val/robust_err@linf=0.1"][0] <= series["adv_val/robust_err@linf=0.3"][0]
+        assert series["adv_val/checks_failed"][0] >= 0
+    for row in rows:  # the test figures by the ensemble, at the standard MNIST budgets
+        assert set(row["robust_error"]) == {"linf", "l2"} and list(row["robust_error"]["linf"]) == ["0.1", "0.2", "0.3"]
+        assert 0.0 <= row["robust_error"]["l2"]["1"] <= row["robust_error"]["l2"]["1.5"] <= row["robust_error"]["l2"]["2"] <= 1
+    lines = [line for line in result.stdout.splitlines() if ": epoch 1/1:" in line]
+    assert len(lines) == 3 and all("robust linf 0.1/0.2/0.3:" in line and "val/err" in line for line in lines)
+    assert "Tip" not in result.stdout + result.stderr and "| Name " not in result.stdout  # no tips, no model summary
+    assert (result.stdout + result.stderr).count("MNIST: using the files") == 1
 
 
 def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_root: Path, tmp_path: Path) -> None:
@@ -111,7 +125,9 @@ def test_adversarial_training_takes_hidden_widths_and_the_small_resnet(mnist_roo
      "pools way: recipes/configs/fast-gradient-input.yaml --pools-set attack.init_args.target=nearest: FastGradient "
      "cannot serve target='nearest'"),
     (["--pools", "no-such-file.yaml"], "pools way: cannot read the pools config no-such-file.yaml"),
-    (["--shift-pixels", "-1"], "--shift-pixels: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
+    (["--shift-pixels", "-1"], "--shift-pixels or --val-size: shift_pixels must be in [0, 28) for 28×28 images, got -1"),
+    (["--val-size", "60000"], "--shift-pixels or --val-size: val_size must be in [0, 60000)"),
+    (["--val-examples", "0"], "--val-examples must be at least 1, got 0"),
 ])
 def test_adversarial_training_refuses_bad_settings_before_training(flags: list[str], message: str, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as refusal:

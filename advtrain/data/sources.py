@@ -324,6 +324,10 @@ def check_writable(folder: Path) -> None:
         _remove_empty(folder)
 
 
+#: raw folders whose use was announced in this process
+_ANNOUNCED: set[Path] = set()
+
+
 def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
     """Make sure ``root`` holds MNIST; return the name of the source that was used. Missing files are
     fetched; a file already there is kept, and must be the original (:func:`check_present_files`).
@@ -335,7 +339,9 @@ def ensure_mnist(root: str | os.PathLike, *, download: bool = True) -> str:
     root = Path(root)
     if has_mnist(root):
         verify_mnist(raw_folder(root))
-        log.info("MNIST: using the files in %s", raw_folder(root))
+        if raw_folder(root) not in _ANNOUNCED:  # once per process: a recipe loads the data for every way
+            _ANNOUNCED.add(raw_folder(root))
+            log.info("MNIST: using the files in %s", raw_folder(root))
         return "data root"
     check_present_files(raw_folder(root))  # a fetch must not write over a file that is not the original
     if download:
