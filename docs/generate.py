@@ -58,8 +58,12 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def short_command(command: str) -> str:
-    """The command without the run's own folder, W&B mode and data root."""
+    """The command without the run's own folder, W&B mode and data root. An adversarial-training
+    run made before it validated (no ``--val-size``) trained on all 60,000 images: ``--val-size 0``
+    says so, and repeats it now."""
     command = re.sub(r" --(output|data-dir|models-dir) \S+", "", command)
+    if command.startswith("advtrain adversarial-training") and "--val-size" not in command:
+        command += " --val-size 0"
     return re.sub(r" --wandb \S+", "", command).replace("advtrain ", "advtrain ", 1)
 
 
