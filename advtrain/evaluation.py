@@ -209,7 +209,7 @@ def curve_image(reports: Mapping[str, RobustnessReport], path: Path) -> Path:
             for x, y in points:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
             if column == 0:
-                draw.text((left + 10, top + 4 + 14 * row), name, fill=colour)
+                draw.text((left + 10, top + 4 + 14 * row), name.replace("∞", "-inf"), fill=colour)  # PIL's font lacks ∞
     draw.text((8, 8), "robust error (clean error at budget 0)", fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)

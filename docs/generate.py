@@ -193,6 +193,34 @@ def real_model_cost() -> str:
     return table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch", "against plain"], rows)
 
 
+def evaluation_benchmark() -> str:
+    """Robust error per model and budget: advtrain's ensemble, AutoAttack, Foolbox's best."""
+    result = load(BENCHMARKS / "evaluation" / "results.json")
+    rows = []
+    for row in result["rows"]:
+        for norm, epsilons in result["budgets"].items():
+            for epsilon in epsilons:
+                key = f"{epsilon:g}"
+                values = [row["robust_error"][method][norm][key] for method in ("advtrain", "AutoAttack", "Foolbox")]
+                best_peer = max(values[1:])
+                rows.append([row["model"], f"{'L∞' if norm == 'linf' else 'L2'} {key}", f"{100 * row['clean_error']:.0f}%",
+                             *(f"{100 * v:.0f}%" for v in values), f"{100 * (values[0] - best_peer):+.0f}"])
+    return (f"{result['examples']} MNIST test images, {result['threads']} CPU threads.\n\n"
+            + table(["model", "budget", "clean error", "advtrain", "AutoAttack (standard)", "Foolbox best of DDN, FMN, C&W",
+                     "advtrain − best peer (points)"], rows))
+
+
+def evaluation_cost() -> str:
+    """Seconds per model for the whole list of budgets, and the search's distortion against Foolbox's."""
+    result = load(BENCHMARKS / "evaluation" / "results.json")
+    rows = [[row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack']:.0f}",
+             f"{row['seconds']['advtrain'] / row['seconds']['AutoAttack']:.2f}×", f"{row['seconds']['Foolbox']:.0f}",
+             f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)",
+             ", ".join(row["checks_failed"]) or "none"] for row in result["rows"]]
+    return table(["model", "advtrain s (search + ensemble, all budgets)", "AutoAttack s (once per budget)", "ratio",
+                  "Foolbox s", "untargeted search's L2 against Foolbox's best, per example", "checks failed"], rows)
+
+
 def reproductions() -> str:
     """One row per recipe: the paper's table, the command, its time, ours against the paper's headline."""
     rows = []
@@ -344,6 +372,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "evaluation-benchmark": evaluation_benchmark,
+    "evaluation-cost": evaluation_cost,
     "reproductions": reproductions,
     "table1": table1,
     "table2": table2,
@@ -392,6 +422,21 @@ def robustness_figure(path: Path) -> None:
     image.save(path)
 
 
+def evaluation_curves(path: Path) -> None:
+    """``docs/figures/robustness-curves.png``: robust error against budget per norm, one line per
+    model of the evaluation benchmark (advtrain's figures), drawn by :func:`advtrain.evaluation.curve_image`."""
+    import math
+
+    from advtrain.evaluation import RobustnessReport, curve_image
+
+    result = load(BENCHMARKS / "evaluation" / "results.json")
+    reports = {row["model"]: RobustnessReport(examples=result["examples"], clean_error=row["clean_error"],
+                                              robust_error=row["robust_error"]["advtrain"], broken_by={},
+                                              whole_box_error=math.nan, mean_distortion=math.nan, search_success=math.nan)
+               for row in result["rows"]}
+    curve_image(reports, path)
+
+
 # --------------------------------------------------------------------------------------------
 # Writing
 
@@ -426,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(new)
     if not args.check:
         robustness_figure(REPO / "docs" / "figures" / "robustness.png")
+        evaluation_curves(REPO / "docs" / "figures" / "robustness-curves.png")
     if args.check and stale:
         print("generated tables differ from the committed results JSON in: " + ", ".join(map(str, stale))
               + "; run python docs/generate.py", file=sys.stderr)
