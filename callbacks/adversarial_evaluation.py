@@ -257,7 +257,8 @@ class AdversarialEvaluation(Callback):
         reduce = None
         if world > 1:  # each rank its share of the subset; the counts summed over the ranks
             inputs, labels = inputs[rank::world], labels[rank::world]
-            reduce = lambda counts: trainer.strategy.reduce(counts, reduce_op="sum")  # noqa: E731
+            # on the module's device: NCCL reduces only CUDA tensors
+            reduce = lambda counts: trainer.strategy.reduce(counts.to(pl_module.device), reduce_op="sum").cpu()  # noqa: E731
         report, result = self.evaluate(classifier, inputs, labels, reduce=reduce, warn=trainer.is_global_zero)
         self.reports[stage] = report
         pl_module.log(f"adv_{stage}/clean_err", report.clean_error)
