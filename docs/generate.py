@@ -211,12 +211,16 @@ def evaluation_benchmark() -> str:
 
 
 def evaluation_cost() -> str:
-    """Seconds per model for the whole list of budgets, and the search's distortion against Foolbox's."""
+    """Seconds per model for the whole list of budgets, and the search's distortion against Foolbox's;
+    the PGD convnet also as re-measured alone on an otherwise idle machine."""
     result = load(BENCHMARKS / "evaluation" / "results.json")
+    alone = load(BENCHMARKS / "evaluation_convnet_alone" / "results.json")
+    for row in alone["rows"]:
+        row["model"] += " (measured alone)"
     rows = [[row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack']:.0f}",
              f"{row['seconds']['advtrain'] / row['seconds']['AutoAttack']:.2f}×", f"{row['seconds']['Foolbox']:.0f}",
              f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)",
-             ", ".join(row["checks_failed"]) or "none"] for row in result["rows"]]
+             ", ".join(row["checks_failed"]) or "none"] for row in result["rows"] + alone["rows"]]
     return table(["model", "advtrain s (search + ensemble, all budgets)", "AutoAttack s (once per budget)", "ratio",
                   "Foolbox s", "untargeted search's L2 against Foolbox's best, per example", "checks failed"], rows)
 
