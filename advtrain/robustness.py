@@ -158,7 +158,7 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
         for epsilon in sorted(float(e) for e in epsilons):
             tally = {"smaller budget": int((broken & correct).sum())}
             new = broken.clone()
-            if search is not None:
+            if search is not None and len(search) == candidates.numel():  # a random model may disagree with itself
                 sizes = perturbation_size(search.perturbation, norm).to(inputs.device)
                 hits = candidates[search.success.to(inputs.device) & (sizes <= epsilon * (1 + BUDGET_TOLERANCE))]
                 tally["search"] = int((~new[hits]).sum())

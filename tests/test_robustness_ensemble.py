@@ -251,3 +251,21 @@ def test_only_points_inside_the_box_within_the_budget_and_misclassified_count() 
     assert verified_breaks(model, inputs, labels, far, "linf", epsilon, (0.0, 0.6)).tolist() == (within & inside).tolist()
     assert not bool((within & inside).all()) and bool((within & inside).any())  # some refused for the box alone
     assert not verified_breaks(model, inputs, labels, inputs, "linf", epsilon, (0.0, 1.0)).any()  # not misclassified
+
+
+def test_a_random_model_is_flagged_not_a_crash_when_the_search_saw_other_correct_rows(tmp_path) -> None:
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from advtrain import Classifier
+    from advtrain.callbacks import AdversarialEvaluation
+
+    model, inputs, labels = trained_mlp()
+    callback = AdversarialEvaluation(examples=48, budgets={"linf": [0.1]}, ensemble=QUICK, figure_examples=0)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[callback])
+    torch.manual_seed(0)
+    with pytest.warns(EvaluationCheckWarning, match="'randomness'"):
+        trainer.test(Classifier(Noisy(model), num_classes=10), DataLoader(TensorDataset(inputs, labels), batch_size=48),
+                     verbose=False)
+    assert "randomness" in callback.reports["test"].checks_failed
