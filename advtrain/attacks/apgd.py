@@ -27,8 +27,9 @@ from torch import nn
 
 from advtrain.attacks.base import Attack, Proposal
 from advtrain.attacks.inputs import CheckedBatch, Head, head_for_rows
+from advtrain.attacks.pgd import PGD
 from advtrain.attacks.targets import TargetPolicy
-from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius, project, step_direction
+from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius, step_direction
 from advtrain.checks import check_count
 
 Loss = Literal["ce", "dlr"]
@@ -121,10 +122,7 @@ class APGD(Attack):
             return nn.functional.cross_entropy(logits, labels, reduction="none")
         return -nn.functional.cross_entropy(logits, targets, reduction="none")
 
-    def _project(self, points: torch.Tensor, origin: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
-        """Onto the ε-ball around ``origin``, then into the box (flat rows)."""
-        delta = project(points - origin, self.epsilon, self.norm)
-        return torch.minimum(torch.maximum(origin + delta, lower), upper)
+    _project = PGD._project  # onto the ε-ball around the clean rows, then into the box: the same step as PGD's
 
     def _start(self, origin: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random point of the ε-ball around each row: uniform in L∞, on a random direction at a
