@@ -107,10 +107,8 @@ def verified_breaks(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return inside & within & fooled
 
 
-def ranked_wrong_classes(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(N, C-1)`` the wrong classes of each row, most likely first by the clean logits."""
-    with torch.no_grad():
-        logits = model(inputs)
+def ranked_wrong_classes(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, C-1)`` the wrong classes of each row, most likely first by its clean ``logits``."""
     order = logits.scatter(1, labels[:, None], float("-inf")).argsort(1, descending=True)
     return order[:, :-1]
 
@@ -147,11 +145,12 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
     bounds = check_bounds(bounds)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        correct = model(inputs).argmax(1) == labels
+        clean_logits = model(inputs)
+    correct = clean_logits.argmax(1) == labels
     count = labels.numel()
     result = RobustnessResult(examples=count, clean_error=float((~correct).float().mean()) if count else math.nan)
     candidates = correct.nonzero()[:, 0]
-    wrong_classes = ranked_wrong_classes(model, inputs, labels)
+    wrong_classes = ranked_wrong_classes(clean_logits, labels)
     for norm, epsilons in threat_models.items():
         broken = ~correct
         result.robust_error[norm], result.broken_by[norm], result.first_attack_error[norm], result.broken[norm] = {}, {}, {}, {}
