@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advtrain.attacks import Attack, BoxLBFGS
+from advtrain.attacks import Attack, evaluation_search
 from advtrain.batch import BatchKeys, read_batch
 from advtrain.box import UNIT_BOX, Bounds, check_bounds
 from advtrain.checks import check_count
@@ -106,7 +106,8 @@ def evaluate_robustness(
         examples: how many examples (None: the whole loader).
         bounds: the input box.
         ensemble: the attacks' effort (default: AutoAttack's standard).
-        search: the minimal search for the distortion figures (default: ``BoxLBFGS()``, untargeted).
+        search: the minimal search for the distortion figures (default:
+            :func:`~advtrain.attacks.box_lbfgs.evaluation_search`, untargeted).
         chunk_size: examples attacked at once (memory).
         batch_keys: keys of dict batches.
         device: where to evaluate (default: the model's device).
@@ -128,7 +129,7 @@ def evaluate_robustness(
         check_count("examples", examples)
     check_count("chunk_size", chunk_size)
     ensemble = ensemble if ensemble is not None else Ensemble()
-    search = search if search is not None else BoxLBFGS()
+    search = search if search is not None else evaluation_search()
     started = time.perf_counter()
     inputs, labels = collect(loader, examples, batch_keys)
     if device is None:

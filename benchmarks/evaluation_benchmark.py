@@ -10,7 +10,8 @@ ReLU convnet trained with L∞ PGD. On the first ``--examples`` test images (cle
 included), at the standard MNIST budgets (L∞ 0.1, 0.2, 0.3; L2 1.0, 1.5, 2.0):
 
 - ``advtrain``: :func:`advtrain.robustness.run_ensemble` with its defaults, after the untargeted
-  ``BoxLBFGS()`` search, exactly as ``AdversarialEvaluation`` runs them, once for all budgets;
+  :func:`~advtrain.attacks.box_lbfgs.evaluation_search`, exactly as ``AdversarialEvaluation`` runs
+  them with threat models, once for all budgets;
 - ``AutoAttack``: torchattacks' ``AutoAttack(version="standard")`` as shipped, once per budget.
   Its APGD, APGD-T and FAB take torchattacks' default of 10 steps where Croce & Hein's standard
   version takes 100;
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from advtrain.attacks import PGD, BoxLBFGS
+from advtrain.attacks import PGD, evaluation_search
 from advtrain.data import MNISTDataModule
 from advtrain.models import build_model
 from advtrain.recipes.run_folder import write_json
@@ -179,7 +180,7 @@ def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[
     started = time.perf_counter()
     with torch.no_grad():
         correct = model(images).argmax(1) == labels
-    search = BoxLBFGS()(model, images[correct], labels[correct], target="untargeted")
+    search = evaluation_search()(model, images[correct], labels[correct], target="untargeted")
     result = run_ensemble(model, images, labels, BUDGETS, (0.0, 1.0), ensemble=Ensemble(), search=search)
     seconds = time.perf_counter() - started
     failed = [check.name for check in output_checks(model, images, labels) + result_checks(result)]

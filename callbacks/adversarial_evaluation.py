@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from typing_extensions import override
 
-from advtrain.attacks import Attack, AttackResult, BoxLBFGS
+from advtrain.attacks import Attack, AttackResult, BoxLBFGS, evaluation_search
 from advtrain.evaluation_checks import CHECK_NAMES, FailedCheck, output_checks, result_checks, warn_failed
 from advtrain.robustness import (Ensemble, RobustnessResult, check_threat_models, result_counts, result_from_counts,
                                  run_ensemble)
@@ -131,8 +131,11 @@ class AdversarialEvaluation(Callback):
             :mod:`advtrain.budget`), whose robust error is the worst case per example over the
             minimal search and the ensemble of :mod:`advtrain.robustness` (APGD with cross-entropy
             and targeted DLR, Square) at each budget. A plain list is the search's figure alone.
-        attack: the minimal search (default: ``BoxLBFGS()``); a fixed-budget attack (PGD, a fast
-            gradient step) is refused: its errors say nothing of other budgets.
+        attack: the minimal search (default: with threat models
+            :func:`~advtrain.attacks.box_lbfgs.evaluation_search`, the search followed by a walk
+            along the decision boundary; with a plain list the paper's ``BoxLBFGS()``); a
+            fixed-budget attack (PGD, a fast gradient step) is refused: its errors say nothing of
+            other budgets.
         target: the attack's target policy: ``"untargeted"`` (default: one search per example
             towards whichever wrong class is nearest to hand), ``"nearest"`` (a search for every
             wrong class, the closest kept: as many times the cost, and the exact minimum over
@@ -196,7 +199,7 @@ class AdversarialEvaluation(Callback):
             raise ValueError(f"target must be one of {POLICIES}, got {target!r}")
         self.examples = examples
         self.budgets = () if self.threat_models else tuple(float(b) for b in budgets)
-        self.attack = attack if attack is not None else BoxLBFGS()
+        self.attack = attack if attack is not None else (evaluation_search() if self.threat_models else BoxLBFGS())
         self.target = target
         self.module = module
         self.bounds = bounds

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from advtrain import Classifier
+from advtrain.attacks import BoxLBFGS
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.classifier_layer import ClassifierLayer
@@ -154,7 +155,7 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     if args.val_size:  # clean and robust validation error every epoch, on a fixed subset of the held-out images
         callbacks.append(AdversarialEvaluation(examples=min(args.val_examples, args.val_size), budgets=THREAT_MODELS,
                                                ensemble=VALIDATION_ENSEMBLE, figure_examples=0, seed=args.seed,
-                                               target="untargeted"))
+                                               attack=BoxLBFGS(), target="untargeted"))
     trainer = pl.Trainer(
         max_epochs=args.epochs, accelerator=args.accelerator, devices=1,
         logger=logger_for(args, way), callbacks=callbacks, enable_progress_bar=on_a_terminal(),
@@ -228,8 +229,9 @@ def run(args: argparse.Namespace) -> list[WayResult]:
     data = prepared_mnist(args, shift_pixels=args.shift_pixels, val_size=args.val_size)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
+    # the paper's search (no final walk along the boundary): distortions comparable with the paper's and earlier runs
     evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed,
-                                       target=args.eval_target, budgets=THREAT_MODELS,
+                                       attack=BoxLBFGS(), target=args.eval_target, budgets=THREAT_MODELS,
                                        ensemble=VALIDATION_ENSEMBLE if args.quick else Ensemble())
     subset = evaluation.subset(data.test_dataloader())
     results = []

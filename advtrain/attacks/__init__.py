@@ -4,11 +4,11 @@ Auto-PGD and Square (AutoAttack's gradient and gradient-free members)."""
 
 from advtrain.attacks.apgd import APGD
 from advtrain.attacks.base import Attack, Proposal
-from advtrain.attacks.box_lbfgs import BoxLBFGS
+from advtrain.attacks.box_lbfgs import BoxLBFGS, evaluation_search
 from advtrain.attacks.fast_gradient import FastGradient
 from advtrain.attacks.pgd import PGD
 from advtrain.attacks.result import AttackResult
 from advtrain.attacks.square import Square
 from advtrain.attacks.targets import choose_targets
 
-__all__ = ["APGD", "PGD", "Square", "Attack", "AttackResult", "BoxLBFGS", "FastGradient", "Proposal", "choose_targets"]
+__all__ = ["APGD", "PGD", "Square", "Attack", "AttackResult", "BoxLBFGS", "FastGradient", "Proposal", "choose_targets", "evaluation_search"]

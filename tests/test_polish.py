@@ -1,0 +1,102 @@
+"""The walk along the decision boundary after a search: it reaches the closest boundary point of a
+linear model from a poor start, never ends a row worse or outside the box, keeps the target, and is
+the evaluation's default search with threat models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advtrain.attacks import BoxLBFGS, evaluation_search
+from advtrain.attacks.box_lbfgs import _leaves_by_margin, _reaches_by_margin
+from advtrain.attacks.polish import polish_on_boundary
+from advtrain.callbacks import AdversarialEvaluation
+
+
+def binary_linear(dims: int = 20) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(dims, 2).double()
+
+
+def test_a_poor_start_reaches_the_closest_boundary_point_of_a_linear_model() -> None:
+    """From twice the minimal step plus as much again at right angles, the walk ends within 1% of
+    the exact distance to the hyperplane (and never below it, which would be a point wrongly counted
+    as adversarial)."""
+    head = binary_linear()
+    inputs = torch.rand(6, 20, dtype=torch.float64) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = head(inputs)
+    labels = logits.argmax(1)
+    normal = (head.weight[1 - labels] - head.weight[labels]).detach()  # (N, D): towards the other class
+    gap = (logits.gather(1, labels[:, None]) - logits.gather(1, (1 - labels)[:, None]))[:, 0]
+    exact = gap / normal.norm(dim=1)
+    along = normal / normal.norm(dim=1, keepdim=True)
+    across = torch.randn(6, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    across -= (across * along).sum(1, keepdim=True) * along
+    across = across / across.norm(dim=1, keepdim=True)
+    start = inputs + 2 * exact[:, None] * (along + across)
+    lower, upper = torch.full_like(inputs, -10.0), torch.full_like(inputs, 10.0)
+    assert (head(start).argmax(1) != labels).all()
+    ends = polish_on_boundary(head, inputs, start, torch.ones(6, dtype=torch.bool), labels, True, _leaves_by_margin,
+                              lower, upper, inputs.shape, steps=100).detach()
+    sizes = (ends - inputs).norm(dim=1)
+    assert (head(ends).argmax(1) != labels).all()
+    assert (sizes <= 1.01 * exact).all(), (sizes / exact).tolist()
+    assert (sizes >= exact * (1 - 1e-6)).all()
+    assert ((start - inputs).norm(dim=1) > 2.8 * exact).all()  # the start was far from it
+
+
+def relu_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(36, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
+def test_polish_never_ends_a_row_worse_or_outside_the_box_and_counts_its_steps() -> None:
+    net = relu_net()
+    inputs = torch.rand(24, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    labels = net(inputs).argmax(1).detach()
+    bounds = (torch.full((1, 6, 6), 0.0), torch.linspace(0.7, 1.0, 36).view(1, 6, 6))  # a box that binds per unit
+    inputs = torch.minimum(inputs, bounds[1])
+    labels = net(inputs).argmax(1).detach()
+    plain = BoxLBFGS(search_steps=3, iterations=10)(net, inputs, labels, bounds=bounds)
+    polished = BoxLBFGS(search_steps=3, iterations=10, polish_steps=40)(net, inputs, labels, bounds=bounds)
+    assert plain.success.sum() >= 12
+    assert torch.equal(polished.success, plain.success)
+    found = plain.success
+    assert (polished.l2[found] <= plain.l2[found] * (1 + 1e-6)).all()
+    assert (polished.l2[found] < plain.l2[found] * 0.999).any()  # it did move some rows nearer
+    assert ((polished.adversarial >= bounds[0]) & (polished.adversarial <= bounds[1])).all()
+    assert (net(polished.adversarial[found]).argmax(1) != labels[found]).all()
+    assert torch.equal(polished.iterations[found], plain.iterations[found] + 40)
+
+
+def test_a_targeted_polish_keeps_the_target() -> None:
+    net = relu_net()
+    inputs = torch.rand(16, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    labels = net(inputs).argmax(1).detach()
+    targets = (labels + 1) % 5
+    plain = BoxLBFGS(search_steps=4, iterations=15)(net, inputs, labels, target=targets)
+    polished = BoxLBFGS(search_steps=4, iterations=15, polish_steps=40)(net, inputs, labels, target=targets)
+    found = plain.success
+    assert found.sum() >= 8 and torch.equal(polished.success, found)
+    assert (net(polished.adversarial[found]).argmax(1) == targets[found]).all()
+    assert (polished.l2[found] <= plain.l2[found] * (1 + 1e-6)).all()
+
+
+def test_reaches_by_margin_is_the_targeted_criterion() -> None:
+    logits = torch.tensor([[0.0, 1.0, 0.5], [1.0, 1.0, 0.0]])
+    assert _reaches_by_margin(logits, torch.tensor([1, 1])).tolist() == [True, False]
+
+
+def test_polish_steps_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="polish_steps"):
+        BoxLBFGS(polish_steps=-1)
+
+
+def test_threat_models_default_to_the_evaluation_search_and_a_plain_list_to_the_papers() -> None:
+    with_threats = AdversarialEvaluation(budgets={"linf": [0.1]})
+    assert with_threats.attack.loss == "both" and with_threats.attack.polish_steps == 100
+    assert repr(with_threats.attack) == repr(evaluation_search())
+    papers = AdversarialEvaluation(budgets=(0.05,))
+    assert papers.attack.loss == "margin" and papers.attack.polish_steps == 0
