@@ -173,8 +173,20 @@ def training() -> str:
             distortions = ", ".join(number(entry["mean_distortion"]) for entry in by_seed)
             seeds = ", ".join(str(seed) for seed, *_ in runs)
             wall = ", ".join(minutes(entry["seconds"]) for entry in by_seed)
-            rows.append([label, way, seeds, errors, distortions, wall])
-    return table(["setting", "way", "seeds", "test error", "mean minimal distortion", "training time"], rows)
+            robust = [robust_errors(by_seed, norm) for norm in ("linf", "l2")]
+            rows.append([label, way, seeds, errors, *robust, distortions, wall])
+    return table(["setting", "way", "seeds", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
+                  "robust error L2 1 / 1.5 / 2", "mean minimal distortion", "training time"], rows)
+
+
+def robust_errors(by_seed: list[dict], norm: str) -> str:
+    """A way's robust test errors at ``norm``'s budgets, seeds separated by ``;`` (``–`` where a run
+    has none)."""
+    def one(entry: dict) -> str:
+        errors = entry.get("robust_error", {}).get(norm)
+        return " / ".join(f"{100 * value:.0f}%" for value in errors.values()) if errors else "–"
+
+    return "; ".join(one(entry) for entry in by_seed)
 
 
 def training_commands() -> str:
@@ -193,36 +205,61 @@ def real_model_cost() -> str:
     return table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch", "against plain"], rows)
 
 
+def full_autoattack_rows() -> dict[str, dict]:
+    """The rows of the run against AutoAttack at Croce & Hein's 100 steps, by model name (empty
+    where that run is absent)."""
+    path = BENCHMARKS / "evaluation_autoattack100" / "results.json"
+    return {row["model"]: row for row in load(path)["rows"]} if path.exists() else {}
+
+
 def evaluation_benchmark() -> str:
-    """Robust error per model and budget: advtrain's ensemble, AutoAttack, Foolbox's best."""
+    """Robust error per model and budget: advtrain's ensemble, AutoAttack (torchattacks' shipped
+    10 steps, and 100 steps where measured), Foolbox's best."""
     result = load(BENCHMARKS / "evaluation" / "results.json")
+    full = full_autoattack_rows()
     rows = []
     for row in result["rows"]:
         for norm, epsilons in result["budgets"].items():
             for epsilon in epsilons:
                 key = f"{epsilon:g}"
                 values = [row["robust_error"][method][norm][key] for method in ("advtrain", "AutoAttack", "Foolbox")]
+                hundred = full.get(row["model"], {}).get("robust_error", {}).get("AutoAttack 100 steps")
+                if hundred is not None:
+                    values.insert(2, hundred[norm][key])
                 best_peer = max(values[1:])
+                cells = [f"{100 * v:.0f}%" for v in values]
+                if hundred is None:
+                    cells.insert(2, "–")
                 rows.append([row["model"], f"{'L∞' if norm == 'linf' else 'L2'} {key}", f"{100 * row['clean_error']:.0f}%",
-                             *(f"{100 * v:.0f}%" for v in values), f"{100 * (values[0] - best_peer):+.0f}"])
+                             *cells, f"{100 * (values[0] - best_peer):+.0f}"])
     return (f"{result['examples']} MNIST test images, {result['threads']} CPU threads.\n\n"
-            + table(["model", "budget", "clean error", "advtrain", "AutoAttack (standard)", "Foolbox best of DDN, FMN, C&W",
-                     "advtrain − best peer (points)"], rows))
+            + table(["model", "budget", "clean error", "advtrain", "AutoAttack (torchattacks' standard: 10 steps)",
+                     "AutoAttack (100 steps)", "Foolbox best of DDN, FMN, C&W", "advtrain − best peer (points)"], rows))
 
 
 def evaluation_cost() -> str:
-    """Seconds per model for the whole list of budgets, and the search's distortion against Foolbox's;
-    the PGD convnet also as re-measured alone on an otherwise idle machine."""
+    """Seconds per model for the whole list of budgets against AutoAttack at 10 and 100 steps, and
+    the search's distortion against Foolbox's; the PGD convnet also as re-measured alone on an
+    otherwise idle machine."""
     result = load(BENCHMARKS / "evaluation" / "results.json")
     alone = load(BENCHMARKS / "evaluation_convnet_alone" / "results.json")
     for row in alone["rows"]:
         row["model"] += " (measured alone)"
-    rows = [[row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack']:.0f}",
-             f"{row['seconds']['advtrain'] / row['seconds']['AutoAttack']:.2f}×", f"{row['seconds']['Foolbox']:.0f}",
-             f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)",
-             ", ".join(row["checks_failed"]) or "none"] for row in result["rows"] + alone["rows"]]
-    return table(["model", "advtrain s (search + ensemble, all budgets)", "AutoAttack s (once per budget)", "ratio",
-                  "Foolbox s", "untargeted search's L2 against Foolbox's best, per example", "checks failed"], rows)
+    full = full_autoattack_rows()
+    rows = []
+    for row in result["rows"] + alone["rows"]:
+        hundred = full.get(row["model"])
+        against_full = ("–", "–") if hundred is None else (
+            f"{hundred['seconds']['advtrain']:.0f} / {hundred['seconds']['AutoAttack 100 steps']:.0f}",
+            f"{hundred['seconds']['advtrain'] / hundred['seconds']['AutoAttack 100 steps']:.2f}×")
+        rows.append([row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack']:.0f}",
+                     f"{row['seconds']['advtrain'] / row['seconds']['AutoAttack']:.2f}×", *against_full,
+                     f"{row['seconds']['Foolbox']:.0f}",
+                     f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)",
+                     ", ".join(row["checks_failed"]) or "none"])
+    return table(["model", "advtrain s (search + ensemble, all budgets)", "AutoAttack s (10 steps, once per budget)",
+                  "ratio", "advtrain s / AutoAttack s at 100 steps (one run)", "ratio at 100 steps", "Foolbox s",
+                  "untargeted search's L2 against Foolbox's best, per example", "checks failed"], rows)
 
 
 def reproductions() -> str:
