@@ -266,10 +266,11 @@ def main() -> None:
                               "examples": int(both.sum()), "advtrain_found": int(torch.isfinite(our_l2).sum())}
         rows.append(row)
         print(markdown([row]), flush=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-    write_json(args.output / "results.json", {"examples": args.examples, "budgets": BUDGETS, "peers": {p: PEERS[p] for p in args.peers},
-                                              "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]})
-    (args.output / "results.md").write_text(markdown(rows))
+        args.output.mkdir(parents=True, exist_ok=True)  # after every model, so that a long run keeps what it finished
+        write_json(args.output / "results.json", {"examples": args.examples, "budgets": BUDGETS,
+                                                  "peers": {p: PEERS[p] for p in args.peers},
+                                                  "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]})
+        (args.output / "results.md").write_text(markdown(rows))
     print(markdown(rows))
 
 
