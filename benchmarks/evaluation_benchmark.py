@@ -200,15 +200,15 @@ def markdown(rows: list[ModelRow]) -> str:
                 key = f"{epsilon:g}"
                 lines.append(f"| {row.model} | {'L∞' if norm == 'linf' else 'L2'} {key} | {row.clean_error:.1%} | "
                              + " | ".join(f"{row.robust_error[m][norm][key]:.1%}" for m in methods) + " |")
-    peers = [m for m in methods if m != "advtrain"]
-    lines += ["", "| model | " + " | ".join(f"{m} s" for m in methods) + " | "
-              + " | ".join(f"ratio to {m}" for m in peers if m.startswith("AutoAttack"))
-              + " | shortfall (points) | distortion vs Foolbox | checks failed |",
-              "|---|" + "---|" * (len(methods) + sum(m.startswith("AutoAttack") for m in peers) + 3)]
+    autoattacks = [m for m in methods if m.startswith("AutoAttack")]
+    header = ["model", *(f"{m} s" for m in methods), *(f"ratio to {m}" for m in autoattacks), "shortfall (points)",
+              "distortion vs Foolbox", "checks failed"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append(f"| {row.model} | " + " | ".join(f"{row.seconds[m]:.0f}" for m in methods) + " | "
-                     + " | ".join(f"{row.seconds['advtrain'] / row.seconds[m]:.2f}" for m in peers if m.startswith("AutoAttack"))
-                     + f" | {row.shortfall:+.1f} | {row.distortion_vs_foolbox:.4f} | {', '.join(row.checks_failed) or 'none'} |")
+        cells = [row.model, *(f"{row.seconds[m]:.0f}" for m in methods),
+                 *(f"{row.seconds['advtrain'] / row.seconds[m]:.2f}" for m in autoattacks), f"{row.shortfall:+.1f}",
+                 f"{row.distortion_vs_foolbox:.4f}", ", ".join(row.checks_failed) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
