@@ -206,10 +206,12 @@ def real_model_cost() -> str:
 
 
 def full_autoattack_rows() -> dict[str, dict]:
-    """The rows of the run against AutoAttack at Croce & Hein's 100 steps, by model name (empty
-    where that run is absent)."""
-    path = BENCHMARKS / "evaluation_autoattack100" / "results.json"
-    return {row["model"]: row for row in load(path)["rows"]} if path.exists() else {}
+    """The rows of the runs against AutoAttack at Croce & Hein's 100 steps, by model name (empty
+    where no such run is committed)."""
+    rows = {}
+    for path in sorted(BENCHMARKS.glob("evaluation_autoattack100*/results.json")):  # a folder per run
+        rows.update({row["model"]: row for row in load(path)["rows"]})
+    return rows
 
 
 def evaluation_benchmark() -> str:
@@ -252,7 +254,8 @@ def evaluation_cost() -> str:
         against_full = ("–", "–", "–") if hundred is None else (
             f"{hundred['seconds']['advtrain']:.0f} / {hundred['seconds']['AutoAttack 100 steps']:.0f}",
             f"{hundred['seconds']['advtrain'] / hundred['seconds']['AutoAttack 100 steps']:.2f}×",
-            f"{hundred['distortion_vs_foolbox']:.4f}× ({hundred['distortion']['examples']} examples)")
+            f"{hundred['distortion_vs_foolbox']:.4f}× ({hundred['distortion']['examples']} examples)"
+            if hundred.get("distortion") else "–")
         rows.append([row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack']:.0f}",
                      f"{row['seconds']['advtrain'] / row['seconds']['AutoAttack']:.2f}×",
                      f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)", *against_full,
