@@ -269,3 +269,35 @@ def test_a_random_model_is_flagged_not_a_crash_when_the_search_saw_other_correct
         trainer.test(Classifier(Noisy(model), num_classes=10), DataLoader(TensorDataset(inputs, labels), batch_size=48),
                      verbose=False)
     assert "randomness" in callback.reports["test"].checks_failed
+
+
+class RowCounter(nn.Module):
+    """A linear model that counts the rows it is asked about."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 3)
+        self.rows = 0
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        self.rows += inputs.shape[0]
+        return self.linear(inputs.flatten(1))
+
+
+def test_apgd_stops_each_row_once_it_is_misclassified() -> None:
+    """Rows fooled early cost no further forward passes; those that never are run every step, and the
+    result is the same rows broken."""
+    model = RowCounter()
+    inputs = torch.rand(8, 4, generator=torch.Generator().manual_seed(1))
+    labels = model(inputs).argmax(1).detach()
+    model.rows = 0
+    easy = APGD(epsilon=50.0, norm="linf", steps=100)(model, inputs, labels, bounds=(-100.0, 100.0),
+                                                      generator=torch.Generator().manual_seed(0))
+    assert easy.success.all()
+    assert model.rows < 8 * 10  # every row stops within a few steps, not after 100
+    model.rows = 0
+    hard = APGD(epsilon=1e-4, norm="linf", steps=100)(model, inputs, labels, bounds=(-100.0, 100.0),
+                                                      generator=torch.Generator().manual_seed(0))
+    assert not hard.success.any()
+    assert model.rows >= 8 * 101  # no row fooled: every step on every row

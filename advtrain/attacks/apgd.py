@@ -12,7 +12,8 @@ checkpoint, or the step was not cut last time and the best loss has not moved si
 then goes back to the best one seen. Restarts begin from fresh random points.
 
 Every row ends somewhere inside the budget (``result.attempt``): the first point that was
-misclassified where one was found, else the point of highest loss.
+misclassified where one was found (the row stops there, so an easily broken batch costs little),
+else the point of highest loss.
 
 Reference: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
 diverse parameter-free attacks", ICML 2020 (Algorithm 1 and Section 3).
@@ -140,16 +141,20 @@ class APGD(Attack):
         """One restart on flat rows ``origin (n, D)``: the point each row ends with and whether it
         was misclassified there."""
 
-        def loss_and_gradient(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def loss_and_gradient(head: Head, points: torch.Tensor,
+                              live: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Loss, gradient and misclassification of the rows ``live`` (None: every row) at ``points``."""
+            goal = labels if live is None else labels[live]
+            aims = targets if targets is None or live is None else targets[live]
             points = points.detach().requires_grad_(True)
-            logits = model(points.view(-1, *shape[1:]))
-            losses = self._losses(logits, labels, targets)
+            logits = head(points.view(-1, *shape[1:]))
+            losses = self._losses(logits, goal, aims)
             (gradient,) = torch.autograd.grad(losses.sum(), points)
-            return losses.detach(), gradient.detach(), logits.argmax(1) != labels
+            return losses.detach(), gradient.detach(), logits.argmax(1) != goal
 
         rows = origin.shape[0]
         points = self._project(self._start(origin, generator), origin, lower, upper)
-        losses, gradient, fooled = loss_and_gradient(points)
+        losses, gradient, fooled = loss_and_gradient(model, points, None)
         best_loss, best_point, best_gradient = losses.clone(), points.clone(), gradient.clone()
         adversarial, found = points.clone(), fooled.clone()
         step = torch.full((rows, 1), 2.0 * self.epsilon, dtype=origin.dtype, device=origin.device)  # in the norm's units
@@ -159,19 +164,22 @@ class APGD(Attack):
         last_mark = 0
         best_at_mark, cut_at_mark = best_loss.clone(), torch.ones(rows, dtype=torch.bool, device=origin.device)
         for iteration in range(1, self.steps + 1):
+            live = (~found).nonzero()[:, 0]  # a row once misclassified keeps its first such point and stops
+            if not live.numel():
+                break
             momentum = 1.0 if iteration == 1 else 0.75
-            direction = step_direction(gradient, self.norm)
-            moved = self._project(points + step * direction, origin, lower, upper)
-            moved = self._project(points + momentum * (moved - points) + (1 - momentum) * (points - previous), origin,
-                                  lower, upper)
-            previous, points = points, moved
-            new_losses, gradient, fooled = loss_and_gradient(points)
-            fresh = fooled & ~found
-            adversarial[fresh], found = points[fresh], found | fooled
-            rises += (new_losses > losses).float()
-            losses = new_losses
-            better = losses > best_loss
-            best_loss, best_point[better], best_gradient[better] = torch.where(better, losses, best_loss), points[better], gradient[better]
+            here, low, high, at = origin[live], lower[live], upper[live], points[live]
+            moved = self._project(at + step[live] * step_direction(gradient[live], self.norm), here, low, high)
+            moved = self._project(at + momentum * (moved - at) + (1 - momentum) * (at - previous[live]), here, low, high)
+            previous[live], points[live] = at, moved
+            new_losses, new_gradient, fooled = loss_and_gradient(head_for_rows(model, live), moved, live)
+            gradient[live] = new_gradient
+            adversarial[live[fooled]], found[live[fooled]] = moved[fooled], True
+            rises[live] += (new_losses > losses[live]).float()
+            losses[live] = new_losses
+            better = new_losses > best_loss[live]
+            improved = live[better]
+            best_loss[improved], best_point[improved], best_gradient[improved] = new_losses[better], moved[better], new_gradient[better]
             if iteration in marks:
                 stalled = rises <= 0.75 * (iteration - last_mark)
                 stuck = ~cut_at_mark & (best_at_mark >= best_loss)
