@@ -55,7 +55,6 @@ def relu_net() -> nn.Module:
 def test_polish_never_ends_a_row_worse_or_outside_the_box_and_counts_its_steps() -> None:
     net = relu_net()
     inputs = torch.rand(24, 1, 6, 6, generator=torch.Generator().manual_seed(2))
-    labels = net(inputs).argmax(1).detach()
     bounds = (torch.full((1, 6, 6), 0.0), torch.linspace(0.7, 1.0, 36).view(1, 6, 6))  # a box that binds per unit
     inputs = torch.minimum(inputs, bounds[1])
     labels = net(inputs).argmax(1).detach()
