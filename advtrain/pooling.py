@@ -6,10 +6,13 @@
   to it (then clipped to the box), so every example sits at the budget as a fixed-budget
   attack's would.
 - :class:`EveryStep`: every row a fixed-budget attack (a fast-gradient or PGD step) moved, fooled
-  or not, as fast-gradient adversarial training trains on them all.
+  or not, as fast-gradient adversarial training trains on them all; with ``misclassified=True``
+  the rows the model already gets wrong are attacked too, as PGD and fast adversarial training do.
 
 A policy is a callable ``(inputs, result, box) -> (examples, keep)``: ``examples`` ``(N, ...)`` and
-the ``(N,)`` mask of those to pool. Write your own the same way.
+the ``(N,)`` mask of those to pool; its ``misclassified`` attribute says whether a refresh also
+attacks the clean rows the model gets wrong (else only the correct ones, the paper's practice: a
+minimal adversarial perturbation of a row already wrong is nothing). Write your own the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from advtrain.budget import Norm, check_epsilon, check_norm, perturbation_size, 
 class PoolingPolicy(Protocol):
     """What to pool from an attack's result."""
 
+    #: whether a refresh also attacks the clean rows the model already gets wrong
+    misclassified: bool
+
     def check(self, attack: Attack) -> None:
         """Refuse an attack this policy cannot work with (``ValueError``)."""
 
@@ -43,6 +49,8 @@ class Successes:
         >>> Successes()
         Successes()
     """
+
+    misclassified = False
 
     def check(self, attack: Attack) -> None:
         """Any attack will do."""
@@ -74,6 +82,8 @@ class WithinBudget:
         >>> WithinBudget(0.036, beyond="project", stretch=True)
         WithinBudget(epsilon=0.036, norm='rms', beyond='project', stretch=True)
     """
+
+    misclassified = False
 
     def __init__(self, epsilon: float, *, norm: Norm = "rms", beyond: Literal["drop", "project"] = "drop",
                  stretch: bool = False) -> None:
@@ -113,15 +123,25 @@ class WithinBudget:
 class EveryStep:
     """Pool every row a fixed-budget attack moved, fooled or not.
 
+    Args:
+        misclassified: also attack (and pool) the clean rows the model already gets wrong, as PGD
+            adversarial training (Madry et al., 2018) and fast adversarial training (Wong et al.,
+            2020) perturb every row of the batch; by default only the correct rows are attacked.
+
     Example::
 
         >>> from advtrain.attacks import BoxLBFGS, FastGradient
         >>> EveryStep().check(FastGradient())
+        >>> EveryStep(misclassified=True)
+        EveryStep(misclassified=True)
         >>> EveryStep().check(BoxLBFGS())
         Traceback (most recent call last):
         ...
         ValueError: EveryStep pools the rows a fixed-budget attack moved; BoxLBFGS is a search whose failures carry no perturbation: use FastGradient or PGD, or pool Successes()
     """
+
+    def __init__(self, *, misclassified: bool = False) -> None:
+        self.misclassified = bool(misclassified)
 
     def check(self, attack: Attack) -> None:
         """Refuse an attack whose failures carry no perturbation (a search)."""
@@ -133,7 +153,7 @@ class EveryStep:
         return result.attempt, torch.ones_like(result.success)
 
     def __repr__(self) -> str:
-        return "EveryStep()"
+        return "EveryStep(misclassified=True)" if self.misclassified else "EveryStep()"
 
 
 __all__ = ["EveryStep", "PoolingPolicy", "Successes", "WithinBudget"]

@@ -1,18 +1,27 @@
-"""A plain-PyTorch peer of the recipe's fast-gradient pools: FC100-100-10's test error without the callback.
+"""Plain-PyTorch peers of the recipe's callback ways on FC100-100-10: the same figures without the callback.
 
-    python benchmarks/reference_fast_gradient.py [--seeds 0 1 2] [--epochs 30] [--shift-pixels 1]
+    python benchmarks/reference_fast_gradient.py [--method pools] [--seeds 0 1 2] [--epochs 30] [--shift-pixels 1]
+    python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 1
+    python benchmarks/reference_fast_gradient.py --method fast --seeds 0 1
 
-Each step trains on the whole clean batch and on its own fast-gradient examples, each clean row
-moved one L2 step of ``sqrt(mean r²)`` 0.036 up its cross-entropy gradient (the model in the same
-mode, nothing frozen) and clipped to [0, 1]; the loss is the mean of the two cross-entropies plus
-the recipe's per-layer weight penalties (×30). SGD with Nesterov momentum 0.9 and a cosine
-schedule, as the recipe's ``Classifier``; with ``--shift-pixels`` each batch's clean images are first
-moved by random offsets (``advtrain.data.random_shift``), as the recipe's ``--shift-pixels`` does. No Lightning, no pool, no callback, no advtrain attack:
-where this loop also stops short of the 1.15% target, the limit is not in the pool machinery.
+``--method pools`` (the default) is the peer of the recipe's fast-gradient pools
+(``recipes/configs/fast-gradient-input.yaml``): each step trains on the whole clean batch and on its
+own fast-gradient examples, each clean row moved one L2 step of ``sqrt(mean r²)`` 0.036 up its
+cross-entropy gradient and clipped to [0, 1]; the loss is the mean of the two cross-entropies.
+``--method pgd`` is PGD adversarial training as Madry et al. (2018) ran it on MNIST: each step trains
+on the batch's PGD examples only (L∞ 0.3, 40 sign steps of 0.01 from a uniformly random point of
+the ball); ``--method fast`` is fast adversarial training as Wong et al. (2020) ran it on MNIST: one
+sign step of 0.375 from a uniformly random point of the L∞ ball of 0.3, projected back. These two are
+the peers of the recipe's ``--ways pgd fast`` (``recipes/configs/pgd-mnist.yaml``, ``fast-mnist.yaml``).
+Every method adds the recipe's per-layer weight penalties (×``--penalty-scale``) and uses SGD with
+Nesterov momentum 0.9 and a cosine schedule, as the recipe's ``Classifier``; with ``--shift-pixels``
+each batch's clean images are first moved by random offsets (``advtrain.data.random_shift``), as the
+recipe's ``--shift-pixels`` does. No Lightning, no pool, no callback, no advtrain attack: where this
+loop's figures match the recipe's within seed noise, the callback adds nothing and loses nothing.
 
-Reports per seed: test error, training error, the mean minimal distortion (the recipe's measure:
-the untargeted margin-loss search on the same fixed 200 test images) and seconds; writes
-``benchmarks/results/reference_fast_gradient/results.json``.
+Reports per seed: test error, training error, the mean minimal distortion (the recipe's measure on
+the same fixed 200 test images) and seconds, and for pgd and fast the robust errors by the recipe's
+final evaluation; writes ``benchmarks/results/reference_<method>/results.json`` (``--output``).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from torch import nn
 from advtrain.callbacks import AdversarialEvaluation
 from advtrain.data import MNISTDataModule, random_shift
 from advtrain.models import fc100_100_10
+from advtrain.recipes.adversarial_training import MODEL_DEFAULTS, final_evaluation
 from advtrain.recipes.paper_models import error_rate
 from advtrain.recipes.run_folder import write_json
 
@@ -45,10 +55,36 @@ def fast_gradient_step(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     return (images.detach() + step.view_as(images)).clamp(0, 1)
 
 
+def pgd_examples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epsilon: float, steps: int,
+                 step_size: float) -> torch.Tensor:
+    """Madry et al.'s L∞ PGD: from a uniformly random point of the ε-ball (clipped to [0, 1]),
+    ``steps`` signed gradient steps of the cross-entropy, each projected onto the ball and the box."""
+    delta = (torch.rand_like(images) * 2 - 1) * epsilon
+    points = (images + delta).clamp(0, 1)
+    for _ in range(steps):
+        points = points.detach().requires_grad_(True)
+        gradient, = torch.autograd.grad(nn.functional.cross_entropy(model(points), labels), points)
+        points = torch.minimum(torch.maximum(points.detach() + step_size * gradient.sign(), images - epsilon), images + epsilon)
+        points = points.clamp(0, 1)
+    return points.detach()
+
+
+#: Each method's loss on one batch: (model, images, labels) -> the cross-entropy it trains on.
+METHODS = {
+    "pools": lambda model, images, labels: 0.5 * (
+        nn.functional.cross_entropy(model(images), labels)
+        + nn.functional.cross_entropy(model(fast_gradient_step(model, images, labels, STEP_DISTORTION)), labels)),
+    "pgd": lambda model, images, labels: nn.functional.cross_entropy(
+        model(pgd_examples(model, images, labels, epsilon=0.3, steps=40, step_size=0.01)), labels),
+    "fast": lambda model, images, labels: nn.functional.cross_entropy(
+        model(pgd_examples(model, images, labels, epsilon=0.3, steps=1, step_size=0.375)), labels),
+}
+
+
 def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: int, lr: float,
-                   penalty_scale: float, shift_pixels: int = 0) -> tuple[nn.Module, float]:
-    """Train FC100-100-10 with fast-gradient examples of every batch (its images shifted by up to
-    ``shift_pixels``); the model and the seconds."""
+                   penalty_scale: float, shift_pixels: int = 0, method: str = "pools") -> tuple[nn.Module, float]:
+    """Train FC100-100-10 by ``method`` (:data:`METHODS`), its images shifted by up to
+    ``shift_pixels``; the model and the seconds."""
     torch.manual_seed(seed)
     shifts = torch.Generator().manual_seed(seed)
     paper_model = fc100_100_10()
@@ -59,6 +95,7 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = (len(images) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    batch_loss = METHODS[method]
     started = time.perf_counter()
     for _ in range(epochs):
         order = torch.randperm(len(images))
@@ -67,9 +104,7 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
             batch, batch_labels = images[index], labels[index]
             if shift_pixels:
                 batch = random_shift(batch, shift_pixels, shifts)
-            adversarial = fast_gradient_step(model, batch, batch_labels, STEP_DISTORTION)
-            loss = 0.5 * (nn.functional.cross_entropy(model(batch), batch_labels)
-                          + nn.functional.cross_entropy(model(adversarial), batch_labels))
+            loss = batch_loss(model, batch, batch_labels)
             for layer, strength in penalties:
                 loss = loss + strength * layer.weight.pow(2).sum() / layer.weight.shape[0]
             optimizer.zero_grad()
@@ -80,44 +115,58 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
 
 
 def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: int, lr: float,
-            penalty_scale: float, eval_examples: int, shift_pixels: int = 0) -> dict:
-    """Train and evaluate one model per seed."""
+            penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools") -> dict:
+    """Train and evaluate one model per seed: for pools the minimal distortion (the recipe's search
+    of that run), for pgd and fast also the robust errors (the recipe's final evaluation)."""
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
     runs = []
     for seed in seeds:
-        model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels)
-        evaluation = AdversarialEvaluation(examples=eval_examples, seed=seed)
+        model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels, method)
+        evaluation = AdversarialEvaluation(examples=eval_examples, seed=seed) if method == "pools" else \
+            final_evaluation(eval_examples, seed, MODEL_DEFAULTS["sigmoid-mlp"]["eval_target"])
         report, _ = evaluation.evaluate(model, *evaluation.subset(data.test_dataloader()))
         runs.append({"seed": seed, "test_error": error_rate(model, test_images, test_labels),
                      "train_error": error_rate(model, train_images, train_labels),
-                     "mean_distortion": report.mean_distortion, "seconds": seconds})
+                     "mean_distortion": report.mean_distortion, "seconds": seconds,
+                     "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()}
+                                      for norm, errors in report.robust_error.items()}})
         print(json.dumps(runs[-1]), flush=True)
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
-    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
-                "step_distortion": STEP_DISTORTION, "eval_examples": eval_examples,
-                "shift_pixels": shift_pixels}
+    settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
+                "eval_examples": eval_examples, "shift_pixels": shift_pixels}
+    if method == "pools":
+        settings["step_distortion"] = STEP_DISTORTION
     return {"settings": settings, "runs": runs, "mean_test_error": mean_test_error}
 
 
 def main() -> None:
     """Measure, print and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=sorted(METHODS), default="pools",
+                        help="pools: the fast-gradient pools' peer; pgd, fast: the recipe's pgd and fast ways' peers")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.3)
-    parser.add_argument("--penalty-scale", type=float, default=30.0)
+    parser.add_argument("--penalty-scale", type=float, default=None,
+                        help="default: 30 for pools (the headline run's), 300 for pgd and fast (the recipe's default)")
     parser.add_argument("--eval-examples", type=int, default=200)
     parser.add_argument("--shift-pixels", type=int, default=0, help="random shifts of the training images (0: none)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/reference_fast_gradient"))
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/results/reference_fast_gradient (pools), reference_<method> (others)")
     args = parser.parse_args()
+    if args.penalty_scale is None:
+        args.penalty_scale = 30.0 if args.method == "pools" else MODEL_DEFAULTS["sigmoid-mlp"]["penalty_scale"]
+    if args.output is None:
+        name = "fast_gradient" if args.method == "pools" else args.method
+        args.output = Path(f"benchmarks/results/reference_{name}")
     data = MNISTDataModule(args.data_dir, batch_size=args.batch_size, val_size=0)
     data.prepare_data()
     data.setup()
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
-                     args.shift_pixels)
+                     args.shift_pixels, args.method)
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))

@@ -333,8 +333,9 @@ class LayerwiseAdversarialTraining(Callback):
         clean = inputs.shape[0] - mixed if mixed < inputs.shape[0] else inputs.shape[0]  # rows the pool leaves alone
         self._remember(inputs[:clean], labels[:clean])
         if self.should_refresh(layer):
-            recent_inputs = self._as_model_input(torch.cat([rows for rows, _ in self._recent]).to(inputs.device))
-            recent_labels = torch.cat([rows for _, rows in self._recent]).to(labels.device)
+            newest = slice(-self.refresh_size, None)  # the chunks kept may hold more rows than a refresh attacks
+            recent_inputs = self._as_model_input(torch.cat([rows for rows, _ in self._recent])[newest].to(inputs.device))
+            recent_labels = torch.cat([rows for _, rows in self._recent])[newest].to(labels.device)
             self.refresh(layer, recent_inputs, recent_labels)
             self._log(trainer, pl_module, layer)
         self.steps_taken[layer] += 1
@@ -439,14 +440,17 @@ class LayerwiseAdversarialTraining(Callback):
     @torch.no_grad()
     def refresh(self, layer: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Attack ``inputs`` at ``layer`` on the current model (as in eval mode, every mode and buffer
-        put back afterwards) and add what the pooling policy keeps to the layer's pool, with the true
-        labels."""
+        put back afterwards): the rows it classifies right, or every row where the pooling policy
+        says ``misclassified``; add what the policy keeps to the layer's pool, with the true labels."""
         site = self._sites[layer]
         started = time.perf_counter()
         with untouched(self._classifier):
             activations = site.bottom(inputs)
             head = site.head_for(inputs)
-            rows = (head(activations).argmax(1) == labels).nonzero()[:, 0]
+            if getattr(self.pooling, "misclassified", False):  # adversarial training's practice: every row
+                rows = torch.arange(labels.shape[0], device=labels.device)
+            else:  # the rows the model gets right: a minimal perturbation of a wrong one is nothing
+                rows = (head(activations).argmax(1) == labels).nonzero()[:, 0]
             activations, labels, head = activations[rows], labels[rows], head_for_rows(head, rows)
             kept = 0
             if labels.numel():

@@ -3,7 +3,10 @@
 By default FC100-100-10 three ways: weight decay only, dropout, and per-layer adversarial pools
 (input and both hidden layers), with the same recipe otherwise. ``--model small-resnet`` trains a
 batch-norm residual convnet (:func:`advtrain.models.small_resnet`) with weight decay, without and
-with pools at the input and its stage outputs. Prints test error, mean minimal distortion on a
+with pools at the input and its stage outputs. ``--ways`` adds the alternatives, all through the
+same callback: ``input-pools`` (the pools way's settings with its input pool alone), ``pgd`` (PGD
+adversarial training, Madry et al. 2018) and ``fast`` (fast adversarial training, Wong et al. 2020),
+the last two an input pool that holds exactly the batch's own examples, refreshed every step. Prints test error, mean minimal distortion on a
 fixed test subset, wall time and training error for each. Reads top to bottom: settings, run
 folder, data, then for each way: model, trainer, fit, evaluate; then the table, to the terminal,
 the run folder and Weights & Biases.
@@ -15,6 +18,7 @@ import argparse
 import json
 import warnings
 from dataclasses import asdict, dataclass, field
+from inspect import signature
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -29,13 +33,18 @@ from advtrain.classifier_layer import ClassifierLayer
 from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
 from advtrain.robustness import Ensemble
 from advtrain.recipes.paper_models import prepared_mnist
-from advtrain.recipes.pools_config import build_pools, default_pools_config, pools_settings
+from advtrain.recipes.pools_config import CONFIGS, build_pools, default_pools_config, pools_settings
 from advtrain.recipes.run_folder import (config_of, save_weights, start_run_folder, wandb_mode, write_json, write_results,
                                         write_text)
 from advtrain.recipes.trainer_parts import RandomState, WallClock, checkpoints, fit, on_a_terminal, progress
 from advtrain.recipes.train import DEFAULTS, PENALTY_SCALES, error_on
 
-WAYS = ("weight-decay", "dropout", "pools")
+WAYS = ("weight-decay", "dropout", "pools", "input-pools", "pgd", "fast")
+#: The ways that train through LayerwiseAdversarialTraining.
+CALLBACK_WAYS = ("pools", "input-pools", "pgd", "fast")
+#: The config files of the adversarial-training ways (``recipes/configs/``): every batch replaced
+#: by its own adversarial examples, so the recipe sizes their pool and refresh to the batch.
+ADVERSARIAL_TRAINING_CONFIGS = {"pgd": CONFIGS / "pgd-mnist.yaml", "fast": CONFIGS / "fast-mnist.yaml"}
 #: The standard MNIST threat models (Madry et al., 2018; RobustBench) of the robust errors.
 THREAT_MODELS = {"linf": [0.1, 0.2, 0.3], "l2": [1.0, 1.5, 2.0]}
 #: A lighter ensemble for the per-epoch validation (a trend to watch); the test figures use the
@@ -68,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="sigmoid-mlp",
                         help="sigmoid-mlp: the paper's FC networks (--hidden); small-resnet: a batch-norm residual convnet")
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=None,
-                        help="default: all three for sigmoid-mlp; weight-decay and pools for small-resnet")
+                        help="default: weight-decay, dropout and pools for sigmoid-mlp; weight-decay and pools for "
+                             "small-resnet")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULTS['epochs']} (1 with --quick)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100],
                         help="widths of the sigmoid layers (default: the paper's FC100-100-10)")
@@ -84,8 +94,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML of LayerwiseAdversarialTraining's arguments for the pools way, attack and pooling "
                              "nested as class_path/init_args (default: recipes/configs/pools-<model>.yaml)")
     parser.add_argument("--pools-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one pools setting, dotted for nested ones: mix_fraction=0.1, "
-                             "attack.init_args.epsilon=0.05 (repeatable)")
+                        help="override one setting of the pools and input-pools ways, dotted for nested ones: "
+                             "mix_fraction=0.1, attack.init_args.epsilon=0.05 (repeatable)")
+    parser.add_argument("--way-config", action="append", default=[], metavar="WAY=PATH",
+                        help="YAML of LayerwiseAdversarialTraining's arguments for the pgd or fast way (default: "
+                             "recipes/configs/pgd-mnist.yaml, fast-mnist.yaml; repeatable)")
     parser.add_argument("--shift-pixels", type=int, default=0,
                         help="augment every way's training batches with random shifts of up to this many pixels (0: none)")
     parser.add_argument("--eval-examples", type=int, default=200,
@@ -133,7 +146,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.ways is None:
-        args.ways = list(WAYS) if args.model == "sigmoid-mlp" else ["weight-decay", "pools"]
+        args.ways = ["weight-decay", "dropout", "pools"] if args.model == "sigmoid-mlp" else ["weight-decay", "pools"]
     if args.epochs is None:
         args.epochs = 1 if args.quick else DEFAULTS["epochs"]
     if args.pools is None:
@@ -150,8 +163,8 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     folder = args.output / way / "checkpoints"
     clock = WallClock()
     callbacks: list[pl.Callback] = [checkpoints(folder), RandomState(), clock, *progress(way)]
-    if way == "pools":
-        callbacks.append(pools_callback(args))
+    if way in CALLBACK_WAYS:
+        callbacks.append(pools_callback(args, way))
     if args.val_size:  # clean and robust validation error every epoch, on a fixed subset of the held-out images
         callbacks.append(AdversarialEvaluation(examples=min(args.val_examples, args.val_size), budgets=THREAT_MODELS,
                                                ensemble=VALIDATION_ENSEMBLE, figure_examples=0, seed=args.seed,
@@ -166,21 +179,59 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     return classifier, clock.seconds
 
 
-def pools_callback(args: argparse.Namespace) -> LayerwiseAdversarialTraining:
-    """The pools way's callback from ``--pools`` (the model's own file by default) and
-    ``--pools-set``; its resolved settings land in ``args.pools_resolved`` (and so in config.json).
+def pools_callback(args: argparse.Namespace, way: str = "pools") -> LayerwiseAdversarialTraining:
+    """The callback of one of :data:`CALLBACK_WAYS`: for ``pools``, from ``--pools`` (the model's
+    own file by default) and ``--pools-set``; for ``input-pools``, the same with its input pool
+    alone; for ``pgd`` and ``fast``, from their file (``--way-config``) with the pool and the
+    refresh sized to the rows mixed into each batch. The resolved settings land in
+    ``args.ways_resolved[way]`` (the pools way's also in ``args.pools_resolved``), and so in
+    config.json.
 
     Raises:
-        ValueError: a setting the config parser, the callback or its attack refuses.
+        ValueError: a setting the config parser, the callback or its attack refuses, or a
+            ``--way-config`` that is not ``WAY=PATH`` for the pgd or fast way.
     """
     resolve_defaults(args)
-    settings = pools_settings(args.pools, args.pools_set)
+    path, overrides = way_config(args, way), list(args.pools_set) if way in ("pools", "input-pools") else []
+    settings = pools_settings(path, overrides)
+    if way == "input-pools":  # the paper's claim tested: all else equal, no hidden-layer pool
+        settings["layers"] = ["input"]
+        if settings.get("bounds"):
+            settings["bounds"] = {layer: box for layer, box in settings["bounds"].items() if layer == "input"}
+    if way in ADVERSARIAL_TRAINING_CONFIGS:  # every batch trained on its own examples: a pool of exactly those
+        mix_fraction = settings.get("mix_fraction", signature(LayerwiseAdversarialTraining).parameters["mix_fraction"].default)
+        mixed = max(1, round(float(mix_fraction) * args.batch_size))
+        settings["capacity"] = settings["refresh_size"] = mixed
     try:
-        callback, args.pools_resolved = build_pools(settings, module="model", seed=args.seed)
+        callback, resolved = build_pools(settings, module="model", seed=args.seed)
     except ValueError as error:
-        overrides = "".join(f" --pools-set {override}" for override in args.pools_set)
-        raise ValueError(f"{args.pools}{overrides}: {error}") from error
+        described = "".join(f" --pools-set {override}" for override in overrides)
+        raise ValueError(f"{path}{described}: {error}") from error
+    if not hasattr(args, "ways_resolved"):
+        args.ways_resolved = {}
+    args.ways_resolved[way] = resolved
+    if way == "pools":
+        args.pools_resolved = resolved
     return callback
+
+
+def way_config(args: argparse.Namespace, way: str) -> Path:
+    """The config file of a callback way: ``--pools`` for pools and input-pools, ``--way-config``
+    or the recipe's own file for pgd and fast.
+
+    Raises:
+        ValueError: a ``--way-config`` entry without ``=`` or for another way.
+    """
+    given = {}
+    for entry in args.way_config:
+        name, separator, path = entry.partition("=")
+        if not separator or name not in ADVERSARIAL_TRAINING_CONFIGS or not path:
+            raise ValueError(f"--way-config takes WAY=PATH with WAY one of {', '.join(ADVERSARIAL_TRAINING_CONFIGS)} (the "
+                             f"pools and input-pools ways read --pools), got {entry!r}")
+        given[name] = Path(path)
+    if way in ADVERSARIAL_TRAINING_CONFIGS:
+        return given.get(way, ADVERSARIAL_TRAINING_CONFIGS[way])
+    return args.pools
 
 
 def check_settings(args: argparse.Namespace) -> str:
@@ -204,11 +255,11 @@ def check_settings(args: argparse.Namespace) -> str:
         raise SystemExit(f"advtrain adversarial-training: --shift-pixels or --val-size: {error}") from error
     if args.val_examples < 1:
         raise SystemExit(f"advtrain adversarial-training: --val-examples must be at least 1, got {args.val_examples}")
-    if "pools" in args.ways:
+    for way in (way for way in args.ways if way in CALLBACK_WAYS):
         try:
-            callback = pools_callback(args)  # the config, the callback and its attack check their own settings
+            callback = pools_callback(args, way)  # the config, the callback and its attack check their own settings
         except ValueError as error:
-            raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
+            raise SystemExit(f"advtrain adversarial-training: {way} way: {error}") from error
         example = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
         for layer in callback.layers:
             try:
@@ -216,23 +267,29 @@ def check_settings(args: argparse.Namespace) -> str:
                     warnings.simplefilter("ignore")
                     ClassifierLayer(model.module, layer, example, bounds=callback.bounds_override.get(layer))
             except ValueError as error:
-                raise SystemExit(f"advtrain adversarial-training: pools way: {error}") from error
+                raise SystemExit(f"advtrain adversarial-training: {way} way: {error}") from error
     return model.name
+
+
+def final_evaluation(examples: int, seed: int, target: str, *, quick: bool = False) -> AdversarialEvaluation:
+    """The test evaluation of every way: robust error at :data:`THREAT_MODELS` by the standard
+    ensemble (the lighter one with ``quick``), and the mean minimal distortion by the paper's search
+    (no final walk along the boundary: distortions comparable with the paper's and earlier runs)."""
+    return AdversarialEvaluation(examples=examples, seed=seed, attack=BoxLBFGS(), target=target, budgets=THREAT_MODELS,
+                                 ensemble=VALIDATION_ENSEMBLE if quick else Ensemble())
 
 
 def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
     network_name = check_settings(args)
     start_run_folder(args)
-    if "pools" in args.ways and not args.resume:  # the pools way's settings, every default filled in
-        write_text(args.output / "pools.yaml", yaml.safe_dump(args.pools_resolved, sort_keys=False))
+    if not args.resume:  # each callback way's settings, every default filled in: pools.yaml, pgd.yaml...
+        for way in (way for way in args.ways if way in CALLBACK_WAYS):
+            write_text(args.output / f"{way}.yaml", yaml.safe_dump(args.ways_resolved[way], sort_keys=False))
     data = prepared_mnist(args, shift_pixels=args.shift_pixels, val_size=args.val_size)
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
-    # the paper's search (no final walk along the boundary): distortions comparable with the paper's and earlier runs
-    evaluation = AdversarialEvaluation(examples=20 if args.quick else args.eval_examples, seed=args.seed,
-                                       attack=BoxLBFGS(), target=args.eval_target, budgets=THREAT_MODELS,
-                                       ensemble=VALIDATION_ENSEMBLE if args.quick else Ensemble())
+    evaluation = final_evaluation(20 if args.quick else args.eval_examples, args.seed, args.eval_target, quick=args.quick)
     subset = evaluation.subset(data.test_dataloader())
     results = []
     for way in args.ways:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,46 @@ def test_the_pools_way_comes_from_a_yaml_file_with_overrides() -> None:
                                                            "init_args: {epsilon: 1.5, norm: l2, steps: 7}}",
                                             "--pools-set", "pooling={class_path: advtrain.pooling.EveryStep}"]))
     assert isinstance(pgd.attack, PGD) and (pgd.attack.norm, pgd.attack.epsilon, pgd.attack.steps) == ("l2", 1.5, 7)
+
+
+@pytest.mark.parametrize("way", ["pgd", "fast"])
+def test_adversarial_training_ways_pool_exactly_each_batch_own_examples(way: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, batch in (([], 64), (["--batch-size", "100"], 100), (["--model", "small-resnet"], 128)):
+        args = parser.parse_args(["--ways", way, *flags])
+        callback = pools_callback(args, way)
+        assert callback.layers == ["input"] and callback.mix_fraction == 1.0 and callback.refresh_every == 1
+        assert callback.capacity == callback.refresh_size == batch  # the pool holds this batch's examples, no more
+        assert isinstance(callback.pooling, EveryStep) and callback.pooling.misclassified
+        assert (callback.attack.epsilon, callback.attack.norm, callback.attack.random_start) == (0.3, "linf", True)
+        assert args.ways_resolved[way]["capacity"] == batch
+    if way == "fast":  # Wong et al.'s MNIST step: 1.25 epsilon from a random start
+        assert type(callback.attack) is FastGradient and callback.attack.step_size == 0.375
+    else:  # Madry et al.'s MNIST adversary
+        assert type(callback.attack) is PGD and (callback.attack.steps, callback.attack.step_size) == (40, 0.01)
+
+
+def test_the_input_pools_way_is_the_pools_way_without_its_hidden_layers() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--ways", "pools", "input-pools", "--pools-set", "mix_fraction=0.1"])
+    pools, inputs = pools_callback(args, "pools"), pools_callback(args, "input-pools")
+    assert pools.layers == ["input", "sigmoid1", "sigmoid2"] and inputs.layers == ["input"]
+    assert inputs.mix_fraction == 0.1  # --pools-set reaches both
+    assert {**args.ways_resolved["input-pools"], "layers": None} == {**args.ways_resolved["pools"], "layers": None}
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ("pgd", "--way-config takes WAY=PATH with WAY one of pgd, fast"),
+    ("pools=x.yaml", "--way-config takes WAY=PATH with WAY one of pgd, fast (the pools and input-pools ways read --pools)"),
+    ("pgd=no-such.yaml", "cannot read the pools config no-such.yaml"),
+])
+def test_a_bad_way_config_is_refused_before_training(entry: str, message: str, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"advtrain adversarial-training: pgd way: .*" + re.escape(message)):
+        main(["adversarial-training", "--ways", "pgd", "--way-config", entry, "--wandb", "off",
+              "--output", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_lists_no_callback_knob() -> None:

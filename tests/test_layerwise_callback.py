@@ -235,6 +235,79 @@ def test_fast_gradient_pools_its_fooled_rows_or_every_step(tmp_path: Path, pool_
     assert bool((rms <= 0.05 + 1e-6).all()) and bool((rms > 0.04).any())  # fixed-size steps, some clipped
 
 
+class RecordingAttackInputs(FastGradient):
+    """The fast-gradient step, keeping the rows of every call and what it proposed."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(**settings)
+        self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, head, inputs, labels, **settings):
+        result = super().__call__(head, inputs, labels, **settings)
+        self.calls.append((inputs.clone(), result.attempt.clone()))
+        return result
+
+
+class RecordBatches(pl.Callback):
+    """Every batch as the model trains on it (after the pools callback mixed it)."""
+
+    def __init__(self) -> None:
+        self.trained: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.trained.append((batch[0].clone(), batch[1].clone()))
+
+
+def _sorted_rows(rows: torch.Tensor) -> torch.Tensor:
+    return rows[torch.argsort(rows.sum(1))]
+
+
+def test_adversarial_training_is_a_pool_of_the_batch_own_examples_refreshed_every_step(tmp_path: Path) -> None:
+    """PGD and fast adversarial training as an input pool: every step trains on exactly its own
+    batch's attacked rows, misclassified rows included, each with its own label."""
+    attack = RecordingAttackInputs(epsilon=0.1, norm="linf", random_start=True, step_size=0.125)
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=1.0, refresh_every=1, refresh_size=16,
+                                            capacity=16, attack=attack, pooling=EveryStep(misclassified=True))
+    recorder = RecordBatches()
+    loader = tiny_loader()
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")  # untrained: many rows wrong
+    first_inputs, first_labels = next(iter(loader))
+    assert bool((classifier(first_inputs).argmax(1) != first_labels).any())
+    trainer_for(tmp_path, [callback, recorder], max_steps=3).fit(classifier, loader)
+    assert len(attack.calls) == 3
+    for (clean, labels), (attacked, proposed), (trained, trained_labels) in zip(loader, attack.calls, recorder.trained):
+        torch.testing.assert_close(attacked, clean)  # every row of this batch attacked, right or wrong
+        order = torch.argsort(trained.sum(1))
+        torch.testing.assert_close(trained[order], _sorted_rows(proposed))  # trained on exactly those examples
+        for row, label in zip(trained, trained_labels):  # each example carries the label of its own clean row
+            source = (proposed - row).abs().sum(1).argmin()
+            assert int(label) == int(labels[source])
+
+
+def test_by_default_only_correct_rows_are_attacked(tmp_path: Path) -> None:
+    attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_size=12, capacity=64,
+                                            attack=attack, pooling=EveryStep())
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
+    clean, labels = next(iter(tiny_loader()))
+    correct = clean[:12][classifier(clean[:12]).argmax(1) == labels[:12]]
+    assert 0 < len(correct) < 12
+    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
+    torch.testing.assert_close(attack.calls[0][0], correct)
+
+
+def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path) -> None:
+    """Batches of 16 with 4 pool rows leave 12 clean rows a step; a refresh of 20 rows at the second
+    step attacks the last 8 of the first batch's clean rows and the 12 of the second's."""
+    attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_every=1, refresh_size=20,
+                                            capacity=64, attack=attack, pooling=EveryStep(misclassified=True))
+    trainer_for(tmp_path, [callback], max_steps=2).fit(pretrained_classifier(), tiny_loader())
+    batches = [inputs for inputs, _ in tiny_loader()]
+    torch.testing.assert_close(attack.calls[0][0], batches[0][:12])
+    torch.testing.assert_close(attack.calls[1][0], torch.cat([batches[0][4:12], batches[1][:12]]))
+
+
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
     torch.manual_seed(0)
     classifier = pretrained_classifier()

@@ -1,4 +1,4 @@
-"""The plain-PyTorch fast-gradient peer (benchmarks/reference_fast_gradient.py): its step is what it says."""
+"""The plain-PyTorch peers (benchmarks/reference_fast_gradient.py): their steps are what they say."""
 
 from __future__ import annotations
 
@@ -40,3 +40,30 @@ def test_step_stays_in_the_box() -> None:
     images = torch.ones(4, 1, 28, 28)
     stepped = reference.fast_gradient_step(model, images, torch.zeros(4, dtype=torch.long), 0.5)
     assert stepped.min() >= 0 and stepped.max() <= 1
+
+
+def test_pgd_examples_stay_in_the_ball_and_the_box_and_raise_the_loss() -> None:
+    reference = load_reference()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images, labels = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    for steps, step_size in ((40, 0.01), (1, 0.375)):  # Madry et al.'s PGD, Wong et al.'s fast step
+        points = reference.pgd_examples(model, images, labels, epsilon=0.3, steps=steps, step_size=step_size)
+        assert float((points - images).abs().max()) <= 0.3 + 1e-6
+        assert float(points.min()) >= 0 and float(points.max()) <= 1
+        loss = lambda x: nn.functional.cross_entropy(model(x), labels, reduction="none")  # noqa: E731
+        assert bool((loss(points) > loss(images)).all())
+        assert not points.requires_grad and all(p.grad is None for p in model.parameters())
+    moved = reference.pgd_examples(model, images, labels, epsilon=0.3, steps=40, step_size=0.01) - images
+    assert float((moved.abs() > 0.29).float().mean()) > 0.5  # 40 steps reach the ball's surface on most pixels
+
+
+def test_every_method_trains_on_its_own_loss() -> None:
+    reference = load_reference()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
+    clean = float(nn.functional.cross_entropy(model(images), labels).detach())
+    losses = {method: float(loss(model, images, labels).detach()) for method, loss in reference.METHODS.items()}
+    assert losses["pgd"] > losses["fast"] > clean  # a stronger adversary, a larger loss
+    assert clean < losses["pools"] < losses["pgd"]  # half clean, half one small step
