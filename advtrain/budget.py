@@ -71,6 +71,25 @@ def project(perturbation: torch.Tensor, epsilon: float, norm: str) -> torch.Tens
     return (flat * (radius / norms.clamp_min(radius))).view_as(perturbation)
 
 
+def random_point_in_ball(origin: torch.Tensor, epsilon: float, norm: str, generator: torch.Generator, *,
+                         uniform_radius: bool = False) -> torch.Tensor:
+    """A random point of the ε-ball around each flat row of ``origin`` ``(N, D)`` (not clipped to
+    any box): uniform in L∞; in L2 and rms along a uniformly random direction, at a radius uniform
+    in the ball's volume (``u^(1/D)``, PGD's start) or, with ``uniform_radius``, uniform in [0, ε]
+    (APGD's). The random numbers are drawn on the CPU from ``generator``, so a seed gives the
+    same point on every device."""
+    shape, dims = origin.shape, origin.shape[1]
+    if norm == "linf":
+        noise = torch.rand(shape, generator=generator, dtype=origin.dtype) * 2 - 1
+        return origin + epsilon * noise.to(origin.device)
+    direction = torch.randn(shape, generator=generator, dtype=origin.dtype)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(origin.dtype).tiny)
+    radius = torch.rand((shape[0], 1), generator=generator, dtype=origin.dtype)
+    if not uniform_radius:
+        radius = radius.pow(1.0 / dims)
+    return origin + (l2_radius(epsilon, norm, dims) * radius * direction).to(origin.device)
+
+
 def step_direction(gradient: torch.Tensor, norm: str) -> torch.Tensor:
     """The steepest-ascent direction of unit size in ``norm`` for each row of ``gradient``: its sign
     for ``"linf"``, the gradient over its L2 norm for ``"l2"``, and that times ``sqrt(n)`` for

@@ -147,7 +147,8 @@ def evaluate_robustness(
             chunk_inputs = inputs[start:start + chunk_size].to(device)
             chunk_labels = labels[start:start + chunk_size].to(device)
             with torch.no_grad():
-                correct = model(chunk_inputs).argmax(1) == chunk_labels
+                logits = model(chunk_inputs)
+            correct = logits.argmax(1) == chunk_labels
             result = search(model, chunk_inputs[correct], chunk_labels[correct], target="untargeted", bounds=bounds,
                             generator=torch.Generator().manual_seed(seed + index))
             found += int(result.success.sum())
@@ -156,7 +157,7 @@ def evaluate_robustness(
             for check in output_checks(model, chunk_inputs, chunk_labels):
                 failed.setdefault(check.name, check)
             parts.append(run_ensemble(model, chunk_inputs, chunk_labels, threat_models, bounds, ensemble=ensemble,
-                                      search=result, seed=seed + index))
+                                      search=result, seed=seed + index, clean_logits=logits))
     total = combine(parts)
     for check in result_checks(total):
         failed.setdefault(check.name, check)

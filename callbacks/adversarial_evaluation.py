@@ -231,13 +231,14 @@ class AdversarialEvaluation(Callback):
         each rank evaluated its share of the examples, and the report is of them all)."""
         with untouched(classifier), torch.inference_mode(False):
             with torch.no_grad():
-                correct = classifier(inputs).argmax(1) == labels
+                logits = classifier(inputs)
+            correct = logits.argmax(1) == labels
             result = self.attack(classifier, inputs[correct], labels[correct], target=self.target, bounds=self.bounds)
             report = adversarial_report(result, correct.cpu(), self.budgets)
             failed = {check.name: check.message for check in output_checks(classifier, inputs, labels)}
             if self.threat_models:
                 report.robustness = run_ensemble(classifier, inputs, labels, self.threat_models, self.bounds,
-                                                 ensemble=self.ensemble, search=result, seed=self.seed)
+                                                 ensemble=self.ensemble, search=result, seed=self.seed, clean_logits=logits)
         if reduce is not None:
             report, failed = reduced_report(report, failed, reduce)
         if report.robustness is not None:

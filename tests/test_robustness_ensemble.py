@@ -301,3 +301,18 @@ def test_apgd_stops_each_row_once_it_is_misclassified() -> None:
                                                       generator=torch.Generator().manual_seed(0))
     assert not hard.success.any()
     assert model.rows >= 8 * 101  # no row fooled: every step on every row
+
+
+def test_clean_logits_given_save_a_forward_pass_and_change_nothing() -> None:
+    model, inputs, labels = trained_mlp()
+    counter = RowCounter()
+    counter.linear = model  # count the rows the ensemble asks the trained model about
+    alone = run_ensemble(counter, inputs, labels, {"linf": [0.1]}, (0.0, 1.0), ensemble=QUICK)
+    asked_alone, counter.rows = counter.rows, 0
+    with torch.no_grad():
+        logits = model(inputs)
+    given = run_ensemble(counter, inputs, labels, {"linf": [0.1]}, (0.0, 1.0), ensemble=QUICK, clean_logits=logits)
+    assert asked_alone - counter.rows == len(labels)  # exactly the clean pass saved
+    assert given.robust_error == alone.robust_error and torch.equal(given.broken["linf"][0.1], alone.broken["linf"][0.1])
+    with pytest.raises(ValueError, match="clean_logits has 3 rows for 96 labels"):
+        run_ensemble(model, inputs, labels, {"linf": [0.1]}, (0.0, 1.0), ensemble=QUICK, clean_logits=logits[:3])

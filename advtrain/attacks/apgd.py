@@ -30,7 +30,7 @@ from advtrain.attacks.base import Attack, Proposal
 from advtrain.attacks.inputs import CheckedBatch, Head, head_for_rows
 from advtrain.attacks.pgd import PGD
 from advtrain.attacks.targets import TargetPolicy
-from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius, step_direction
+from advtrain.budget import Norm, check_epsilon, check_norm, random_point_in_ball, step_direction
 from advtrain.checks import check_count
 
 Loss = Literal["ce", "dlr"]
@@ -127,14 +127,8 @@ class APGD(Attack):
 
     def _start(self, origin: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A random point of the ε-ball around each row: uniform in L∞, on a random direction at a
-        random radius in L2 (flat rows)."""
-        if self.norm == "linf":
-            noise = torch.rand(origin.shape, generator=generator, dtype=origin.dtype).to(origin.device) * 2 - 1
-            return origin + self.epsilon * noise
-        direction = torch.randn(origin.shape, generator=generator, dtype=origin.dtype).to(origin.device)
-        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(origin.dtype).tiny)
-        radius = torch.rand((origin.shape[0], 1), generator=generator, dtype=origin.dtype).to(origin.device)
-        return origin + l2_radius(self.epsilon, self.norm, origin.shape[1]) * radius * direction
+        radius uniform in [0, ε] in L2 (flat rows)."""
+        return random_point_in_ball(origin, self.epsilon, self.norm, generator, uniform_radius=True)
 
     def _run(self, model: Head, shape: torch.Size, origin: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | None,
              lower: torch.Tensor, upper: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

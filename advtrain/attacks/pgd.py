@@ -16,7 +16,7 @@ from torch import nn
 from advtrain.attacks.base import Attack, Proposal
 from advtrain.attacks.inputs import CheckedBatch, Head
 from advtrain.attacks.targets import TargetPolicy
-from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius, project, step_direction
+from advtrain.budget import Norm, check_epsilon, check_norm, project, random_point_in_ball, step_direction
 from advtrain.checks import check_count
 
 
@@ -73,14 +73,7 @@ class PGD(Attack):
 
     def _start(self, origin: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """A uniformly random point of the ε-ball around each row (flat ``(N, D)``)."""
-        shape, dims = origin.shape, origin.shape[1]
-        if self.norm == "linf":
-            noise = torch.rand(shape, generator=generator, dtype=origin.dtype) * 2 - 1
-            return origin + self.epsilon * noise.to(origin.device)
-        direction = torch.randn(shape, generator=generator, dtype=origin.dtype)
-        direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(torch.finfo(origin.dtype).tiny)
-        radius = torch.rand((shape[0], 1), generator=generator, dtype=origin.dtype).pow(1.0 / dims)
-        return origin + (l2_radius(self.epsilon, self.norm, dims) * radius * direction).to(origin.device)
+        return random_point_in_ball(origin, self.epsilon, self.norm, generator)
 
     def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
                 generator: torch.Generator) -> Proposal:
