@@ -198,6 +198,87 @@ def training_commands() -> str:
     return table(["setting", "command"], rows)
 
 
+#: The ways-to-train runs (``advtrain adversarial-training --ways ...``, one folder per seed), by model.
+WAYS_RUNS = [("FC100-100-10", ["ways-fc100-seed0", "ways-fc100-seed1"]),
+             ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1"])]
+#: The ways in the order the table lists them, with what each is.
+WAYS = {"weight-decay": "weight decay only", "pools": "the paper's pools (input and hidden layers)",
+        "input-pools": "the same pools, input only", "pgd": "PGD adversarial training",
+        "fast": "fast adversarial training"}
+
+
+def ways_runs() -> list[tuple[str, list[tuple[int, list[dict], str]]]]:
+    """The committed ways-to-train runs that exist, by model: (seed, results, command)."""
+    found = []
+    for model, names in WAYS_RUNS:
+        runs = [(config.get("seed", 0), results, command)
+                for config, results, command in (run_folder(name) for name in names if (RESULTS / name).is_dir())]
+        if runs:
+            found.append((model, runs))
+    return found
+
+
+def ways() -> str:
+    """Every way of training beside weight decay: clean and robust error, minimal distortion, and
+    training time as a ratio to weight decay's in the same run, per seed."""
+    rows = []
+    for model, runs in ways_runs():
+        for way, meaning in WAYS.items():
+            by_seed = [(seed, next((entry for entry in results if entry["way"] == way), None),
+                        next((entry for entry in results if entry["way"] == "weight-decay"), None))
+                       for seed, results, _ in runs]
+            by_seed = [(seed, entry, baseline) for seed, entry, baseline in by_seed if entry is not None]
+            if not by_seed:
+                continue
+            entries = [entry for _, entry, _ in by_seed]
+            ratios = ", ".join(f"{entry['seconds'] / baseline['seconds']:.1f}×" if baseline else "–"
+                               for _, entry, baseline in by_seed)
+            rows.append([model, f"{way} ({meaning})", ", ".join(str(seed) for seed, *_ in by_seed),
+                         ", ".join(percent(entry["test_error"]) for entry in entries),
+                         robust_errors(entries, "linf"), robust_errors(entries, "l2"),
+                         ", ".join(number(entry["mean_distortion"]) for entry in entries), ratios])
+    return table(["model", "way", "seeds", "test error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
+                  "mean minimal distortion", "training time / weight decay's"], rows)
+
+
+def ways_commands() -> str:
+    rows = []
+    for model, runs in ways_runs():
+        command = re.sub(r" --seed \S+", "", short_command(runs[0][2])) + " --seed S"
+        rows.append([model, f"`{command}`"])
+    return table(["model", "command"], rows)
+
+
+def mean_robust_error(entry: dict) -> float | None:
+    """The mean of a way's robust errors over every budget of both norms (``None`` without them)."""
+    values = [value for errors in entry.get("robust_error", {}).values() for value in errors.values()]
+    return sum(values) / len(values) if values else None
+
+
+def ways_figures(clean_path: Path, time_path: Path) -> None:
+    """``docs/figures/ways-robust-clean.png`` and ``ways-robust-time.png``: each way's mean robust
+    error over the six budgets against its clean test error, and against its training time as a
+    ratio to weight decay's, one point per way and seed."""
+    by_clean, by_time = [], []
+    for model, runs in ways_runs():
+        for _, results, _ in runs:
+            baseline = next((entry for entry in results if entry["way"] == "weight-decay"), None)
+            for entry in results:
+                robust = mean_robust_error(entry)
+                if robust is None:
+                    continue
+                by_clean.append((entry["test_error"], robust, f"{model}: {entry['way']}"))
+                if baseline:
+                    by_time.append((entry["seconds"] / baseline["seconds"], robust, f"{model}: {entry['way']}"))
+    y_label = "robust error, mean over L-inf 0.1/0.2/0.3 and L2 1/1.5/2 (lower: harder to fool)"
+    if by_clean:
+        scatter(by_clean, clean_path, "clean test error", y_label, lambda e: f"{100 * e:.1f}%",
+                lambda r: f"{100 * r:.0f}%", y_high=1.0)
+    if by_time:
+        scatter(by_time, time_path, "training time / weight decay's (same run)", y_label, lambda t: f"{t:.1f}x",
+                lambda r: f"{100 * r:.0f}%", y_high=1.0)
+
+
 def real_model_cost() -> str:
     result = load(BENCHMARKS / "real_model_cost" / "results.json")
     rows = [[name.replace("_", " "), f"{entry['mean_after_warmup']:.1f}", f"{entry['ratio_to_plain']:.2f}×"]
@@ -424,6 +505,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "ways": ways,
+    "ways-commands": ways_commands,
     "evaluation-benchmark": evaluation_benchmark,
     "evaluation-cost": evaluation_cost,
     "reproductions": reproductions,
@@ -437,35 +520,42 @@ TABLES: dict[str, Callable[[], str]] = {
 
 def robustness_figure(path: Path) -> None:
     """``docs/figures/robustness.png``: every way of every Section 4.2 setting, clean test error
-    against mean minimal distortion (one point per seed), drawn with PIL."""
-    from PIL import Image, ImageDraw
-
+    against mean minimal distortion (one point per seed)."""
     points = []  # (test error, distortion, label)
     for (label, runs), short in zip(training_runs(), SHORT_NAMES):
         for _, _, results, _ in runs:
             for entry in results:
                 if entry["mean_distortion"] is not None:
                     points.append((entry["test_error"], entry["mean_distortion"], f"{short}: {entry['way']}"))
+    scatter(points, path, "clean test error", "mean minimal distortion (higher: harder to fool)",
+            lambda e: f"{100 * e:.2f}%", lambda d: f"{d:.3f}")
+
+
+def scatter(points: list[tuple[float, float, str]], path: Path, x_label: str, y_label: str,
+            x_text: Callable[[float], str], y_text: Callable[[float], str], *, y_high: float | None = None) -> None:
+    """A scatter plot of ``(x, y, legend entry)`` points from zero up, one colour per entry, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
     width, height, margin = 720, 480, 70
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    errors, distortions = [p[0] for p in points], [p[1] for p in points]
-    x_low, x_high = 0.0, max(errors) * 1.15
-    y_low, y_high = 0.0, max(distortions) * 1.15
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_low, x_high = 0.0, max(xs) * 1.15
+    y_low, y_high = 0.0, y_high if y_high is not None else max(ys) * 1.15
     to_x = lambda e: margin + (e - x_low) / (x_high - x_low) * (width - 2 * margin)  # noqa: E731
     to_y = lambda d: height - margin - (d - y_low) / (y_high - y_low) * (height - 2 * margin)  # noqa: E731
     draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
     for i in range(5):
         e, d = x_low + i * (x_high - x_low) / 4, y_low + i * (y_high - y_low) / 4
-        draw.text((to_x(e) - 12, height - margin + 6), f"{100 * e:.2f}%", fill="black")
-        draw.text((8, to_y(d) - 6), f"{d:.3f}", fill="black")
-    draw.text((width // 2 - 60, height - 30), "clean test error", fill="black")
-    draw.text((8, 20), "mean minimal distortion (higher: harder to fool)", fill="black")
+        draw.text((to_x(e) - 12, height - margin + 6), x_text(e), fill="black")
+        draw.text((8, to_y(d) - 6), y_text(d), fill="black")
+    draw.text((width // 2 - 60, height - 30), x_label, fill="black")
+    draw.text((8, 20), y_label, fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f"]
     legend = sorted({p[2] for p in points})
-    for error, distortion, name in points:
+    for x_value, y_value, name in points:
         colour = colours[legend.index(name) % len(colours)]
-        x, y = to_x(error), to_y(distortion)
+        x, y = to_x(x_value), to_y(y_value)
         draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=colour)
     top = height - margin - 18 * len(legend) - 10  # the legend in the lower right corner
     for row, name in enumerate(legend):
@@ -524,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.check:
         robustness_figure(REPO / "docs" / "figures" / "robustness.png")
         evaluation_curves(REPO / "docs" / "figures" / "robustness-curves.png")
+        ways_figures(REPO / "docs" / "figures" / "ways-robust-clean.png", REPO / "docs" / "figures" / "ways-robust-time.png")
     if args.check and stale:
         print("generated tables differ from the committed results JSON in: " + ", ".join(map(str, stale))
               + "; run python docs/generate.py", file=sys.stderr)

@@ -5,9 +5,10 @@ By default FC100-100-10 three ways: weight decay only, dropout, and per-layer ad
 batch-norm residual convnet (:func:`advtrain.models.small_resnet`) with weight decay, without and
 with pools at the input and its stage outputs. ``--ways`` adds the alternatives, all through the
 same callback: ``input-pools`` (the pools way's settings with its input pool alone), ``pgd`` (PGD
-adversarial training, Madry et al. 2018) and ``fast`` (fast adversarial training, Wong et al. 2020),
-the last two an input pool that holds exactly the batch's own examples, refreshed every step. Prints test error, mean minimal distortion on a
-fixed test subset, wall time and training error for each. Reads top to bottom: settings, run
+adversarial training, Madry et al. 2018) and ``fast`` (fast adversarial training, Wong et al.
+2020), the last two an input pool that holds exactly the batch's own examples, refreshed every
+step. Prints test error, robust errors, mean minimal distortion on a fixed test subset, wall time
+and training error for each. Reads top to bottom: settings, run
 folder, data, then for each way: model, trainer, fit, evaluate; then the table, to the terminal,
 the run folder and Weights & Biases.
 """
