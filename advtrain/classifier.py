@@ -15,7 +15,7 @@ from advtrain.metrics import ErrorRate
 from advtrain.models import PaperModel
 
 Optimizer = Literal["sgd", "adam"]
-Schedule = Literal["cosine", "constant"]
+Schedule = Literal["cosine", "constant", "triangular"]
 
 
 def layer_penalty(module: nn.Module, strength: float) -> torch.Tensor:
@@ -40,7 +40,9 @@ class Classifier(pl.LightningModule):
         optimizer: ``"sgd"`` (Nesterov momentum) or ``"adam"``.
         lr: peak learning rate.
         momentum: SGD momentum.
-        schedule: ``"cosine"`` decays the rate to 0 over the run; ``"constant"`` keeps it.
+        schedule: ``"cosine"`` decays the rate to 0 over the run; ``"constant"`` keeps it;
+            ``"triangular"`` (fast adversarial training's) climbs linearly from 0 to it over the
+            first 2/5 of the steps, then falls linearly to 0.
 
     Raises:
         ValueError: a penalty or frozen layer that the model lacks, or an unknown optimizer.
@@ -79,8 +81,8 @@ class Classifier(pl.LightningModule):
                 raise ValueError(f"layer `{name}` ({type(modules[name]).__name__}) has no weight to penalise")
         if optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
-        if schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {schedule!r}")
+        if schedule not in ("cosine", "constant", "triangular"):
+            raise ValueError(f"schedule must be 'cosine', 'constant' or 'triangular', got {schedule!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         self.model = model
@@ -158,5 +160,15 @@ class Classifier(pl.LightningModule):
         if self.hparams.schedule == "constant":
             return optimizer
         steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        if self.hparams.schedule == "triangular":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: triangular(step + 1, steps))
+        else:
+            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def triangular(step: int, steps: int, peak: float = 0.4) -> float:
+    """The learning rate's factor at ``step`` of ``steps`` in fast adversarial training's cyclic
+    schedule (Wong et al., 2020): linear from 0 to 1 at ``peak`` of the steps, then to 0 at the end."""
+    top = peak * steps
+    return step / top if step <= top else max(0.0, (steps - step) / (steps - top))

@@ -114,6 +114,48 @@ def mnist_convnet() -> PaperModel:
     return PaperModel("ConvNet", nn.Sequential(layers), {"fc": 1e-5, "logits": 1e-6})
 
 
+def madry_convnet() -> PaperModel:
+    """Madry et al.'s MNIST convnet (their ``mnist_challenge`` model, not one of the paper's): two
+    5×5 convolutions of 32 and 64 channels with zero padding, each with ReLU and 2×2 max-pooling,
+    then 1024 ReLU units and logits; no weight penalty (they used none).
+
+    Reference: Madry et al., "Towards deep learning models resistant to adversarial attacks" (2018).
+    """
+    layers = OrderedDict(
+        conv1=nn.Conv2d(1, 32, 5, padding=2),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),
+        conv2=nn.Conv2d(32, 64, 5, padding=2),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(64 * 7 * 7, 1024),
+        relu3=nn.ReLU(),
+        logits=nn.Linear(1024, 10),
+    )
+    return PaperModel("MadryConvNet", nn.Sequential(layers), {})
+
+
+def wong_convnet() -> PaperModel:
+    """Wong et al.'s MNIST convnet of fast adversarial training (``mnist_net`` of their code):
+    two 4×4 convolutions of stride 2 with 16 and 32 channels, each with ReLU, then 100 ReLU units
+    and logits; no weight penalty.
+
+    Reference: Wong et al., "Fast is better than free: revisiting adversarial training" (2020).
+    """
+    layers = OrderedDict(
+        conv1=nn.Conv2d(1, 16, 4, stride=2, padding=1),
+        relu1=nn.ReLU(),
+        conv2=nn.Conv2d(16, 32, 4, stride=2, padding=1),
+        relu2=nn.ReLU(),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(32 * 7 * 7, 100),
+        relu3=nn.ReLU(),
+        logits=nn.Linear(100, 10),
+    )
+    return PaperModel("WongConvNet", nn.Sequential(layers), {})
+
+
 def small_resnet(widths: Sequence[int] = (16, 32, 64), weight_decay: float = 5e-4) -> PaperModel:
     """A residual convnet with batch norm for MNIST (not one of the paper's models): a 3×3 stem,
     then one torchvision ``BasicBlock`` per stage (``stage1`` at 28×28, ``stage2`` and ``stage3``
@@ -162,6 +204,8 @@ MODEL_BUILDERS: dict[str, Callable[[], PaperModel]] = {
     "ae400-10": ae400_10,
     "convnet": mnist_convnet,
     "small-resnet": small_resnet,
+    "madry-convnet": madry_convnet,
+    "wong-convnet": wong_convnet,
 }
 
 

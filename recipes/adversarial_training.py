@@ -31,7 +31,7 @@ from advtrain.attacks import BoxLBFGS
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.classifier_layer import ClassifierLayer
-from advtrain.models import PaperModel, sigmoid_mlp, small_resnet
+from advtrain.models import PaperModel, madry_convnet, sigmoid_mlp, small_resnet, wong_convnet
 from advtrain.robustness import Ensemble
 from advtrain.recipes.paper_models import prepared_mnist
 from advtrain.recipes.pools_config import CONFIGS, build_pools, default_pools_config, pools_settings
@@ -51,13 +51,22 @@ THREAT_MODELS = {"linf": [0.1, 0.2, 0.3], "l2": [1.0, 1.5, 2.0]}
 #: A lighter ensemble for the per-epoch validation (a trend to watch); the test figures use the
 #: standard one (AutoAttack's effort).
 VALIDATION_ENSEMBLE = Ensemble(steps=20, targets=3, queries=300)
-MODELS = ("sigmoid-mlp", "small-resnet")
-#: Per-model defaults of the settings left at None on the command line.
+MODELS = ("sigmoid-mlp", "small-resnet", "madry-convnet", "wong-convnet")
+#: Per-model defaults of the settings left at None on the command line; the last two models are
+#: the anchors' (Madry et al.'s and Wong et al.'s MNIST networks), with their optimizers.
 MODEL_DEFAULTS = {
     "sigmoid-mlp": {"penalty_scale": PENALTY_SCALES["fc100-100-10"], "lr": DEFAULTS["lr"],
-                    "batch_size": DEFAULTS["batch_size"], "eval_target": "nearest"},
-    "small-resnet": {"penalty_scale": 1.0, "lr": 0.1, "batch_size": 128, "eval_target": "untargeted"},
+                    "batch_size": DEFAULTS["batch_size"], "eval_target": "nearest", "optimizer": "sgd",
+                    "schedule": "cosine"},
+    "small-resnet": {"penalty_scale": 1.0, "lr": 0.1, "batch_size": 128, "eval_target": "untargeted",
+                     "optimizer": "sgd", "schedule": "cosine"},
+    "madry-convnet": {"penalty_scale": 1.0, "lr": 1e-4, "batch_size": 50, "eval_target": "untargeted",
+                      "optimizer": "adam", "schedule": "constant"},
+    "wong-convnet": {"penalty_scale": 1.0, "lr": 5e-3, "batch_size": 100, "eval_target": "untargeted",
+                     "optimizer": "adam", "schedule": "triangular"},
 }
+#: The networks of ``--model``.
+NETWORKS = {"small-resnet": small_resnet, "madry-convnet": madry_convnet, "wong-convnet": wong_convnet}
 
 
 @dataclass
@@ -76,15 +85,23 @@ class WayResult:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command line of ``advtrain adversarial-training``."""
     parser.add_argument("--model", choices=MODELS, default="sigmoid-mlp",
-                        help="sigmoid-mlp: the paper's FC networks (--hidden); small-resnet: a batch-norm residual convnet")
+                        help="sigmoid-mlp: the paper's FC networks (--hidden); small-resnet: a batch-norm residual convnet; "
+                             "madry-convnet, wong-convnet: Madry et al.'s and Wong et al.'s MNIST convnets")
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=None,
                         help="default: weight-decay, dropout and pools for sigmoid-mlp; weight-decay and pools for "
                              "small-resnet")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULTS['epochs']} (1 with --quick)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[100, 100],
                         help="widths of the sigmoid layers (default: the paper's FC100-100-10)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 64 (sigmoid-mlp), 128 (small-resnet)")
-    parser.add_argument("--lr", type=float, default=None, help="default: 0.3 (sigmoid-mlp), 0.1 (small-resnet)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 64 (sigmoid-mlp), 128 (small-resnet), 50 (madry-convnet), 100 (wong-convnet)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: 0.3 (sigmoid-mlp), 0.1 (small-resnet), 1e-4 (madry-convnet), 5e-3 (wong-convnet)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                        help="default: sgd with Nesterov momentum; adam for madry-convnet and wong-convnet")
+    parser.add_argument("--schedule", choices=["cosine", "constant", "triangular"], default=None,
+                        help="learning-rate schedule (default: cosine; constant for madry-convnet, triangular for "
+                             "wong-convnet)")
     parser.add_argument("--penalty-scale", type=float, default=None,
                         help="factor on the model's per-layer penalties (default: 300 for sigmoid-mlp, 1 for small-resnet)")
     parser.add_argument("--dropout", type=float, default=0.2, help="dropout after each hidden layer (the dropout way)")
@@ -134,10 +151,10 @@ def logger_for(args: argparse.Namespace, way: str) -> pl.loggers.Logger:
 
 
 def network(args: argparse.Namespace, way: str = "weight-decay") -> PaperModel:
-    """The network one way trains: the sigmoid MLP of ``--hidden`` (with dropout for that way) or
-    the small residual network."""
-    if args.model == "small-resnet":
-        return small_resnet()
+    """The network one way trains: the sigmoid MLP of ``--hidden`` (with dropout for that way), or
+    the network ``--model`` names."""
+    if args.model in NETWORKS:
+        return NETWORKS[args.model]()
     return sigmoid_mlp(args.hidden, dropout=args.dropout if way == "dropout" else 0.0)
 
 
@@ -160,7 +177,8 @@ def train_one_way(args: argparse.Namespace, way: str, data: MNISTDataModule) -> 
     earlier attempt left one; return the classifier and the seconds training took (all attempts)."""
     pl.seed_everything(args.seed, workers=True)
     paper_model = network(args, way)
-    classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr)
+    classifier = Classifier.from_paper_model(paper_model, penalty_scale=args.penalty_scale, lr=args.lr,
+                                             optimizer=args.optimizer, schedule=args.schedule)
     folder = args.output / way / "checkpoints"
     clock = WallClock()
     callbacks: list[pl.Callback] = [checkpoints(folder), RandomState(), clock, *progress(way)]
@@ -243,9 +261,9 @@ def check_settings(args: argparse.Namespace) -> str:
     resolve_defaults(args)
     if args.epochs < 1:
         raise SystemExit(f"advtrain adversarial-training: --epochs must be at least 1, got {args.epochs}")
-    if args.model == "small-resnet" and "dropout" in args.ways:
-        raise SystemExit("advtrain adversarial-training: --ways dropout: the small-resnet has no dropout layers; "
-                         "use weight-decay and pools")
+    if args.model != "sigmoid-mlp" and "dropout" in args.ways:
+        raise SystemExit(f"advtrain adversarial-training: --ways dropout: the {args.model} has no dropout layers; "
+                         "use the other ways")
     try:
         model = network(args)
     except ValueError as error:

@@ -80,3 +80,26 @@ def test_unknown_layers_and_settings_are_refused() -> None:
         Classifier(model, penalties={"sigmoid1": 1e-5})
     with pytest.raises(ValueError, match="optimizer must be 'sgd' or 'adam', got 'lbfgs'"):
         Classifier(model, optimizer="lbfgs")
+
+
+class LearningRates(pl.Callback):
+    """The learning rate of every training step, as the optimizer used it."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_the_triangular_schedule_climbs_to_the_rate_at_two_fifths_then_falls_to_zero(tiny_data, tmp_path: Path) -> None:
+    images, labels = tiny_data
+    classifier = Classifier.from_paper_model(fc10(1e-4), lr=0.5, optimizer="adam", schedule="triangular")
+    rates = LearningRates()
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)  # 4 steps an epoch, 20 in all
+    pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path, callbacks=[rates]).fit(classifier, loader)
+    expected = [0.5 * step / 8 if step <= 8 else 0.5 * (20 - step) / 12 for step in range(1, 21)]  # Wong et al.'s, by step
+    assert rates.rates == pytest.approx(expected)
+    with pytest.raises(ValueError, match="schedule must be 'cosine', 'constant' or 'triangular', got 'cyclic'"):
+        Classifier(nn.Linear(2, 2), num_classes=2, schedule="cyclic")

@@ -164,7 +164,8 @@ def test_the_pools_way_comes_from_a_yaml_file_with_overrides() -> None:
 def test_adversarial_training_ways_pool_exactly_each_batch_own_examples(way: str) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    for flags, batch in (([], 64), (["--batch-size", "100"], 100), (["--model", "small-resnet"], 128)):
+    for flags, batch in (([], 64), (["--batch-size", "100"], 100), (["--model", "small-resnet"], 128),
+                         (["--model", "madry-convnet"], 50), (["--model", "wong-convnet"], 100)):
         args = parser.parse_args(["--ways", way, *flags])
         callback = pools_callback(args, way)
         assert callback.layers == ["input"] and callback.mix_fraction == 1.0 and callback.refresh_every == 1
@@ -176,6 +177,26 @@ def test_adversarial_training_ways_pool_exactly_each_batch_own_examples(way: str
         assert type(callback.attack) is FastGradient and callback.attack.step_size == 0.375
     else:  # Madry et al.'s MNIST adversary
         assert type(callback.attack) is PGD and (callback.attack.steps, callback.attack.step_size) == (40, 0.01)
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("madry-convnet", {"optimizer": "adam", "lr": 1e-4, "schedule": "constant", "batch_size": 50}),
+    ("wong-convnet", {"optimizer": "adam", "lr": 5e-3, "schedule": "triangular", "batch_size": 100}),
+    ("sigmoid-mlp", {"optimizer": "sgd", "lr": 0.3, "schedule": "cosine", "batch_size": 64}),
+])
+def test_the_anchor_networks_train_with_their_papers_optimizers(model: str, expected: dict) -> None:
+    from advtrain.recipes.adversarial_training import check_settings, network, resolve_defaults
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = resolve_defaults(parser.parse_args(["--model", model]))
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert network(args).module(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    args.ways = ["weight-decay", "pools", "input-pools", "pgd", "fast"]
+    check_settings(args)  # every way's callback and its layers resolve on the network (the model's own pools file)
+    assert args.ways_resolved["pools"]["layers"][0] == "input" and len(args.ways_resolved["pools"]["layers"]) == 3
+    overridden = resolve_defaults(parser.parse_args(["--model", model, "--optimizer", "sgd", "--schedule", "cosine"]))
+    assert (overridden.optimizer, overridden.schedule) == ("sgd", "cosine")
 
 
 def test_the_input_pools_way_is_the_pools_way_without_its_hidden_layers() -> None:

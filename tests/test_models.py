@@ -70,3 +70,15 @@ def test_sparse_autoencoder_learns_then_freezes() -> None:
     assert not any(parameter.requires_grad for parameter in encoder.parameters())
     with pytest.raises(ValueError, match="images must have 784 values each"):
         pretrain_sparse_autoencoder(nn.Linear(784, 4), torch.rand(5, 10))
+
+
+def test_the_anchor_convnets_have_their_papers_shapes() -> None:
+    from advtrain.models import madry_convnet, wong_convnet
+
+    madry, wong = madry_convnet(), wong_convnet()
+    assert (madry.module.fc.in_features, madry.module.fc.out_features) == (64 * 7 * 7, 1024)  # 'same' padding
+    assert [madry.module.conv1.out_channels, madry.module.conv2.out_channels] == [32, 64]
+    assert (wong.module.fc.in_features, wong.module.fc.out_features) == (32 * 7 * 7, 100)
+    parameters = lambda model: sum(p.numel() for p in model.module.parameters())  # noqa: E731
+    assert parameters(madry) == 3_274_634 and parameters(wong) == 166_406
+    assert madry.penalties == {} and wong.penalties == {}
