@@ -366,12 +366,13 @@ def _training_row() -> list[str]:
     ours = (f"pools {', '.join(percent(p['test_error']) for p in pools)} test error at "
             f"{min(ratios):.2f}–{max(ratios):.2f}× weight decay's minimal distortion")
     measured = [(seed, p, d) for (seed, *_), p, d in zip(runs, pools, decay) if p.get("robust_error") and d.get("robust_error")]
-    if measured:  # robust errors by the evaluation's ensemble, where the run measured them
-        seed, p, d = measured[0]
+    if measured:  # robust errors by the evaluation's ensemble, seeds in order, where the runs measured them
         budgets = [("linf", "0.1", "L∞ 0.1"), ("l2", "1.5", "L2 1.5")]
-        ours += "; robust error " + ", ".join(f"at {label} {100 * p['robust_error'][norm][key]:.0f}% (weight decay "
-                                              f"{100 * d['robust_error'][norm][key]:.0f}%)" for norm, key, label in budgets)
-        ours += f" (seed {seed})"
+        at = lambda entries, norm, key: ", ".join(f"{100 * e['robust_error'][norm][key]:.0f}%" for e in entries)  # noqa: E731
+        ours += "; robust error " + ", ".join(
+            f"at {label} {at([p for _, p, _ in measured], norm, key)} (weight decay {at([d for *_, d in measured], norm, key)})"
+            for norm, key, label in budgets)
+        ours += f" (seed{'s' if len(measured) > 1 else ''} {', '.join(str(seed) for seed, *_ in measured)})"
     seconds = min(p["seconds"] + d["seconds"] for p, d in zip(pools, decay))  # a run that had the machine to itself
     command = re.sub(r" --seed \S+", "", short_command(runs[0][3]))
     return ["`adversarial-training`", "§4.2", f"`{command}`", f"{minutes(seconds)} a seed (the faster)", ours,
