@@ -43,6 +43,11 @@ def percent(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def share(value: float) -> str:
+    """A robust error of a few hundred examples as a percentage, to the half point it can take: ``28.5%``, ``95%``."""
+    return f"{round(100 * value, 1):g}%"
+
+
 def number(value: float | None, digits: int = 4) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -184,7 +189,7 @@ def robust_errors(by_seed: list[dict], norm: str) -> str:
     has none)."""
     def one(entry: dict) -> str:
         errors = entry.get("robust_error", {}).get(norm)
-        return " / ".join(f"{100 * value:.0f}%" for value in errors.values()) if errors else "–"
+        return " / ".join(share(value) for value in errors.values()) if errors else "–"
 
     return "; ".join(one(entry) for entry in by_seed)
 
@@ -202,8 +207,8 @@ def training_commands() -> str:
 WAYS_RUNS = [("FC100-100-10", ["ways-fc100-seed0", "ways-fc100-seed1"]),
              ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1"])]
 #: The ways in the order the table lists them, with what each is.
-WAYS = {"weight-decay": "weight decay only", "pools": "the paper's pools (input and hidden layers)",
-        "input-pools": "the same pools, input only", "pgd": "PGD adversarial training",
+WAYS = {"weight-decay": "weight decay only", "pools": "the paper's, at the input and hidden layers",
+        "input-pools": "the same, at the input only", "pgd": "PGD adversarial training",
         "fast": "fast adversarial training"}
 
 
@@ -233,7 +238,7 @@ def ways() -> str:
             entries = [entry for _, entry, _ in by_seed]
             ratios = ", ".join(f"{entry['seconds'] / baseline['seconds']:.1f}×" if baseline else "–"
                                for _, entry, baseline in by_seed)
-            rows.append([model, f"{way} ({meaning})", ", ".join(str(seed) for seed, *_ in by_seed),
+            rows.append([model, f"`{way}`: {meaning}", ", ".join(str(seed) for seed, *_ in by_seed),
                          ", ".join(percent(entry["test_error"]) for entry in entries),
                          robust_errors(entries, "linf"), robust_errors(entries, "l2"),
                          ", ".join(number(entry["mean_distortion"]) for entry in entries), ratios])
@@ -368,7 +373,7 @@ def _training_row() -> list[str]:
     measured = [(seed, p, d) for (seed, *_), p, d in zip(runs, pools, decay) if p.get("robust_error") and d.get("robust_error")]
     if measured:  # robust errors by the evaluation's ensemble, seeds in order, where the runs measured them
         budgets = [("linf", "0.1", "L∞ 0.1"), ("l2", "1.5", "L2 1.5")]
-        at = lambda entries, norm, key: ", ".join(f"{100 * e['robust_error'][norm][key]:.0f}%" for e in entries)  # noqa: E731
+        at = lambda entries, norm, key: ", ".join(share(e["robust_error"][norm][key]) for e in entries)  # noqa: E731
         ours += "; robust error " + ", ".join(
             f"at {label} {at([p for _, p, _ in measured], norm, key)} (weight decay {at([d for *_, d in measured], norm, key)})"
             for norm, key, label in budgets)
@@ -481,7 +486,7 @@ def _way_summary(way: str, entry: dict) -> str:
     """``way 1.74% at 0.0375`` (test error at mean minimal distortion), with the robust errors at
     L∞ 0.1 and L2 1.5 where the run measured them."""
     robust = entry.get("robust_error") or {}
-    at = [f"{label} {100 * robust[norm][key]:.0f}%" for norm, key, label in (("linf", "0.1", "L∞ 0.1"), ("l2", "1.5", "L2 1.5"))
+    at = [f"{label} {share(robust[norm][key])}" for norm, key, label in (("linf", "0.1", "L∞ 0.1"), ("l2", "1.5", "L2 1.5"))
           if key in robust.get(norm, {})]
     return f"{way} {percent(entry['test_error'])} at {number(entry['mean_distortion'])}" + (f" ({', '.join(at)})" if at else "")
 
