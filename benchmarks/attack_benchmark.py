@@ -7,7 +7,8 @@ seeded random wrong target each, the same for every method. Reports success (ver
 forward pass), mean distortion sqrt(mean r²), mean L2 and L∞ norms over successes, and wall time,
 with distortion as a ratio to Foolbox's C&W and time as a ratio to Foolbox's DDN (the shortest of three
 runs for DDN and our searches; C&W, the exact optimum and scipy once). ``BoxLBFGS()``
-is the default search; ``BoxLBFGS(loss="ce")`` the paper's cross-entropy. For softmax regression,
+is the default search; ``BoxLBFGS(loss="ce")`` the paper's cross-entropy; ``evaluation_search()``
+the evaluation's (``loss="both"`` then 100 steps along the decision boundary), here targeted. For softmax regression,
 the exact minimum (a convex QP solved by scipy's SLSQP) is the reference. Then the search on
 hidden layers. Models missing from ``--models-dir`` are trained first with the ``advtrain train``
 recipe.
@@ -175,6 +176,7 @@ def benchmark_inputs(name: str, model, images, labels, examples: int) -> list[Ro
     measured["BoxLBFGS()"] = run_ours(model, images, labels, targets)
     measured["BoxLBFGS(loss='both')"] = run_ours(model, images, labels, targets, loss="both")
     measured["BoxLBFGS(loss='ce')"] = run_ours(model, images, labels, targets, loss="ce")
+    measured["evaluation_search()"] = run_ours(model, images, labels, targets, loss="both", polish_steps=100)
     if name in ("fc10-1e-4", "fc100-100-10"):
         measured["BoxLBFGS(loss='ce', backend='scipy')"] = run_ours(model, images, labels, targets, loss="ce",
                                                                 backend="scipy", repeats=1)

@@ -64,6 +64,9 @@ class ModelRow:
     distortion_vs_foolbox: float = math.nan  # mean over examples of ours / Foolbox's best, both found
     distortion: dict[str, float] = field(default_factory=dict)
     checks_failed: list[str] = field(default_factory=list)
+    #: per example, the search's and Foolbox's best L2 size (null: not found; 0: a clean mistake), so a
+    #: later change of the search can be compared with Foolbox without running Foolbox again
+    l2_per_example: dict[str, list[float | None]] = field(default_factory=dict)
 
 
 def train(name: str, architecture: str, pgd_epsilon: float | None, epochs: int, count: int, data: MNISTDataModule,
@@ -264,6 +267,7 @@ def main() -> None:
             row.distortion_vs_foolbox = float((our_l2[both] / their_l2[both]).mean())
             row.distortion = {"advtrain": float(our_l2[both].mean() / 28), "Foolbox": float(their_l2[both].mean() / 28),
                               "examples": int(both.sum()), "advtrain_found": int(torch.isfinite(our_l2).sum())}
+            row.l2_per_example = {"advtrain": our_l2.tolist(), "Foolbox": their_l2.tolist()}  # inf as null
         rows.append(row)
         print(markdown([row]), flush=True)
         args.output.mkdir(parents=True, exist_ok=True)  # after every model, so that a long run keeps what it finished

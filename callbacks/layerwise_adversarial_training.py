@@ -134,7 +134,7 @@ class LayerwiseAdversarialTraining(Callback):
         layers: Sequence[str] = (INPUT,),
         *,
         capacity: int = 4096,
-        mix_fraction: float = 0.02,
+        mix_fraction: float = 0.05,
         refresh_every: int = 96,
         refresh_size: int = 256,
         attack: Attack | None = None,
@@ -319,7 +319,12 @@ class LayerwiseAdversarialTraining(Callback):
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Refresh this step's pool if due, then mix it into the batch."""
+        """Refresh this step's pool if due, then mix it into the batch (:meth:`_mix_into`)."""
+        self._mix_into(trainer, pl_module, batch)
+
+    # The hooks Lightning calls delegate to undecorated methods: mutmut (docs/mutation-testing.md)
+    # leaves decorated functions unmutated.
+    def _mix_into(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         self._injection = None
         inputs, labels = self.read_batch(batch)
         if inputs.shape[0] == 0:  # an empty batch (the end of a stream): nothing to mix into or learn from
@@ -437,14 +442,13 @@ class LayerwiseAdversarialTraining(Callback):
 
         return replace_last_rows
 
-    @torch.no_grad()
     def refresh(self, layer: str, inputs: torch.Tensor, labels: torch.Tensor) -> None:
         """Attack ``inputs`` at ``layer`` on the current model (as in eval mode, every mode and buffer
         put back afterwards): the rows it classifies right, or every row where the pooling policy
         says ``misclassified``; add what the policy keeps to the layer's pool, with the true labels."""
         site = self._sites[layer]
         started = time.perf_counter()
-        with untouched(self._classifier):
+        with torch.no_grad(), untouched(self._classifier):
             activations = site.bottom(inputs)
             head = site.head_for(inputs)
             if getattr(self.pooling, "misclassified", False):  # adversarial training's practice: every row
@@ -544,6 +548,9 @@ class LayerwiseAdversarialTraining(Callback):
         """Restore :meth:`state_dict`: each rank its own state (Lightning calls it after ``setup``). A
         rank the checkpoint has no state for (more ranks than when it was written) keeps its fresh
         pools and its own seed, with a warning."""
+        self._restore(state_dict)
+
+    def _restore(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
         if self._rank >= len(ranks):
             warnings.warn(f"the checkpoint holds pools of {len(ranks)} rank(s); rank {self._rank} starts with empty pools",

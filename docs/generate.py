@@ -293,10 +293,16 @@ def real_model_cost() -> str:
 
 def full_autoattack_rows() -> dict[str, dict]:
     """The rows of the runs against AutoAttack at Croce & Hein's 100 steps, by model name (empty
-    where no such run is committed)."""
+    where no such run is committed), with the search's distortion against Foolbox's from a run
+    with Foolbox alone where the AutoAttack run had none."""
     rows = {}
     for path in sorted(BENCHMARKS.glob("evaluation_autoattack100*/results.json")):  # a folder per run
         rows.update({row["model"]: row for row in load(path)["rows"]})
+    for path in sorted(BENCHMARKS.glob("evaluation_foolbox*/results.json")):  # Foolbox alone, for the distortion
+        for row in load(path)["rows"]:
+            if row["model"] in rows and not rows[row["model"]].get("distortion"):
+                rows[row["model"]] = {**rows[row["model"]], "distortion": row["distortion"],
+                                      "distortion_vs_foolbox": row["distortion_vs_foolbox"]}
     return rows
 
 
@@ -350,6 +356,24 @@ def evaluation_cost() -> str:
                   "ratio", "BoxLBFGS()'s L2 against Foolbox's best, per example",
                   "advtrain s (evaluation_search() + ensemble) / AutoAttack s at 100 steps, one run", "ratio at 100 steps",
                   "evaluation_search()'s L2 against Foolbox's best, per example", "checks failed"], rows)
+
+
+def search_variants() -> str:
+    """Longer settings of the evaluation's search on one model, against Foolbox's best there."""
+    result = load(BENCHMARKS / "search_variants" / "results.json")
+    peer = next(row for row in load(BENCHMARKS / "evaluation_foolbox_small_resnet" / "results.json")["rows"]
+                if row["model"] == result["model"])
+    foolbox = peer["distortion"]["Foolbox"]
+    variants = result["variants"]
+    default = variants["evaluation_search"]
+    rows = [[f"`{name}`", ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items()),
+             f"{entry['found']} / {result['examples']}", f"{entry['mean_l2_over_28']:.6f}",
+             f"{entry['mean_l2_over_28'] / foolbox:.4f}×", f"{entry['seconds']:.0f}",
+             f"{entry['seconds'] / default['seconds']:.1f}×"] for name, entry in variants.items()]
+    return (f"{result['model']}, the first {result['examples']} MNIST test images, untargeted, "
+            f"{result['threads']} thread; Foolbox's best of DDN, FMN and C&W there: {foolbox:.6f}.\n\n"
+            + table(["variant", "BoxLBFGS settings", "found", "mean L2 / 28", "against Foolbox's mean",
+                     "seconds", "time against the default"], rows))
 
 
 def reproductions() -> str:
@@ -522,6 +546,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "ways-commands": ways_commands,
     "evaluation-benchmark": evaluation_benchmark,
     "evaluation-cost": evaluation_cost,
+    "search-variants": search_variants,
     "reproductions": reproductions,
     "table1": table1,
     "table2": table2,

@@ -53,3 +53,24 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
     for page in (REPO / "docs").glob("*.md"):
         for link in re.findall(r"\]\(([\w./-]+\.(?:md|png))", page.read_text()):
             assert (page.parent / link).exists(), f"{page.name}: {link}"
+
+
+def test_the_callback_defaults_are_the_settings_of_the_ways_table_input_pools_row() -> None:
+    """docs/adversarial-training.md says the defaults come from the `input-pools` row of the ways
+    table: changing a default without a measured row behind it fails here."""
+    import inspect
+
+    import yaml
+
+    from advtrain.callbacks import LayerwiseAdversarialTraining
+
+    defaults = {name: parameter.default for name, parameter in
+                inspect.signature(LayerwiseAdversarialTraining).parameters.items()}
+    rows = sorted((REPO / "docs" / "results").glob("ways-fc100-seed*/input-pools.yaml"))
+    assert len(rows) >= 2, rows
+    for path in rows:
+        config = yaml.safe_load(path.read_text())
+        for name in ("capacity", "mix_fraction", "refresh_every", "refresh_size", "attack", "pooling", "bounds",
+                     "pool_device"):
+            assert config[name] == defaults[name], (path, name, config[name], defaults[name])
+        assert config["layers"] == list(defaults["layers"])

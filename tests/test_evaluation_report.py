@@ -37,6 +37,39 @@ def test_combined_chunks_count_every_example_once() -> None:
         combine([])
 
 
+def test_counts_round_trip_every_field_and_add_up_across_parts() -> None:
+    """What ranks and chunks add up: every field survives counts and back, and sums are weighted."""
+    from advtrain.robustness import result_counts, result_from_counts
+
+    def part(examples: int, clean: int, box: float) -> RobustnessResult:
+        return RobustnessResult(
+            examples=examples, clean_error=clean / examples, whole_box_error=box,
+            robust_error={"l2": {1.5: 7 / examples, 0.5: 4 / examples}, "linf": {0.1: 6 / examples}},
+            first_attack_error={"l2": {1.5: 5 / examples, 0.5: 3 / examples}, "linf": {0.1: 2 / examples}},
+            broken_by={"l2": {1.5: {"search": 2, "smaller budget": 1}, 0.5: {"apgd-ce": 1}},
+                       "linf": {0.1: {"square": 3}}})
+
+    one = part(20, 3, 0.95)
+    back = result_from_counts(result_counts(one))
+    assert back.examples == 20 and back.clean_error == pytest.approx(3 / 20)
+    assert back.whole_box_error == pytest.approx(0.95)
+    assert back.robust_error == {"l2": {0.5: pytest.approx(4 / 20), 1.5: pytest.approx(7 / 20)},
+                                 "linf": {0.1: pytest.approx(6 / 20)}}
+    assert list(back.robust_error["l2"]) == [0.5, 1.5]  # budgets in increasing order, as run
+    assert back.first_attack_error == {"l2": {0.5: pytest.approx(3 / 20), 1.5: pytest.approx(5 / 20)},
+                                       "linf": {0.1: pytest.approx(2 / 20)}}
+    assert back.broken_by == one.broken_by
+    total = combine([one, part(10, 1, math.nan)])
+    assert total.examples == 30 and total.clean_error == pytest.approx(4 / 30)
+    assert math.isnan(total.whole_box_error)  # one part without the whole-box check: no figure
+    assert total.robust_error["l2"][1.5] == pytest.approx(14 / 30)
+    assert total.first_attack_error["linf"][0.1] == pytest.approx(4 / 30)
+    assert total.broken_by["l2"][1.5] == {"search": 4, "smaller budget": 2}
+    assert math.isnan(result_counts(part(10, 1, math.nan))["whole box"])
+    with pytest.raises(ValueError, match="^combine needs at least one result with examples$"):
+        combine([RobustnessResult(examples=0, clean_error=0.0)])
+
+
 def test_report_in_chunks_is_the_worst_case_per_example_and_written_as_json_and_png(tmp_path: Path) -> None:
     model, inputs, labels = trained_mlp()
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=32)

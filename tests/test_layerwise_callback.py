@@ -336,10 +336,16 @@ def test_interrupt_and_resume_continues_the_same_run(tmp_path: Path) -> None:
 def test_state_pickles() -> None:
     callback = LayerwiseAdversarialTraining(["input"], capacity=4)
     callback.pools["input"].add(torch.rand(3, 8), torch.tensor([0, 1, 2]))
+    callback.steps_taken["input"], callback.empty_refreshes["input"] = 7, 2  # a warning one refresh away
+    callback._recent = [(torch.rand(5, 8), torch.arange(5))]
+    torch.rand(1, generator=callback.generator)
     state = pickle.loads(pickle.dumps(callback.state_dict()))
     other = LayerwiseAdversarialTraining(["input"], capacity=4)
     other.load_state_dict(state)
     assert torch.equal(other.pools["input"].examples, callback.pools["input"].examples)
+    assert other.steps_taken == {"input": 7} and other.empty_refreshes == {"input": 2}
+    assert len(other._recent) == 1 and all(torch.equal(a, b) for a, b in zip(other._recent[0], callback._recent[0]))
+    assert torch.equal(other.generator.get_state(), callback.generator.get_state())
     assert callback.state_key != LayerwiseAdversarialTraining(["input", "act1"], capacity=4).state_key
 
 
@@ -455,3 +461,33 @@ def test_a_mix_fraction_that_rounds_to_no_row_says_so(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"mix_fraction 0.02 of a batch of 16 rows rounds to no row; one row of each "
                                          r"batch \(6.2%\) is mixed in instead"):
         trainer_for(tmp_path, [callback], max_steps=1).fit(pretrained_classifier(), tiny_loader())
+
+
+def test_a_step_replaces_rows_at_its_own_layer_only_when_another_layer_has_the_same_shape(tmp_path: Path) -> None:
+    """act1 and act2 both give 12 features: a step of act1's pool must leave act2's output as the
+    layers between compute it, not overwrite it with act1's pool rows too."""
+    classifier = pretrained_classifier()
+    callback = LayerwiseAdversarialTraining(["act1", "act2"], module="model", mix_fraction=0.25, refresh_size=16,
+                                            capacity=64)
+    seen = {}
+
+    act1_out, act2_out, fc2_weights = [], [], []
+
+    class Watch(pl.Callback):
+        """After the callback (first in the list): its hooks exist by now, so these run after them
+        and see the outputs it returned."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["injected"] = None if callback._injection is None else callback._injection.activations.clone()
+            seen["layer"] = callback.layer_for_step(trainer.global_step)
+            fc2_weights.append((pl_module.model.fc2.weight.detach().clone(), pl_module.model.fc2.bias.detach().clone()))
+            model = pl_module.model
+            model.act1.register_forward_hook(lambda m, a, out: act1_out.append(out.detach().clone()) if m.training else None)
+            model.act2.register_forward_hook(lambda m, a, out: act2_out.append(out.detach().clone()) if m.training else None)
+
+    trainer_for(tmp_path, [callback, Watch()], max_steps=1).fit(classifier, tiny_loader())
+    assert seen["layer"] == "act1" and seen["injected"] is not None
+    rows = seen["injected"].shape[0]
+    assert torch.equal(act1_out[0][-rows:], seen["injected"])  # act1's own rows replaced
+    weight, bias = fc2_weights[0]
+    assert torch.allclose(act2_out[0], torch.sigmoid(act1_out[0] @ weight.T + bias), atol=1e-6)  # act2 as computed

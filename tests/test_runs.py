@@ -275,8 +275,11 @@ def test_a_setting_that_cannot_work_is_refused_before_the_run_folder_is_written(
 def test_a_signal_ends_a_run_with_a_failure_and_how_to_resume(mnist_root: Path, tmp_path: Path, stop, by: str) -> None:
     output = tmp_path / "run"
     env = {**os.environ, "ADVTRAIN_DATA_DIR": str(mnist_root)}
+    # a shell's background job (nohup, `&`, mutmut's workers) ignores SIGINT and its children inherit
+    # that; the default disposition lets the child's Python install its Ctrl+C handler, as in a terminal
     process = subprocess.Popen([sys.executable, "-m", "advtrain.cli", *MLP_RUN, "--epochs", "8", "--output", str(output)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for(output / "weight-decay" / "checkpoints" / "last.ckpt", process)  # the first way is under way
         process.send_signal(stop)
