@@ -52,7 +52,10 @@ def test_resnet18_in_self_net_fills_every_pool_with_no_other_setting(tmp_path: P
     callback = LayerwiseAdversarialTraining(layers=["input", "layer2", "layer3"], module="net")
     logger = offline_logger(tmp_path, monkeypatch)
     trainer = trainer_for(tmp_path, [callback], logger=logger, max_steps=6, log_every_n_steps=1)
-    trainer.fit(PlainModule(resnet18()), loader(*images(96), shuffle=True))
+    # trained a little first, as a user's model is: on random weights half the seeds left a pool empty
+    # (tests/scripts/pool_fill_margin.py, benchmarks/results/pool_fill_margin/)
+    net = pretrained(resnet18(), *images(96), steps=10)
+    trainer.fit(PlainModule(net), loader(*images(96), shuffle=True))
     assert all(len(pool) > 0 for pool in callback.pools.values()), {k: len(p) for k, p in callback.pools.items()}
     series = finished_history(tmp_path)
     for layer in ("input", "layer2", "layer3"):
