@@ -40,10 +40,11 @@ def test_report_counts_clean_mistakes_as_adversarial_at_every_budget() -> None:
         adversarial=torch.zeros(3, 4), perturbation=torch.zeros(3, 4), success=torch.tensor([True, True, False]),
         distortion=torch.tensor([0.05, 0.2, math.inf]), l2=torch.zeros(3), target=torch.zeros(3, dtype=torch.long),
         c=torch.zeros(3), iterations=torch.zeros(3, dtype=torch.long))
-    report = adversarial_report(result, correct, budgets=(0.01, 0.1, 1.0))
+    report = adversarial_report(result, correct, budgets=(0.01, 0.1, 0.2, 1.0))
     assert report.clean_error == 0.25
-    assert report.adversarial_error == {0.01: 0.25, 0.1: 0.5, 1.0: 0.75}
+    assert report.adversarial_error == {0.01: 0.25, 0.1: 0.5, 0.2: 0.75, 1.0: 0.75}  # "at most the budget": 0.2 counts
     assert report.mean_distortion == pytest.approx(0.125) and report.success_rate == pytest.approx(2 / 3)
+    assert report.attacked == 3 and report.examples == 4
 
 
 def test_figure_has_three_rows() -> None:

@@ -349,6 +349,22 @@ def test_state_pickles() -> None:
     assert callback.state_key != LayerwiseAdversarialTraining(["input", "act1"], capacity=4).state_key
 
 
+def test_an_old_single_rank_checkpoint_restores_and_a_rank_beyond_it_keeps_fresh_pools() -> None:
+    callback = LayerwiseAdversarialTraining(["input"], capacity=4)
+    callback.pools["input"].add(torch.rand(3, 8), torch.tensor([0, 1, 2]))
+    callback.steps_taken["input"] = 5
+    flat = callback._own_state()
+    del flat["empty_refreshes"]  # a checkpoint from before the rank list and the empty-pool counter
+    old = LayerwiseAdversarialTraining(["input"], capacity=4)
+    old.load_state_dict(flat)
+    assert len(old.pools["input"]) == 3 and old.steps_taken == {"input": 5} and old.empty_refreshes == {"input": 0}
+    beyond = LayerwiseAdversarialTraining(["input"], capacity=4)
+    beyond._rank = 1  # a second rank resuming a checkpoint written by one
+    with pytest.warns(UserWarning, match=r"^the checkpoint holds pools of 1 rank\(s\); rank 1 starts with empty pools$"):
+        beyond.load_state_dict(callback.state_dict())
+    assert len(beyond.pools["input"]) == 0 and beyond.steps_taken == {"input": 0}
+
+
 class DictBatches(Dataset):
     def __init__(self) -> None:
         self.inputs, self.labels = tiny_loader().dataset.tensors
