@@ -413,3 +413,40 @@ def test_an_empty_first_batch_is_passed_over(tmp_path) -> None:
     trainer_for(tmp_path, [callback], max_epochs=1).fit(SkipsEmpty(pretrained(bn_convnet(), *images(32))),
                                                       DataLoader(EmptyFirst(), batch_size=None))
     assert callback.steps_taken["input"] == 4 and len(callback.pools["input"]) > 0
+
+
+class TrainingOnly(nn.Module):
+    """Changes what reaches the layers above it in training only: ``crop`` drops the last column
+    of the feature map, ``twice`` stacks the batch on itself (and ``Halves`` averages it back)."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return x[..., :-1] if self.change == "crop" else torch.cat([x, x])
+
+
+class Halves(nn.Module):
+    def forward(self, x):
+        return (x[: len(x) // 2] + x[len(x) // 2:]) / 2 if self.training else x
+
+
+def _changing_net(change: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), TrainingOnly(change), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), Halves(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("crop", r"^layer `2` returned rows of shape \(4, 32, 31\) in training, its pool holds \(4, 32, 32\): the inputs "
+             r"changed shape on the way \(a crop\?\)$"),
+    ("twice", r"^layer `2` returned \(32, 4, 32, 32\) in training, where the batch the callback mixed had 16 rows: "
+              r"the batch changed on its way to the layer$"),
+], ids=["crop", "twice"])
+def test_a_network_that_changes_the_rows_below_a_hidden_layer_in_training_is_refused(tmp_path, change, message) -> None:
+    callback = LayerwiseAdversarialTraining(["2"], module="net", mix_fraction=0.25, **FAST)
+    with pytest.raises(ValueError, match=message):
+        trainer_for(tmp_path, [callback], max_steps=2).fit(PlainModule(_changing_net(change)), loader(*images(32)))
