@@ -296,6 +296,28 @@ def test_by_default_only_correct_rows_are_attacked(tmp_path: Path) -> None:
     torch.testing.assert_close(attack.calls[0][0], correct)
 
 
+class KeepEverything:
+    """A user's own pooling policy, duck-typed: ``check`` and ``__call__``, no ``misclassified``."""
+
+    def check(self, attack) -> None:
+        pass
+
+    def __call__(self, inputs, result, box):
+        return result.adversarial, torch.ones(len(inputs), dtype=torch.bool)
+
+
+def test_a_policy_without_a_misclassified_attribute_gets_the_correct_rows_only(tmp_path: Path) -> None:
+    attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_size=12, capacity=64,
+                                            attack=attack, pooling=KeepEverything())
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
+    clean, labels = next(iter(tiny_loader()))
+    correct = clean[:12][classifier(clean[:12]).argmax(1) == labels[:12]]
+    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
+    torch.testing.assert_close(attack.calls[0][0], correct)
+    assert len(callback.pools["input"]) == len(correct)
+
+
 def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path) -> None:
     """Batches of 16 with 4 pool rows leave 12 clean rows a step; a refresh of 20 rows at the second
     step attacks the last 8 of the first batch's clean rows and the 12 of the second's."""
