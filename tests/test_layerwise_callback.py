@@ -318,6 +318,30 @@ def test_a_policy_without_a_misclassified_attribute_gets_the_correct_rows_only(t
     assert len(callback.pools["input"]) == len(correct)
 
 
+def test_refresh_statistics_add_up_and_say_zero_kept_when_nothing_was_attacked(tmp_path: Path) -> None:
+    """seconds_generating is the sum of every refresh's own seconds, each within the fit's wall time;
+    a refresh with no correct row attacks and keeps nothing."""
+    import time
+
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_every=1, refresh_size=12,
+                                            capacity=64, attack=FastGradient(epsilon=0.1, norm="linf"), pooling=EveryStep())
+    seconds = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seconds.append(callback.stats["input"]["generation_seconds"])
+
+    started = time.perf_counter()
+    trainer_for(tmp_path, [callback, Watch()], max_steps=3).fit(pretrained_classifier(), tiny_loader())
+    wall = time.perf_counter() - started
+    assert len(seconds) == 3 and all(0 < value < wall for value in seconds)
+    assert callback.seconds_generating == pytest.approx(sum(seconds))
+    inputs = tiny_loader().dataset.tensors[0][:12]
+    wrong = (callback._classifier(inputs).argmax(1) + 1) % 3  # every row misclassified
+    callback.refresh("input", inputs, wrong)
+    assert callback.stats["input"]["generation_attacked"] == 0 and callback.stats["input"]["generation_kept"] == 0
+
+
 def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path) -> None:
     """Batches of 16 with 4 pool rows leave 12 clean rows a step; a refresh of 20 rows at the second
     step attacks the last 8 of the first batch's clean rows and the 12 of the second's."""
