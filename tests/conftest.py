@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from advtrain.data.sources import has_mnist
+from mutation_aliases import install_if_mutating
+
+install_if_mutating()  # before anything imports advtrain.callbacks or advtrain.recipes
+
+from advtrain.data.sources import has_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
