@@ -124,6 +124,15 @@ def attack_summary() -> str:
     return "\n".join(lines) + "\n"
 
 
+def targeted_search() -> str:
+    """The evaluation's search run targeted (random wrong classes) on the ReLU convnet's inputs,
+    beside BoxLBFGS() and Foolbox's C&W and DDN on the same examples and targets."""
+    rows = [row for row in load(BENCHMARKS / "attack_convnet_evaluation_search" / "results.json") if row["layer"] == "input"]
+    out = [[row["method"], f"{100 * row['success']:.0f}%", number(row["distortion"], 5),
+            f"{row['distortion_vs_reference']:.4f}×", f"{row['time_vs_ddn']:.2f}×"] for row in rows]
+    return table(["method (convnet, targeted)", "found", "sqrt(mean r²)", "vs C&W", "time vs DDN"], out)
+
+
 def attack_headline() -> str:
     """Per model, on its inputs: the distortion of ``BoxLBFGS()``, C&W, DDN (and the exact optimum
     where known), ``BoxLBFGS()``'s distortion against C&W's and its time against DDN's."""
@@ -547,6 +556,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "evaluation-benchmark": evaluation_benchmark,
     "evaluation-cost": evaluation_cost,
     "search-variants": search_variants,
+    "targeted-search": targeted_search,
     "reproductions": reproductions,
     "table1": table1,
     "table2": table2,
