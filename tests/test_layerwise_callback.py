@@ -284,18 +284,6 @@ def test_adversarial_training_is_a_pool_of_the_batch_own_examples_refreshed_ever
             assert int(label) == int(labels[source])
 
 
-def test_by_default_only_correct_rows_are_attacked(tmp_path: Path) -> None:
-    attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
-    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_size=12, capacity=64,
-                                            attack=attack, pooling=EveryStep())
-    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
-    clean, labels = next(iter(tiny_loader()))
-    correct = clean[:12][classifier(clean[:12]).argmax(1) == labels[:12]]
-    assert 0 < len(correct) < 12
-    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
-    torch.testing.assert_close(attack.calls[0][0], correct)
-
-
 class KeepEverything:
     """A user's own pooling policy, duck-typed: ``check`` and ``__call__``, no ``misclassified``."""
 
@@ -306,13 +294,16 @@ class KeepEverything:
         return result.adversarial, torch.ones(len(inputs), dtype=torch.bool)
 
 
-def test_a_policy_without_a_misclassified_attribute_gets_the_correct_rows_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pooling", [EveryStep(), KeepEverything()], ids=["every-step", "duck-typed-policy"])
+def test_by_default_only_correct_rows_are_attacked(tmp_path: Path, pooling) -> None:
+    """Also for a user's policy without a ``misclassified`` attribute."""
     attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
     callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_size=12, capacity=64,
-                                            attack=attack, pooling=KeepEverything())
+                                            attack=attack, pooling=pooling)
     classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
     clean, labels = next(iter(tiny_loader()))
     correct = clean[:12][classifier(clean[:12]).argmax(1) == labels[:12]]
+    assert 0 < len(correct) < 12
     trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
     torch.testing.assert_close(attack.calls[0][0], correct)
     assert len(callback.pools["input"]) == len(correct)
