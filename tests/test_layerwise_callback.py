@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -544,3 +545,59 @@ def test_a_step_replaces_rows_at_its_own_layer_only_when_another_layer_has_the_s
     assert torch.equal(act1_out[0][-rows:], seen["injected"])  # act1's own rows replaced
     weight, bias = fc2_weights[0]
     assert torch.allclose(act2_out[0], torch.sigmoid(act1_out[0] @ weight.T + bias), atol=1e-6)  # act2 as computed
+
+
+class Untraceable(nn.Module):
+    """tiny_mlp's layers behind a forward torch.fx cannot trace (a branch on a shape), so a hidden
+    layer's head is the model replayed on the clean inputs with the layer's output replaced."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny_mlp()
+
+    def forward(self, x):
+        hidden = self.net.act1(self.net.fc1(x))
+        if hidden.shape[0] == 0:
+            return hidden[:, :3]
+        return self.net.out(self.net.act2(self.net.fc2(hidden)))
+
+
+def test_a_model_torch_fx_cannot_trace_pools_hidden_rows_through_its_replayed_head(tmp_path: Path) -> None:
+    classifier = pretrained_classifier()
+    model = Untraceable()
+    model.net.load_state_dict(classifier.model.state_dict())
+    classifier.model = model
+    before = copy.deepcopy(model.net)  # the weights the refresh attacked, before the step changes them
+    callback = LayerwiseAdversarialTraining(["net.act1"], module="model", mix_fraction=0.25, refresh_size=16, capacity=64,
+                                            attack=BoxLBFGS(iterations=30))
+    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
+    pool = callback.pools["net.act1"]
+    assert len(pool) > 0
+    examples, labels = pool.examples[: len(pool)], pool.labels[: len(pool)]
+    with torch.no_grad():  # the head above act1, run directly: each pooled row is misclassified there
+        predicted = before.out(before.act2(before.fc2(examples))).argmax(1)
+    assert bool((predicted != labels).all())
+
+
+class CallsLayersOneByOne(Classifier):
+    """training_step runs the children of ``model.blocks`` one by one, never the module's forward."""
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels = batch
+        for block in self.model:
+            inputs = block(inputs)
+        return nn.functional.cross_entropy(inputs, labels)
+
+
+@pytest.mark.parametrize(("module", "layer", "hint"), [("model", "0.1", ""), (None, "model.0.1", " (e.g. module='model')")],
+                         ids=["module-given", "module-none"])
+def test_a_layer_run_outside_the_classifier_is_refused_with_a_hint_only_where_one_helps(tmp_path: Path, module, layer,
+                                                                                       hint: str) -> None:
+    torch.manual_seed(0)
+    network = nn.Sequential(nn.Sequential(nn.Linear(8, 12), nn.Sigmoid()), nn.Linear(12, 3))
+    classifier = CallsLayersOneByOne(network, num_classes=3)
+    callback = LayerwiseAdversarialTraining([layer], module=module, mix_fraction=0.25, refresh_size=16, capacity=64,
+                                            attack=FastGradient(epsilon=0.1), pooling=EveryStep())
+    with pytest.raises(ValueError) as refused:
+        trainer_for(tmp_path, [callback], max_steps=2).fit(classifier, tiny_loader())
+    assert str(refused.value).endswith(f"Pass that submodule as module=...{hint}, with layer names inside it")
