@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from advtrain.callbacks import LayerwiseAdversarialTraining
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from advtrain import Classifier
 from advtrain.attacks import BoxLBFGS, FastGradient
-from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 
 

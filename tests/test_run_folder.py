@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from advtrain.recipes.run_folder import (
     CLAIM,
     add_common_arguments,
@@ -34,6 +33,7 @@ from advtrain.recipes.run_folder import (
     write_results,
     write_text,
 )
+
 from tests.wandb_records import finished_records, history
 
 
