@@ -57,10 +57,12 @@ def test_common_arguments_parse_to_typed_values_and_their_defaults() -> None:
 
 
 def test_common_arguments_help_says_what_each_default_is() -> None:
-    text = " ".join(parser_with_common_arguments().format_help().split())
-    assert "run folder, new or empty: a folder holding another run is refused" in text
-    assert "W&B mode (default: online with WANDB_API_KEY set, else offline)" in text
-    assert "MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)" in text
+    assert " ".join(parser_with_common_arguments().format_help().split()) == (
+        "usage: advtrain test [-h] [--output OUTPUT] [--wandb {offline,online,off}] [--seed SEED] [--data-dir DATA_DIR] "
+        "options: -h, --help show this help message and exit "
+        "--output OUTPUT run folder, new or empty: a folder holding another run is refused "
+        "--wandb {offline,online,off} W&B mode (default: online with WANDB_API_KEY set, else offline) "
+        "--seed SEED --data-dir DATA_DIR MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
 
 
 def test_wandb_mode_is_the_flag_else_online_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +117,16 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, err
     with pytest.raises(type(error)):
         write_atomically(target, write)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_write_that_removed_its_temporary_before_failing_raises_its_own_error(tmp_path: Path) -> None:
+    def write(temporary: Path) -> None:
+        temporary.unlink()
+        raise RuntimeError("the writer's own error")
+
+    with pytest.raises(RuntimeError, match="the writer's own error"):
+        write_atomically(tmp_path / "results.json", write)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_text_and_write_json(tmp_path: Path) -> None:
@@ -182,7 +194,8 @@ def test_a_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) 
         load_weights(path, "evaluate", "--weights")
     message = str(refused.value)
     assert message.startswith(f"advtrain evaluate: --weights {path} is not a saved state dict (torch.save of model.state_dict()")
-    assert "UnpicklingError" in message and "never loaded with weights_only=False" in message
+    assert "UnpicklingError" in message
+    assert message.endswith("It is never loaded with weights_only=False, which could run code from the file")
     assert not (tmp_path / "code_ran").exists()
 
 
@@ -243,10 +256,27 @@ def test_an_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
         start_run_folder(namespace(tmp_path / "file"))
 
 
-def test_a_recipe_without_a_name_is_called_recipe(tmp_path: Path) -> None:
+@pytest.mark.parametrize("settings", [{"recipe": None}, {}], ids=["none", "absent"])
+def test_a_recipe_without_a_name_is_called_recipe(tmp_path: Path, settings: dict) -> None:
     (tmp_path / "x").write_text("x")
     with pytest.raises(SystemExit, match=r"^advtrain recipe: --output"):
-        start_run_folder(argparse.Namespace(output=tmp_path, recipe=None))
+        start_run_folder(argparse.Namespace(output=tmp_path, **settings))
+
+
+def test_a_run_that_claims_the_folder_between_the_check_and_the_claim_wins(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    output = tmp_path / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir_then_another_run_claims(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        (self / CLAIM).touch()  # the other run, started at the same moment, claims it first
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_then_another_run_claims)
+    with pytest.raises(SystemExit) as refused:
+        start_run_folder(namespace(output))
+    assert str(refused.value).startswith(f"advtrain adversarial-training: --output {output} was claimed by another run")
+    assert [p.name for p in output.iterdir()] == [CLAIM]
 
 
 def test_resume_continues_only_the_same_settings(tmp_path: Path) -> None:
@@ -367,10 +397,12 @@ def test_an_offline_run_holds_the_recipes_settings_tables_and_images(tmp_path: P
     table_file = next(Path(run.dir).rglob("result_*.table.json"))
     assert json.loads(table_file.read_text()) == {"columns": ["model", "error"], "data": [["FC10", 0.5], ["FC100", 0.25]]}
     (tmp_path / "second").mkdir()
-    named = start_wandb(argparse.Namespace(output=tmp_path / "second", wandb="offline"), "ways", "pgd")
-    try:
-        assert named.name == "pgd" and named.group == "ways"
+    unfinished = start_wandb(argparse.Namespace(output=tmp_path / "second", wandb="offline"), "ways", "pgd")
+    named = start_wandb(argparse.Namespace(output=tmp_path / "second", wandb="offline"), "ways", "fast")
+    try:  # a recipe's next way starts its own run: the one before is finished, not returned again
+        assert named.id != unfinished.id and named.name == "fast" and named.group == "ways"
+        (first_file,) = Path(unfinished.dir).parent.glob("run-*.wandb")
+        assert any(record.WhichOneof("record_type") == "run" for record in finished_records(first_file))
     finally:
         named.finish()
-    assert any(record.WhichOneof("record_type") == "run" for record in finished_records(run_file))
 
