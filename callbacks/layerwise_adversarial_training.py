@@ -554,7 +554,7 @@ class LayerwiseAdversarialTraining(Callback):
         ranks = state_dict["ranks"] if "ranks" in state_dict else [state_dict]
         if self._rank >= len(ranks):
             warnings.warn(f"the checkpoint holds pools of {len(ranks)} rank(s); rank {self._rank} starts with empty pools",
-                          stacklevel=2)
+                          stacklevel=3)  # the caller of load_state_dict
             return
         state = ranks[self._rank]
         for layer, pool_state in state["pools"].items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -317,21 +318,28 @@ def test_refresh_statistics_add_up_and_say_zero_kept_when_nothing_was_attacked(t
 
     callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_every=1, refresh_size=12,
                                             capacity=64, attack=FastGradient(epsilon=0.1, norm="linf"), pooling=EveryStep())
-    seconds = []
+    seconds, distortions = [], []
 
     class Watch(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seconds.append(callback.stats["input"]["generation_seconds"])
+            distortions.append(callback.stats["input"]["generation_distortion"])
 
     started = time.perf_counter()
     trainer_for(tmp_path, [callback, Watch()], max_steps=3).fit(pretrained_classifier(), tiny_loader())
     wall = time.perf_counter() - started
     assert len(seconds) == 3 and all(0 < value < wall for value in seconds)
     assert callback.seconds_generating == pytest.approx(sum(seconds))
+    # FGSM at L-inf 0.1 moves every pixel by 0.1 but where the box [0, 1] clips it: rms just below 0.1
+    # (nan for a refresh whose attack fooled no row)
+    found = [value for value in distortions if not math.isnan(value)]
+    assert found and all(0.08 < value <= 0.1 + 1e-6 for value in found), distortions
     inputs = tiny_loader().dataset.tensors[0][:12]
     wrong = (callback._classifier(inputs).argmax(1) + 1) % 3  # every row misclassified
     callback.refresh("input", inputs, wrong)
     assert callback.stats["input"]["generation_attacked"] == 0 and callback.stats["input"]["generation_kept"] == 0
+    assert math.isnan(callback.stats["input"]["generation_distortion"])
+    assert math.isnan(callback.stats["input"]["generation_success"])
 
 
 def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path) -> None:
@@ -398,8 +406,9 @@ def test_an_old_single_rank_checkpoint_restores_and_a_rank_beyond_it_keeps_fresh
     assert len(old.pools["input"]) == 3 and old.steps_taken == {"input": 5} and old.empty_refreshes == {"input": 0}
     beyond = LayerwiseAdversarialTraining(["input"], capacity=4)
     beyond._rank = 1  # a second rank resuming a checkpoint written by one
-    with pytest.warns(UserWarning, match=r"^the checkpoint holds pools of 1 rank\(s\); rank 1 starts with empty pools$"):
+    with pytest.warns(UserWarning, match=r"^the checkpoint holds pools of 1 rank\(s\); rank 1 starts with empty pools$") as caught:
         beyond.load_state_dict(callback.state_dict())
+    assert caught[0].filename == __file__  # the warning names the line that loaded the state
     assert len(beyond.pools["input"]) == 0 and beyond.steps_taken == {"input": 0}
 
 
