@@ -88,7 +88,7 @@ class SeparateBatchStatistics:
         clean, pool = inputs[:-rows], inputs[-rows:]
         dims = [0, *range(2, clean.ndim)]
         with torch.no_grad():
-            mean, var = clean.float().mean(dims), clean.float().var(dims, unbiased=False)
+            var, mean = torch.var_mean(clean.float(), dims, correction=0)
         return torch.cat([output, _normalise(module, pool, mean, var).to(output.dtype)])
 
 
@@ -101,11 +101,11 @@ def _running_or_own(module: _BatchNorm, inputs: torch.Tensor) -> tuple[torch.Ten
 
 
 def _normalise(module: _BatchNorm, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``(rows - mean) / sqrt(var + eps)``, then the layer's affine weights, per channel (dim 1)."""
-    shape = (1, -1, *[1] * (rows.ndim - 2))
-    out = (rows.float() - mean.view(shape)) / torch.sqrt(var.view(shape) + module.eps)
-    if module.weight is not None:
-        out = out * module.weight.view(shape) + module.bias.view(shape)
+    """``(rows - mean) / sqrt(var + eps)``, then the layer's affine weights, per channel (dim 1):
+    one fused batch-norm call in eval form, with ``mean`` and ``var`` as its statistics."""
+    weight = None if module.weight is None else module.weight.float()
+    bias = None if module.bias is None else module.bias.float()
+    out = nn.functional.batch_norm(rows.float(), mean, var, weight, bias, training=False, eps=module.eps)
     return out.to(rows.dtype)
 
 

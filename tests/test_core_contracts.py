@@ -249,3 +249,18 @@ def test_a_pool_s_draws_come_from_its_own_seeded_generator() -> None:
     other = AdversarialPool(8, seed=1)
     other.add(torch.arange(5.0)[:, None], torch.arange(5))
     assert not torch.equal(other.sample(12)[1], draws[0])  # the default seed is 0, not any seed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_rows_of_a_batch_norm_without_affine_weights_in_any_precision(dtype) -> None:
+    x = _batch().to(dtype)
+    norm = nn.BatchNorm2d(4, affine=False).to(dtype)
+    separate = SeparateBatchStatistics(norm)
+    separate.arm(3)
+    output = norm(x)
+    separate.remove()
+    assert output.dtype == dtype
+    clean = x[:7].float()
+    mean, var = clean.mean((0, 2, 3)), clean.var((0, 2, 3), unbiased=False)
+    expected = (x[7:].float() - mean.view(1, -1, 1, 1)) / (var.view(1, -1, 1, 1) + norm.eps).sqrt()
+    torch.testing.assert_close(output[7:].float(), expected.to(dtype).float())
