@@ -342,16 +342,47 @@ def test_refresh_statistics_add_up_and_say_zero_kept_when_nothing_was_attacked(t
     assert math.isnan(callback.stats["input"]["generation_success"])
 
 
-def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path) -> None:
-    """Batches of 16 with 4 pool rows leave 12 clean rows a step; a refresh of 20 rows at the second
-    step attacks the last 8 of the first batch's clean rows and the 12 of the second's."""
+@pytest.mark.parametrize(("batch_size", "mix_fraction", "refresh_size"), [(16, 0.25, 20), (16, 0.5, 20), (4, 0.25, 5)],
+                         ids=["12-clean-rows", "half-mixed", "fewer-rows-than-features"])
+def test_a_refresh_attacks_the_newest_refresh_size_rows(tmp_path: Path, batch_size: int, mix_fraction: float,
+                                                        refresh_size: int) -> None:
+    """Each step keeps the rows the pool leaves clean (the first batch_size - mixed); a refresh at the
+    second step attacks the newest refresh_size of the two steps' clean rows."""
     attack = RecordingAttackInputs(epsilon=0.1, norm="linf")
-    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=0.25, refresh_every=1, refresh_size=20,
-                                            capacity=64, attack=attack, pooling=EveryStep(misclassified=True))
-    trainer_for(tmp_path, [callback], max_steps=2).fit(pretrained_classifier(), tiny_loader())
-    batches = [inputs for inputs, _ in tiny_loader()]
-    torch.testing.assert_close(attack.calls[0][0], batches[0][:12])
-    torch.testing.assert_close(attack.calls[1][0], torch.cat([batches[0][4:12], batches[1][:12]]))
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=mix_fraction, refresh_every=1,
+                                            refresh_size=refresh_size, capacity=64, attack=attack,
+                                            pooling=EveryStep(misclassified=True))
+    trainer_for(tmp_path, [callback], max_steps=2).fit(pretrained_classifier(), tiny_loader(batch_size))
+    clean = batch_size - round(mix_fraction * batch_size)
+    batches = [inputs[:clean] for inputs, _ in tiny_loader(batch_size)]
+    torch.testing.assert_close(attack.calls[0][0], batches[0][-refresh_size:])
+    torch.testing.assert_close(attack.calls[1][0], torch.cat([batches[0], batches[1]])[-refresh_size:])
+
+
+def test_rows_to_mix_rounds_the_share_and_mixes_at_least_one_row() -> None:
+    def rows(share: float, batch: int) -> int:
+        return LayerwiseAdversarialTraining(["input"], mix_fraction=share).rows_to_mix(batch)
+
+    assert [rows(0.02, 16), rows(0.05, 16), rows(0.05, 32), rows(0.05, 64), rows(0.25, 16), rows(1.0, 16)] == [1, 1, 2, 3, 4, 16]
+
+
+class WarmUp(LayerwiseAdversarialTraining):
+    """A warm-up, as the docs suggest: no pool before the second epoch."""
+
+    def is_active(self, trainer: pl.Trainer) -> bool:
+        return trainer.current_epoch >= 1
+
+
+def test_overriding_is_active_gives_a_warm_up(tmp_path: Path) -> None:
+    callback = WarmUp(["input"], module="model", mix_fraction=0.25, refresh_size=16, capacity=64)
+    epochs = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            epochs.append((len(callback.pools["input"]), callback.steps_taken["input"]))
+
+    trainer_for(tmp_path, [callback, Watch()], max_epochs=2).fit(pretrained_classifier(), tiny_loader())
+    assert epochs[0] == (0, 0) and epochs[1][0] > 0 and epochs[1][1] == 3  # three batches of 16 in the second epoch
 
 
 def _run(tmp_path: Path, epochs: int, ckpt: str | None = None, save: str | None = None):
@@ -572,20 +603,23 @@ class Untraceable(nn.Module):
 
 
 def test_a_model_torch_fx_cannot_trace_pools_hidden_rows_through_its_replayed_head(tmp_path: Path) -> None:
+    """Refreshes of 4 rows at every step, the weights held (lr 0): the pool outgrows the rows the
+    replayed head was made for, and the pool error is still measured on every pooled row."""
     classifier = pretrained_classifier()
+    classifier.hparams.lr = 0.0
     model = Untraceable()
     model.net.load_state_dict(classifier.model.state_dict())
     classifier.model = model
-    before = copy.deepcopy(model.net)  # the weights the refresh attacked, before the step changes them
-    callback = LayerwiseAdversarialTraining(["net.act1"], module="model", mix_fraction=0.25, refresh_size=16, capacity=64,
-                                            attack=BoxLBFGS(iterations=30))
-    trainer_for(tmp_path, [callback], max_steps=1).fit(classifier, tiny_loader())
+    callback = LayerwiseAdversarialTraining(["net.act1"], module="model", mix_fraction=0.25, refresh_size=4, refresh_every=1,
+                                            capacity=64, attack=BoxLBFGS(iterations=30))
+    trainer_for(tmp_path, [callback], max_steps=3).fit(classifier, tiny_loader())
     pool = callback.pools["net.act1"]
-    assert len(pool) > 0
+    assert len(pool) > 4  # more pool rows than the 4 clean rows of the last refresh
     examples, labels = pool.examples[: len(pool)], pool.labels[: len(pool)]
     with torch.no_grad():  # the head above act1, run directly: each pooled row is misclassified there
-        predicted = before.out(before.act2(before.fc2(examples))).argmax(1)
+        predicted = model.net.out(model.net.act2(model.net.fc2(examples))).argmax(1)
     assert bool((predicted != labels).all())
+    assert callback.stats["net.act1"]["pool_error"] == 1.0
 
 
 class CallsLayersOneByOne(Classifier):
