@@ -1,20 +1,23 @@
 """What the callbacks cost on a model we did not write: torchvision's resnet18 (random weights) on
 32×32 synthetic images, one run, every setting against plain training in the same process.
 
-    python benchmarks/real_model_cost.py [--epochs 2] [--accelerator cpu|gpu]
+    python benchmarks/real_model_cost.py [--epochs 3] [--repeats 3] [--accelerator cpu|gpu]
 
 Settings: no callback; ``LayerwiseAdversarialTraining(["layer2"], module="net")`` with its defaults
 (an epoch is 96 steps, the default ``refresh_every``, so each epoch holds one refresh); the same
 with every step attacking the batch before it (``refresh_every=1, refresh_size=32``); and
-``LipschitzMonitor(module="net")`` computing the bounds at every epoch's end. Reports the mean wall
-time of the epochs after the first (which warms up) and each one's ratio to plain training.
-Writes ``benchmarks/results/real_model_cost/results.json``.
+``LipschitzMonitor(module="net")`` computing the bounds at every epoch's end. The settings run in
+turn, ``--repeats`` times over (the slow every-step setting once), so that a drift of the machine
+touches all of them alike. Reports the median wall time of the epochs after each run's first (which
+warms up) and its ratio to plain training's median. Writes
+``benchmarks/results/real_model_cost/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -77,34 +80,50 @@ def settings() -> dict[str, pl.Callback | None]:
     }
 
 
+#: Settings too slow to repeat: run once.
+RUN_ONCE = ("pools_layer2_refresh_every_step",)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/real_model_cost"))
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch warms up and is left out")
-    measured = {}
-    for name, callback in settings().items():
-        seconds = epoch_seconds(callback, args.epochs, args.accelerator)
-        measured[name] = {"epoch_seconds": seconds, "mean_after_warmup": sum(seconds[1:]) / len(seconds[1:])}
-        if isinstance(callback, LayerwiseAdversarialTraining):
-            measured[name]["seconds_generating"] = callback.seconds_generating
-            measured[name]["pool_size"] = len(callback.pools["layer2"])
-    plain = measured["plain"]["mean_after_warmup"]
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    measured: dict[str, dict] = {}
+    for repeat in range(args.repeats):
+        for name, callback in settings().items():
+            if repeat and name in RUN_ONCE:
+                continue
+            seconds = epoch_seconds(callback, args.epochs, args.accelerator)
+            entry = measured.setdefault(name, {"epoch_seconds": [], "seconds_generating": [], "pool_size": []})
+            entry["epoch_seconds"].append(seconds)
+            if isinstance(callback, LayerwiseAdversarialTraining):
+                entry["seconds_generating"].append(callback.seconds_generating)
+                entry["pool_size"].append(len(callback.pools["layer2"]))
     for entry in measured.values():
-        entry["ratio_to_plain"] = entry["mean_after_warmup"] / plain
+        entry["median_after_warmup"] = statistics.median(s for run in entry["epoch_seconds"] for s in run[1:])
+        entry["mean_after_warmup"] = statistics.mean(s for run in entry["epoch_seconds"] for s in run[1:])
+        if not entry["seconds_generating"]:
+            del entry["seconds_generating"], entry["pool_size"]
+    plain = measured["plain"]["median_after_warmup"]
+    for entry in measured.values():
+        entry["ratio_to_plain"] = entry["median_after_warmup"] / plain
     device = torch.cuda.get_device_name(0) if args.accelerator == "gpu" else platform.processor() or platform.machine()
     result = {"model": "torchvision resnet18 (random weights), 32×32 synthetic images",
-              "steps_per_epoch": STEPS_PER_EPOCH, "batch_size": BATCH_SIZE, "epochs": args.epochs,
+              "steps_per_epoch": STEPS_PER_EPOCH, "batch_size": BATCH_SIZE, "epochs": args.epochs, "repeats": args.repeats,
               "accelerator": args.accelerator, "device": device, "threads": torch.get_num_threads(),
               "settings": measured}
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print("| setting | seconds per epoch | ratio to plain |\n|---|---|---|")
     for name, entry in measured.items():
-        print(f"| {name} | {entry['mean_after_warmup']:.2f} | {entry['ratio_to_plain']:.2f} |")
+        print(f"| {name} | {entry['median_after_warmup']:.2f} | {entry['ratio_to_plain']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from advtrain.pooling import PoolingPolicy, Successes
 
 #: The default generator's settings: a cheap search (an adversarial example need not be minimal to
 #: train on) towards a random wrong class, the paper's practice. docs/ gives their measured cost.
-GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10, target="random")
+GENERATION_ATTACK = dict(loss="margin", search_steps=2, iterations=10, refine_steps=5, target="random")
 #: A pool still empty after this many refreshes of its layer is warned about, with the reason.
 EMPTY_REFRESHES_WARNED = 3
 
@@ -136,7 +136,7 @@ class LayerwiseAdversarialTraining(Callback):
         capacity: int = 4096,
         mix_fraction: float = 0.05,
         refresh_every: int = 96,
-        refresh_size: int = 256,
+        refresh_size: int = 128,
         attack: Attack | None = None,
         pooling: PoolingPolicy | None = None,
         module: str | None = None,

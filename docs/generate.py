@@ -263,6 +263,37 @@ def ways_commands() -> str:
     return table(["model", "command"], rows)
 
 
+#: The callback's current defaults measured on FC100-100-10 (``--ways weight-decay input-pools``), one
+#: folder per seed, beside the ways table's ``input-pools`` row of the same seed.
+DEFAULTS_RUNS = ["defaults-fc100-seed0", "defaults-fc100-seed1"]
+
+
+def defaults_check() -> str:
+    """The ways table's ``input-pools`` row against the same way with the callback's current
+    defaults, seed by seed; weight decay of the same run as the reference."""
+    rows = []
+    for name in DEFAULTS_RUNS:
+        if not (RESULTS / name).is_dir():
+            continue
+        config, results, _ = run_folder(name)
+        seed = config.get("seed", 0)
+        _, earlier, _ = run_folder(f"ways-fc100-seed{seed}")
+        settings = config["ways_resolved"]["input-pools"]
+        for label, entries in (("`weight-decay` (this run)", results), ("`input-pools`, the ways table", earlier),
+                               (f"`input-pools`, the defaults now (refresh {settings['refresh_size']} rows, 5 refine steps)", results)):
+            way = "weight-decay" if label.startswith("`weight-decay`") else "input-pools"
+            entry = next(e for e in entries if e["way"] == way)
+            rows.append([str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
+                         robust_errors([entry], "l2"), number(entry["mean_distortion"])])
+    return table(["seed", "way", "test error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
+                  "mean minimal distortion"], rows)
+
+
+def defaults_commands() -> str:
+    rows = [[name, f"`{short_command(run_folder(name)[2])}`"] for name in DEFAULTS_RUNS if (RESULTS / name).is_dir()]
+    return table(["run", "command"], rows)
+
+
 def mean_robust_error(entry: dict) -> float | None:
     """The mean of a way's robust errors over every budget of both norms (``None`` without them)."""
     values = [value for errors in entry.get("robust_error", {}).values() for value in errors.values()]
@@ -295,9 +326,11 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 
 def real_model_cost() -> str:
     result = load(BENCHMARKS / "real_model_cost" / "results.json")
-    rows = [[name.replace("_", " "), f"{entry['mean_after_warmup']:.1f}", f"{entry['ratio_to_plain']:.2f}×"]
+    rows = [[name.replace("_", " "), f"{entry['median_after_warmup']:.1f}",
+             f"{len([s for run in entry['epoch_seconds'] for s in run[1:]])}", f"{entry['ratio_to_plain']:.2f}×"]
             for name, entry in result["settings"].items()]
-    return table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch", "against plain"], rows)
+    return table(["setting (resnet18, 32×32, 96 steps of 32)", "median seconds per epoch", "epochs timed",
+                  "against plain"], rows)
 
 
 def full_autoattack_rows() -> dict[str, dict]:
@@ -553,6 +586,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "real-model-cost": real_model_cost,
     "ways": ways,
     "ways-commands": ways_commands,
+    "defaults-check": defaults_check,
+    "defaults-commands": defaults_commands,
     "evaluation-benchmark": evaluation_benchmark,
     "evaluation-cost": evaluation_cost,
     "search-variants": search_variants,

@@ -55,18 +55,20 @@ def test_the_readme_is_short_and_its_links_resolve() -> None:
             assert (page.parent / link).exists(), f"{page.name}: {link}"
 
 
-def test_the_callback_defaults_are_the_settings_of_the_ways_table_input_pools_row() -> None:
-    """docs/adversarial-training.md says the defaults come from the `input-pools` row of the ways
-    table: changing a default without a measured row behind it fails here."""
+def test_the_callback_defaults_are_the_settings_of_the_measured_defaults_rows() -> None:
+    """docs/adversarial-training.md says the defaults are the ways table's `input-pools` row with a
+    smaller refresh and a shorter bisection, measured again (docs/results/defaults-fc100-seed*):
+    changing a default without a measured row behind it fails here."""
     import inspect
 
     import yaml
 
     from advtrain.callbacks import LayerwiseAdversarialTraining
+    from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 
     defaults = {name: parameter.default for name, parameter in
                 inspect.signature(LayerwiseAdversarialTraining).parameters.items()}
-    rows = sorted((REPO / "docs" / "results").glob("ways-fc100-seed*/input-pools.yaml"))
+    rows = sorted((REPO / "docs" / "results").glob("defaults-fc100-seed*/input-pools.yaml"))
     assert len(rows) >= 2, rows
     for path in rows:
         config = yaml.safe_load(path.read_text())
@@ -74,3 +76,6 @@ def test_the_callback_defaults_are_the_settings_of_the_ways_table_input_pools_ro
                      "pool_device"):
             assert config[name] == defaults[name], (path, name, config[name], defaults[name])
         assert config["layers"] == list(defaults["layers"])
+    # `attack: null` in those rows is BoxLBFGS(**GENERATION_ATTACK) as it was measured
+    assert GENERATION_ATTACK == {"loss": "margin", "search_steps": 2, "iterations": 10, "refine_steps": 5,
+                                 "target": "random"}
