@@ -251,6 +251,20 @@ def test_only_points_inside_the_box_within_the_budget_and_misclassified_count() 
     assert verified_breaks(model, inputs, labels, far, "linf", epsilon, (0.0, 0.6)).tolist() == (within & inside).tolist()
     assert not bool((within & inside).all()) and bool((within & inside).any())  # some refused for the box alone
     assert not verified_breaks(model, inputs, labels, inputs, "linf", epsilon, (0.0, 1.0)).any()  # not misclassified
+    # the budget is read in the norm given: in L2 the same points lie sqrt(16) times as far
+    in_l2 = (far - inputs).norm(dim=1) <= epsilon
+    assert verified_breaks(model, inputs, labels, far, "l2", epsilon, (0.0, 1.0)).tolist() == in_l2.tolist() != within.tolist()
+
+
+def test_a_float64_point_exactly_on_a_bound_counts_as_inside() -> None:
+    """0.1 has no exact float32 value: the box is compared in the inputs' own precision."""
+    model = nn.Linear(2, 2).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+        model.bias.zero_()
+    inputs = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
+    points = torch.tensor([[0.1, 0.2]], dtype=torch.float64)  # class 1 now, on the lower bound
+    assert verified_breaks(model, inputs, torch.tensor([0]), points, "linf", 0.5, (0.1, 0.9)).tolist() == [True]
 
 
 def test_a_random_model_is_flagged_not_a_crash_when_the_search_saw_other_correct_rows(tmp_path) -> None:
