@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import pickle
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from advtrain import Classifier
 from advtrain.attacks import BoxLBFGS, FastGradient
 from advtrain.pooling import EveryStep, Successes, WithinBudget
+from tests.mutation_aliases import under_mutmut
 
 
 def tiny_mlp() -> nn.Sequential:
@@ -440,7 +440,7 @@ def test_an_old_single_rank_checkpoint_restores_and_a_rank_beyond_it_keeps_fresh
     beyond._rank = 1  # a second rank resuming a checkpoint written by one
     with pytest.warns(UserWarning, match=r"^the checkpoint holds pools of 1 rank\(s\); rank 1 starts with empty pools$") as caught:
         beyond.load_state_dict(callback.state_dict())
-    if not os.environ.get("MUTANT_UNDER_TEST"):  # mutmut's trampoline adds a frame between the methods
+    if not under_mutmut():  # mutmut's trampoline adds a frame between the methods
         assert caught[0].filename == __file__  # the warning names the line that loaded the state
     assert len(beyond.pools["input"]) == 0 and beyond.steps_taken == {"input": 0}
 
