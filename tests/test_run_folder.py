@@ -372,7 +372,17 @@ def test_without_wandb_nothing_is_started_or_logged(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_offline_run_holds_the_recipes_settings_tables_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def fresh_wandb():
+    """W&B torn down after the test: its process-wide settings would carry into later tests' loggers."""
+    import wandb
+
+    yield
+    wandb.teardown()
+
+
+def test_an_offline_run_holds_the_recipes_settings_tables_and_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     fresh_wandb) -> None:
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     image = tmp_path / "figure.png"
