@@ -101,16 +101,14 @@ def main() -> None:
             if repeat and name in RUN_ONCE:
                 continue
             seconds = epoch_seconds(callback, args.epochs, args.accelerator)
-            entry = measured.setdefault(name, {"epoch_seconds": [], "seconds_generating": [], "pool_size": []})
+            entry = measured.setdefault(name, {"epoch_seconds": []})
             entry["epoch_seconds"].append(seconds)
             if isinstance(callback, LayerwiseAdversarialTraining):
-                entry["seconds_generating"].append(callback.seconds_generating)
-                entry["pool_size"].append(len(callback.pools["layer2"]))
+                entry.setdefault("seconds_generating", []).append(callback.seconds_generating)
+                entry.setdefault("pool_size", []).append(len(callback.pools["layer2"]))
     for entry in measured.values():
-        entry["median_after_warmup"] = statistics.median(s for run in entry["epoch_seconds"] for s in run[1:])
-        entry["mean_after_warmup"] = statistics.mean(s for run in entry["epoch_seconds"] for s in run[1:])
-        if not entry["seconds_generating"]:
-            del entry["seconds_generating"], entry["pool_size"]
+        timed = [s for run in entry["epoch_seconds"] for s in run[1:]]
+        entry["median_after_warmup"], entry["mean_after_warmup"] = statistics.median(timed), statistics.mean(timed)
     plain = measured["plain"]["median_after_warmup"]
     for entry in measured.values():
         entry["ratio_to_plain"] = entry["median_after_warmup"] / plain

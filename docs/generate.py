@@ -278,10 +278,11 @@ def defaults_check() -> str:
         config, results, _ = run_folder(name)
         seed = config.get("seed", 0)
         _, earlier, _ = run_folder(f"ways-fc100-seed{seed}")
-        settings = config["ways_resolved"]["input-pools"]
-        for label, entries in (("`weight-decay` (this run)", results), ("`input-pools`, the ways table", earlier),
-                               (f"`input-pools`, the defaults now (refresh {settings['refresh_size']} rows, 5 refine steps)", results)):
-            way = "weight-decay" if label.startswith("`weight-decay`") else "input-pools"
+        refresh = config["ways_resolved"]["input-pools"]["refresh_size"]
+        for way, label, entries in (("weight-decay", "`weight-decay` (this run)", results),
+                                    ("input-pools", "`input-pools`, the ways table", earlier),
+                                    ("input-pools", f"`input-pools`, the defaults now (refresh {refresh} rows, 5 refine steps)",
+                                     results)):
             entry = next(e for e in entries if e["way"] == way)
             rows.append([str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
                          robust_errors([entry], "l2"), number(entry["mean_distortion"])])
@@ -327,7 +328,7 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 def real_model_cost() -> str:
     result = load(BENCHMARKS / "real_model_cost" / "results.json")
     rows = [[name.replace("_", " "), f"{entry['median_after_warmup']:.1f}",
-             f"{len([s for run in entry['epoch_seconds'] for s in run[1:]])}", f"{entry['ratio_to_plain']:.2f}×"]
+             f"{sum(len(run) - 1 for run in entry['epoch_seconds'])}", f"{entry['ratio_to_plain']:.2f}×"]
             for name, entry in result["settings"].items()]
     return table(["setting (resnet18, 32×32, 96 steps of 32)", "median seconds per epoch", "epochs timed",
                   "against plain"], rows)

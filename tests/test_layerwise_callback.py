@@ -624,7 +624,7 @@ def test_a_model_torch_fx_cannot_trace_pools_hidden_rows_through_its_replayed_he
 
 
 class CallsLayersOneByOne(Classifier):
-    """training_step runs the children of ``model.blocks`` one by one, never the module's forward."""
+    """training_step runs the children of ``self.model`` one by one, never the module's forward."""
 
     def training_step(self, batch, batch_idx):
         inputs, labels = batch
