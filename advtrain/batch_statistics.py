@@ -86,10 +86,16 @@ class SeparateBatchStatistics:
                 buffer.copy_(buffers[name])
             return _normalise(module, inputs, *_running_or_own(module, inputs))
         clean, pool = inputs[:-rows], inputs[-rows:]
-        dims = [0, *range(2, clean.ndim)]
-        with torch.no_grad():
-            var, mean = torch.var_mean(clean.float(), dims, correction=0)
-        return torch.cat([output, _normalise(module, pool, mean, var).to(output.dtype)])
+        return torch.cat([output, _normalise(module, pool, *_batch_statistics(clean, module.eps)).to(output.dtype)])
+
+
+@torch.no_grad()
+def _batch_statistics(rows: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``rows`` (dim 1), in float32, detached: from the
+    mean and ``1 / sqrt(var + eps)`` that batch norm's own kernel computes, so that pool rows get
+    the statistics the layer normalises the clean rows with, rounding included."""
+    _, mean, inverse_std = torch.native_batch_norm(rows.float(), None, None, None, None, True, 0.0, eps)
+    return mean, inverse_std.pow(-2) - eps
 
 
 def _running_or_own(module: _BatchNorm, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,17 +1,21 @@
-"""What the generation search's final bisection buys: ``BoxLBFGS(**GENERATION_ATTACK)`` with its
-``refine_steps`` varied, on the activations at resnet18's ``layer2`` (random weights trained one
-epoch on real_model_cost.py's synthetic images), the rows it classifies right, one refresh's worth.
+"""What the generation search's iterations and final bisection buy: ``BoxLBFGS(**GENERATION_ATTACK)``
+with its ``iterations`` and ``refine_steps`` varied, on the activations at resnet18's ``layer2``
+(random weights trained one epoch on real_model_cost.py's synthetic images), the rows it classifies
+right, one refresh's worth.
 
-    python benchmarks/generation_refine.py [--steps 20 5] [--rows 256]
+    python benchmarks/generation_refine.py [--settings 10:20 10:5 7:5] [--repeats 2] [--rows 256]
 
-Each setting attacks the same rows towards the same random wrong classes (the same generator
-seed). Reports seconds, success rate and mean distortion (sqrt(mean r²)) of each, and each one's
-time as a ratio to the first. Writes ``benchmarks/results/generation_refine/results.json``.
+A setting is ``ITERATIONS:REFINE_STEPS``. Each attacks the same rows towards the same random wrong
+classes (the same generator seed), ``--repeats`` times in turn, so that a drift of the machine
+touches every setting alike. Reports each one's median seconds, success rate and mean distortion
+(sqrt(mean r²)), and its time as a ratio to the first setting's. Writes
+``benchmarks/results/generation_refine/results.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -41,33 +45,51 @@ def layer2_rows(rows: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
     return head, activations[right], labels[right]
 
 
+def setting(text: str) -> tuple[int, int]:
+    """``ITERATIONS:REFINE_STEPS`` as two counts."""
+    iterations, separator, refine_steps = text.partition(":")
+    if not separator or not iterations.isdigit() or not refine_steps.isdigit():
+        raise argparse.ArgumentTypeError(f"a setting is ITERATIONS:REFINE_STEPS, e.g. 10:5; got {text!r}")
+    return int(iterations), int(refine_steps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[20, 5], help="refine_steps of each setting")
+    parser.add_argument("--settings", type=setting, nargs="+", default=[(10, 20), (10, 5), (7, 5)],
+                        help="ITERATIONS:REFINE_STEPS of each setting")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/generation_refine"))
     args = parser.parse_args()
     head, activations, labels = layer2_rows(args.rows)
-    measured = []
-    for steps in args.steps:
-        attack = BoxLBFGS(**{**GENERATION_ATTACK, "refine_steps": steps})
-        started = time.perf_counter()
-        with torch.no_grad():
-            result = attack(head, activations, labels, bounds=(0.0, float("inf")), generator=torch.Generator().manual_seed(0))
-        seconds = time.perf_counter() - started
-        measured.append({"refine_steps": steps, "seconds": seconds, "success_rate": result.success_rate,
-                         "mean_distortion": result.mean_distortion})
+    seconds: dict[tuple[int, int], list[float]] = {settings: [] for settings in args.settings}
+    outcome = {}
+    for _ in range(args.repeats):
+        for iterations, refine_steps in args.settings:
+            attack = BoxLBFGS(**{**GENERATION_ATTACK, "iterations": iterations, "refine_steps": refine_steps})
+            started = time.perf_counter()
+            with torch.no_grad():
+                result = attack(head, activations, labels, bounds=(0.0, float("inf")),
+                                generator=torch.Generator().manual_seed(0))
+            seconds[iterations, refine_steps].append(time.perf_counter() - started)
+            outcome[iterations, refine_steps] = (result.success_rate, result.mean_distortion)
+    measured = [{"iterations": iterations, "refine_steps": refine_steps, "seconds": runs,
+                 "median_seconds": statistics.median(runs), "success_rate": outcome[iterations, refine_steps][0],
+                 "mean_distortion": outcome[iterations, refine_steps][1]}
+                for (iterations, refine_steps), runs in seconds.items()]
     for entry in measured:
-        entry["time_ratio_to_first"] = entry["seconds"] / measured[0]["seconds"]
+        entry["time_ratio_to_first"] = entry["median_seconds"] / measured[0]["median_seconds"]
     result = {"model": "torchvision resnet18 (random weights, one epoch on synthetic 32x32 images), layer2",
-              "rows": int(labels.numel()), "attack": {k: v for k, v in GENERATION_ATTACK.items() if k != "refine_steps"},
+              "rows": int(labels.numel()), "repeats": args.repeats,
+              "attack": {k: v for k, v in GENERATION_ATTACK.items() if k not in ("iterations", "refine_steps")},
               "threads": torch.get_num_threads(), "settings": measured}
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)
-    print(f"{labels.numel()} rows\n| refine steps | seconds | time / first | success | mean distortion |\n|---|---|---|---|---|")
+    print(f"{labels.numel()} rows\n| iterations | refine steps | median seconds | time / first | success | "
+          "mean distortion |\n|---|---|---|---|---|---|")
     for entry in measured:
-        print(f"| {entry['refine_steps']} | {entry['seconds']:.2f} | {entry['time_ratio_to_first']:.2f} | "
-              f"{entry['success_rate']:.3f} | {entry['mean_distortion']:.5f} |")
+        print(f"| {entry['iterations']} | {entry['refine_steps']} | {entry['median_seconds']:.2f} | "
+              f"{entry['time_ratio_to_first']:.2f} | {entry['success_rate']:.3f} | {entry['mean_distortion']:.5f} |")
 
 
 if __name__ == "__main__":

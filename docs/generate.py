@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -263,26 +264,68 @@ def ways_commands() -> str:
     return table(["model", "command"], rows)
 
 
-#: The callback's current defaults measured on FC100-100-10 (``--ways weight-decay input-pools``), one
-#: folder per seed, beside the ways table's ``input-pools`` row of the same seed.
-DEFAULTS_RUNS = ["defaults-fc100-seed0", "defaults-fc100-seed1"]
+#: Cheaper settings of the callback's defaults measured on FC100-100-10, one folder per seed and
+#: step (``{seed}`` filled in), each with the generation search's settings it measured (older run
+#: folders record ``attack: null``, the default), and whether it is the defaults now. The first
+#: step's runs of seeds 0 and 1 hold weight decay of the same run, the reference.
+DEFAULTS_STEPS = [
+    ("defaults-fc100-seed{seed}", "10 iterations per c, 5 refine steps", True),
+    ("defaults-iterations7-fc100-seed{seed}", "7 iterations per c, 5 refine steps", False),
+]
+#: The folder pattern of the defaults now.
+CURRENT_DEFAULTS = next(folder for folder, _, current in DEFAULTS_STEPS if current)
+#: The ``input-pools`` way with the ways table's settings, by seed: the ways table's own runs, and
+#: for a seed the table did not run, that way alone with the table's settings.
+TABLE_SETTINGS_RUNS = {0: "ways-fc100-seed0", 1: "ways-fc100-seed1", 2: "ways-settings-input-pools-fc100-seed2"}
+
+
+def defaults_runs() -> list[str]:
+    """The committed folders of :data:`DEFAULTS_STEPS`, and the table-settings runs outside the
+    ways table, seed by seed."""
+    names = []
+    for seed, table_run in TABLE_SETTINGS_RUNS.items():
+        candidates = ([] if table_run.startswith("ways-fc100") else [table_run]) + \
+            [folder.format(seed=seed) for folder, _, _ in DEFAULTS_STEPS]
+        names += [name for name in candidates if (RESULTS / name).is_dir()]
+    return names
 
 
 def defaults_check() -> str:
-    """The ways table's ``input-pools`` row against the same way with the callback's current
-    defaults, seed by seed; weight decay of the same run as the reference."""
+    """The ``input-pools`` way with the ways table's settings against the same way with the
+    callback's defaults after each change, seed by seed; weight decay of the first step's run as the
+    reference where it ran."""
+    def refresh(config: dict) -> str:
+        return f"refresh {config['ways_resolved']['input-pools']['refresh_size']} rows"
+
+    def search(config: dict, recorded_elsewhere: str) -> str:
+        """The generation search's settings as the run folder records them (newer folders), else
+        as :data:`DEFAULTS_STEPS` states them."""
+        attack = config["ways_resolved"]["input-pools"]["attack"]
+        if attack is None:
+            return recorded_elsewhere
+        settings = attack["init_args"]
+        return f"{settings['iterations']} iterations per c, {settings['refine_steps']} refine steps"
+
     rows = []
-    for name in DEFAULTS_RUNS:
-        if not (RESULTS / name).is_dir():
+    for seed, table_run in TABLE_SETTINGS_RUNS.items():
+        if not (RESULTS / table_run).is_dir():
             continue
-        config, results, _ = run_folder(name)
-        seed = config.get("seed", 0)
-        _, earlier, _ = run_folder(f"ways-fc100-seed{seed}")
-        refresh = config["ways_resolved"]["input-pools"]["refresh_size"]
-        for way, label, entries in (("weight-decay", "`weight-decay` (this run)", results),
-                                    ("input-pools", "`input-pools`, the ways table", earlier),
-                                    ("input-pools", f"`input-pools`, the defaults now (refresh {refresh} rows, 5 refine steps)",
-                                     results)):
+        labelled = []
+        first = DEFAULTS_STEPS[0][0].format(seed=seed)
+        if (RESULTS / first).is_dir() and any(entry["way"] == "weight-decay" for entry in run_folder(first)[1]):
+            labelled.append(("weight-decay", f"`weight-decay` (run `{first}`)", run_folder(first)[1]))
+        config, results, _ = run_folder(table_run)
+        where = "the ways table" if table_run.startswith("ways-fc100") else "the ways table's settings"
+        labelled.append(("input-pools", f"`input-pools`, {where} ({refresh(config)}, "
+                         f"{search(config, '10 iterations per c, 20 refine steps')})", results))
+        for folder, settings, current in DEFAULTS_STEPS:
+            name = folder.format(seed=seed)
+            if (RESULTS / name).is_dir():
+                config, results, _ = run_folder(name)
+                now = " (the defaults now)" if current else ""
+                labelled.append(("input-pools", f"`input-pools`, {refresh(config)}, {search(config, settings)}{now}",
+                                 results))
+        for way, label, entries in labelled:
             entry = next(e for e in entries if e["way"] == way)
             rows.append([str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
                          robust_errors([entry], "l2"), number(entry["mean_distortion"])])
@@ -290,9 +333,40 @@ def defaults_check() -> str:
                   "mean minimal distortion"], rows)
 
 
+def defaults_shift() -> str:
+    """Each step of :data:`DEFAULTS_STEPS` against the ``input-pools`` way with the ways table's
+    settings, averaged over the seeds both ran: the change in test error and in robust error at
+    every budget, in points (positive: worse)."""
+    rows, budgets = [], []
+    for folder, settings, current in DEFAULTS_STEPS:
+        pairs = []
+        for seed, table_run in TABLE_SETTINGS_RUNS.items():
+            name = folder.format(seed=seed)
+            if (RESULTS / name).is_dir() and (RESULTS / table_run).is_dir():
+                now = next(e for e in run_folder(name)[1] if e["way"] == "input-pools")
+                before = next(e for e in run_folder(table_run)[1] if e["way"] == "input-pools")
+                pairs.append((seed, now, before))
+        if not pairs:
+            continue
+
+        def shift(value) -> str:
+            mean = sum(value(now) - value(before) for _, now, before in pairs) / len(pairs)
+            return f"{100 * mean:+.1f}"
+
+        budgets = [(norm, budget) for norm in ("linf", "l2") for budget in pairs[0][1]["robust_error"][norm]]
+        rows.append([settings + (" (the defaults now)" if current else ""), ", ".join(str(seed) for seed, _, _ in pairs),
+                     shift(lambda e: e["test_error"]),
+                     *[shift(lambda e, n=norm, b=budget: e["robust_error"][n][b]) for norm, budget in budgets]])
+    header = ["generation search (refresh 128 rows)", "seeds", "test error"]
+    header += [f"{'L∞' if norm == 'linf' else 'L2'} {budget}" for norm, budget in budgets]
+    return table(header, rows)
+
+
 def defaults_commands() -> str:
-    rows = [[name, f"`{short_command(run_folder(name)[2])}`"] for name in DEFAULTS_RUNS if (RESULTS / name).is_dir()]
-    return table(["run", "command"], rows)
+    searches = {folder.format(seed=seed): settings for folder, settings, _ in DEFAULTS_STEPS for seed in TABLE_SETTINGS_RUNS}
+    rows = [[name, searches.get(name, "the ways table's"), f"`{short_command(run_folder(name)[2])}`"]
+            for name in defaults_runs()]
+    return table(["run", "generation search when it ran", "command"], rows)
 
 
 def mean_robust_error(entry: dict) -> float | None:
@@ -325,13 +399,63 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
                 lambda r: f"{100 * r:.0f}%", y_high=1.0)
 
 
+#: The plain-PyTorch peers of the recipe's callback ways (``benchmarks/reference_fast_gradient.py
+#: --method M``), by way.
+REFERENCE_PEERS = {"pgd": "reference_pgd", "fast": "reference_fast"}
+
+
+def reference_peers() -> str:
+    """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
+    seeds the loop ran."""
+    rows = []
+    for way, folder in REFERENCE_PEERS.items():
+        path = BENCHMARKS / folder / "results.json"
+        if not path.is_file():
+            continue
+        for run in load(path)["runs"]:
+            seed = run["seed"]
+            _, results, _ = run_folder(f"ways-fc100-seed{seed}")
+            callback = next(entry for entry in results if entry["way"] == way)
+            for label, entry in ((f"`{way}` through the callback", callback), ("the plain-PyTorch loop", run)):
+                rows.append([way, str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
+                             robust_errors([entry], "l2"), number(entry["mean_distortion"])])
+    return table(["method", "seed", "trained by", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
+                  "robust error L2 1 / 1.5 / 2", "mean minimal distortion"], rows)
+
+
 def real_model_cost() -> str:
     result = load(BENCHMARKS / "real_model_cost" / "results.json")
-    rows = [[name.replace("_", " "), f"{entry['median_after_warmup']:.1f}",
-             f"{sum(len(run) - 1 for run in entry['epoch_seconds'])}", f"{entry['ratio_to_plain']:.2f}×"]
+    def generating(entry: dict) -> str:  # the refreshes' seconds per epoch, over every epoch run
+        runs = entry.get("seconds_generating")
+        epochs = sum(len(run) for run in entry["epoch_seconds"])
+        return "–" if not runs else f"{sum(runs) / epochs:.1f}"
+
+    plain = result["settings"]["plain"]["epoch_seconds"]
+
+    def per_repeat(entry: dict) -> str:
+        """Each repeat's median epoch against the plain run just before it: the spread the machine's
+        drift leaves (a setting run once, against the first plain run)."""
+        ratios = [statistics.median(run[1:]) / statistics.median(reference[1:])
+                  for run, reference in zip(entry["epoch_seconds"], plain)]
+        return f"{min(ratios):.2f}–{max(ratios):.2f}×" if len(ratios) > 1 else f"{ratios[0]:.2f}×"
+
+    rows = [[name.replace("_", " "), f"{entry['median_after_warmup']:.1f}", generating(entry),
+             f"{sum(len(run) - 1 for run in entry['epoch_seconds'])}", f"{entry['ratio_to_plain']:.2f}×",
+             per_repeat(entry)]
             for name, entry in result["settings"].items()]
-    return table(["setting (resnet18, 32×32, 96 steps of 32)", "median seconds per epoch", "epochs timed",
-                  "against plain"], rows)
+    return table(["setting (resnet18, 32×32, 96 steps of 32)", "median seconds per epoch",
+                  "of which generating (mean, warm-up included)", "epochs timed", "against plain",
+                  "repeat by repeat"], rows)
+
+
+def generation_settings() -> str:
+    """The generation search's iterations and bisection steps against time and distortion."""
+    result = load(BENCHMARKS / "generation_refine" / "results.json")
+    rows = [[str(entry["iterations"]), str(entry["refine_steps"]), f"{entry['median_seconds']:.2f}",
+             f"{entry['time_ratio_to_first']:.2f}×", f"{100 * entry['success_rate']:.1f}%", f"{entry['mean_distortion']:.4f}"]
+            for entry in result["settings"]]
+    return table([f"L-BFGS iterations per c ({result['rows']} rows)", "refine steps", "median seconds",
+                  "time / first", "success", "mean distortion"], rows)
 
 
 def full_autoattack_rows() -> dict[str, dict]:
@@ -585,9 +709,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "generation-settings": generation_settings,
+    "reference-peers": reference_peers,
     "ways": ways,
     "ways-commands": ways_commands,
     "defaults-check": defaults_check,
+    "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,
     "evaluation-benchmark": evaluation_benchmark,
     "evaluation-cost": evaluation_cost,

@@ -57,7 +57,8 @@ def pools_settings(path: Path, overrides: list[str] = ()) -> dict[str, Any]:
 
 def build_pools(settings: dict[str, Any], **fixed: Any) -> tuple[Any, dict[str, Any]]:
     """The callback built from ``settings`` (plus ``fixed`` arguments such as ``module`` and
-    ``seed``), and its resolved settings as plain data.
+    ``seed``), and its resolved settings as plain data (the default generator written out as
+    ``BoxLBFGS`` with ``GENERATION_ATTACK``'s settings, so a run folder says which search it ran).
 
     Raises:
         ValueError: an unknown or ill-typed setting (jsonargparse's message), or one the callback
@@ -77,6 +78,10 @@ def build_pools(settings: dict[str, Any], **fixed: Any) -> tuple[Any, dict[str, 
     except Exception as error:  # the callback's own refusals, and jsonargparse's: unknown keys, wrong types
         raise ValueError(_reason(str(error))) from error
     resolved = yaml.safe_load(parser.dump(config, skip_none=False))["pools"]
+    if resolved.get("attack") is None:  # the callback's default generator, written out: what the run measured
+        from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
+
+        resolved["attack"] = {"class_path": "advtrain.attacks.BoxLBFGS", "init_args": dict(GENERATION_ATTACK)}
     return callback, resolved
 
 

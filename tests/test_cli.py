@@ -18,7 +18,7 @@ from advtrain.callbacks.layerwise_adversarial_training import GENERATION_ATTACK
 from advtrain.cli import RECIPES, main
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 from advtrain.recipes.adversarial_training import add_arguments, pools_callback
-from advtrain.recipes.pools_config import default_pools_config
+from advtrain.recipes.pools_config import build_pools, default_pools_config
 
 
 def test_help_lists_every_recipe() -> None:
@@ -144,6 +144,12 @@ def test_the_pools_way_comes_from_a_yaml_file_with_overrides() -> None:
     assert default.layers == ["input", "sigmoid1", "sigmoid2"] and default.mix_fraction == 0.05
     assert isinstance(default.attack, BoxLBFGS) and default.attack.target == GENERATION_ATTACK["target"]
     assert isinstance(default.pooling, Successes)
+    written = parser.parse_args([])
+    pools_callback(written)  # the default generator is written out, and the written settings rebuild it
+    assert written.pools_resolved["attack"] == {"class_path": "advtrain.attacks.BoxLBFGS", "init_args": GENERATION_ATTACK}
+    rebuilt, _ = build_pools(written.pools_resolved)
+    assert isinstance(rebuilt.attack, BoxLBFGS)
+    assert {name: getattr(rebuilt.attack, name) for name in GENERATION_ATTACK} == GENERATION_ATTACK
     args = parser.parse_args(["--pools", "recipes/configs/fast-gradient-input.yaml",
                               "--pools-set", "attack.init_args.epsilon=0.05", "--pools-set", "refresh_size=32"])
     fast = pools_callback(args)

@@ -158,7 +158,9 @@ def test_pool_rows_beside_a_constant_channel_get_eps_in_the_variance() -> None:
     output = norm(x)
     separate.remove()
     assert torch.isfinite(output).all()
-    torch.testing.assert_close(output[7:, 0], torch.zeros_like(output[7:, 0]))  # (3 - 3) / sqrt(0 + eps)
+    # (3 - 3) / sqrt(0 + eps), up to the rounding of the mean that batch norm's kernel gives the clean rows too
+    torch.testing.assert_close(output[7:, 0], torch.zeros_like(output[7:, 0]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(output[7:, 0], output[:3, 0])  # pool rows normalised as the same clean values are
     x[7:, 0] = 3.0 + 1e-3  # a pool row just off the clean rows' constant: scaled by 1 / sqrt(eps)
     separate = SeparateBatchStatistics(norm)
     separate.arm(3)
