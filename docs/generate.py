@@ -425,6 +425,7 @@ def reference_peers() -> str:
 
 def real_model_cost() -> str:
     result = load(BENCHMARKS / "real_model_cost" / "results.json")
+
     def generating(entry: dict) -> str:  # the refreshes' seconds per epoch, over every epoch run
         runs = entry.get("seconds_generating")
         epochs = sum(len(run) for run in entry["epoch_seconds"])
@@ -433,7 +434,7 @@ def real_model_cost() -> str:
     plain = result["settings"]["plain"]["epoch_seconds"]
 
     def per_repeat(entry: dict) -> str:
-        """Each repeat's median epoch against the plain run just before it: the spread the machine's
+        """Each repeat's median epoch against the plain run of the same repeat: the spread the machine's
         drift leaves (a setting run once, against the first plain run)."""
         ratios = [statistics.median(run[1:]) / statistics.median(reference[1:])
                   for run, reference in zip(entry["epoch_seconds"], plain)]
