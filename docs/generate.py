@@ -400,19 +400,17 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 
 
 #: The plain-PyTorch peers of the recipe's callback ways (``benchmarks/reference_fast_gradient.py
-#: --method M``), by way.
-REFERENCE_PEERS = {"pgd": "reference_pgd", "fast": "reference_fast"}
+#: --method M``), by way: the folders of their runs (one run per seed or several).
+REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1"], "fast": ["reference_fast"]}
 
 
 def reference_peers() -> str:
     """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
     seeds the loop ran."""
     rows = []
-    for way, folder in REFERENCE_PEERS.items():
-        path = BENCHMARKS / folder / "results.json"
-        if not path.is_file():
-            continue
-        for run in load(path)["runs"]:
+    for way, folders in REFERENCE_PEERS.items():
+        paths = [BENCHMARKS / folder / "results.json" for folder in folders]
+        for run in (run for path in paths if path.is_file() for run in load(path)["runs"]):
             seed = run["seed"]
             _, results, _ = run_folder(f"ways-fc100-seed{seed}")
             callback = next(entry for entry in results if entry["way"] == way)
