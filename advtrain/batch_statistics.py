@@ -101,9 +101,7 @@ def _batch_statistics(rows: torch.Tensor, eps: float) -> tuple[torch.Tensor, tor
 def _running_or_own(module: _BatchNorm, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if module.running_mean is not None and module.running_var is not None:
         return module.running_mean.detach().float(), module.running_var.detach().float()
-    dims = [0, *range(2, inputs.ndim)]
-    with torch.no_grad():
-        return inputs.float().mean(dims), inputs.float().var(dims, unbiased=False)
+    return _batch_statistics(inputs, module.eps)
 
 
 def _normalise(module: _BatchNorm, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

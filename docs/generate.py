@@ -312,8 +312,9 @@ def defaults_check() -> str:
             continue
         labelled = []
         first = DEFAULTS_STEPS[0][0].format(seed=seed)
-        if (RESULTS / first).is_dir() and any(entry["way"] == "weight-decay" for entry in run_folder(first)[1]):
-            labelled.append(("weight-decay", f"`weight-decay` (run `{first}`)", run_folder(first)[1]))
+        reference = run_folder(first)[1] if (RESULTS / first).is_dir() else []
+        if any(entry["way"] == "weight-decay" for entry in reference):
+            labelled.append(("weight-decay", f"`weight-decay` (run `{first}`)", reference))
         config, results, _ = run_folder(table_run)
         where = "the ways table" if table_run.startswith("ways-fc100") else "the ways table's settings"
         labelled.append(("input-pools", f"`input-pools`, {where} ({refresh(config)}, "
