@@ -3,6 +3,10 @@
     python benchmarks/reference_fast_gradient.py [--method pools] [--seeds 0 1 2] [--epochs 30] [--shift-pixels 1]
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 1
     python benchmarks/reference_fast_gradient.py --method fast --seeds 0 1
+    python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --order-seed 1
+
+``--order-seed`` keeps the seed's initial weights but draws everything random after them (the
+batches' order, random starts, shifts) from another seed: how far a run moves on randomness alone.
 
 ``--method pools`` (the default) is the peer of the recipe's fast-gradient pools
 (``recipes/configs/fast-gradient-input.yaml``): each step trains on the whole clean batch and on its
@@ -82,12 +86,16 @@ METHODS = {
 
 
 def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: int, lr: float,
-                   penalty_scale: float, shift_pixels: int = 0, method: str = "pools") -> tuple[nn.Module, float]:
+                   penalty_scale: float, shift_pixels: int = 0, method: str = "pools",
+                   order_seed: int | None = None) -> tuple[nn.Module, float]:
     """Train FC100-100-10 by ``method`` (:data:`METHODS`), its images shifted by up to
-    ``shift_pixels``; the model and the seconds."""
+    ``shift_pixels``; the model and the seconds. The initial weights come from ``seed``; the
+    randomness after them from ``order_seed`` where given (else from ``seed``'s stream)."""
     torch.manual_seed(seed)
-    shifts = torch.Generator().manual_seed(seed)
+    shifts = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     paper_model = fc100_100_10()
+    if order_seed is not None:
+        torch.manual_seed(order_seed)
     model = paper_model.module
     modules = dict(model.named_modules())
     penalties = [(modules[name], penalty_scale * strength) for name, strength in paper_model.penalties.items()]
@@ -115,18 +123,20 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
 
 
 def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: int, lr: float,
-            penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools") -> dict:
+            penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools",
+            order_seed: int | None = None) -> dict:
     """Train and evaluate one model per seed: for pools the minimal distortion (the recipe's search
     of that run), for pgd and fast also the robust errors (the recipe's final evaluation)."""
     test_images, test_labels = data.test_set.tensors
     train_images, train_labels = data.train_set.tensors
     runs = []
     for seed in seeds:
-        model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels, method)
+        model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels, method,
+                                        order_seed)
         evaluation = AdversarialEvaluation(examples=eval_examples, seed=seed) if method == "pools" else \
             final_evaluation(eval_examples, seed, MODEL_DEFAULTS["sigmoid-mlp"]["eval_target"])
         report, _ = evaluation.evaluate(model, *evaluation.subset(data.test_dataloader()))
-        runs.append({"seed": seed, "test_error": error_rate(model, test_images, test_labels),
+        runs.append({"seed": seed, "order_seed": order_seed, "test_error": error_rate(model, test_images, test_labels),
                      "train_error": error_rate(model, train_images, train_labels),
                      "mean_distortion": report.mean_distortion, "seconds": seconds,
                      "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()}
@@ -134,7 +144,7 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
         print(json.dumps(runs[-1]), flush=True)
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
-                "eval_examples": eval_examples, "shift_pixels": shift_pixels}
+                "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed}
     if method == "pools":
         settings["step_distortion"] = STEP_DISTORTION
     return {"settings": settings, "runs": runs, "mean_test_error": mean_test_error}
@@ -153,6 +163,8 @@ def main() -> None:
                         help="default: 30 for pools (the headline run's), 300 for pgd and fast (the recipe's default)")
     parser.add_argument("--eval-examples", type=int, default=200)
     parser.add_argument("--shift-pixels", type=int, default=0, help="random shifts of the training images (0: none)")
+    parser.add_argument("--order-seed", type=int, default=None,
+                        help="draw the batches' order and random starts from this seed, the weights from --seeds")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/reference_fast_gradient (pools), reference_<method> (others)")
@@ -166,7 +178,7 @@ def main() -> None:
     data.prepare_data()
     data.setup()
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
-                     args.shift_pixels, args.method)
+                     args.shift_pixels, args.method, args.order_seed)
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))

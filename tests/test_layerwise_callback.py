@@ -286,6 +286,47 @@ def test_adversarial_training_is_a_pool_of_the_batch_own_examples_refreshed_ever
             assert int(label) == int(labels[source])
 
 
+def _plain_adversarial_training(model: nn.Module, loader: DataLoader, epsilon: float, steps: int, step_size: float,
+                                 lr: float, momentum: float) -> nn.Module:
+    """Madry et al.'s loop written out with no advtrain code: each step trains on its batch's own L∞
+    PGD examples only (here from x, no random start), SGD with Nesterov momentum."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True)
+    for inputs, labels in loader:
+        points = inputs.clone()
+        for _ in range(steps):
+            points = points.detach().requires_grad_(True)
+            (gradient,) = torch.autograd.grad(nn.functional.cross_entropy(model(points), labels), points)
+            points = torch.minimum(torch.maximum(points.detach() + step_size * gradient.sign(), inputs - epsilon),
+                                   inputs + epsilon).clamp(0, 1)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(points.detach()), labels).backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("way", ["pgd", "fast"])
+def test_pgd_and_fast_ways_train_the_weights_the_plain_loop_trains(tmp_path: Path, way: str) -> None:
+    """``recipes/configs/pgd-mnist.yaml`` and ``fast-mnist.yaml`` as the callback runs them (mix
+    share 1, refresh every step, every row kept): step for step the same weights as a plain
+    PyTorch loop of PGD (fast: FGSM) adversarial training, random start aside."""
+    from advtrain.attacks import PGD
+
+    epsilon, lr = 0.3, 0.5
+    attack, steps, step_size = (PGD(epsilon=epsilon, norm="linf", steps=5, step_size=0.1, random_start=False), 5, 0.1) \
+        if way == "pgd" else (FastGradient(epsilon=epsilon, norm="linf", step_size=0.375, random_start=False), 1, 0.375)
+    loader = tiny_loader(batch_size=16, count=64)
+    callback = LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=1.0, refresh_every=1, refresh_size=16,
+                                            capacity=16, attack=attack, pooling=EveryStep(misclassified=True))
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=lr, momentum=0.9, schedule="constant")
+    trainer_for(tmp_path, [callback], max_epochs=1).fit(classifier, loader)
+    plain = _plain_adversarial_training(tiny_mlp(), loader, epsilon, steps, step_size, lr, momentum=0.9)
+    clean = tiny_mlp()
+    moved = sum(float((a - b).detach().abs().max()) for a, b in zip(plain.parameters(), clean.parameters()))
+    assert moved > 0.05  # the four steps changed the weights, so agreeing below is not trivial
+    for (name, ours), theirs in zip(classifier.model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=lambda text, name=name: f"{name}: {text}")
+
+
 class KeepEverything:
     """A user's own pooling policy, duck-typed: ``check`` and ``__call__``, no ``misclassified``."""
 

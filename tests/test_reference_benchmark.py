@@ -67,3 +67,30 @@ def test_every_method_trains_on_its_own_loss() -> None:
     losses = {method: float(loss(model, images, labels).detach()) for method, loss in reference.METHODS.items()}
     assert losses["pgd"] > losses["fast"] > clean  # a stronger adversary, a larger loss
     assert clean < losses["pools"] < losses["pgd"]  # half clean, half one small step
+
+
+def test_order_seed_keeps_the_initial_weights_and_changes_only_the_randomness_after_them() -> None:
+    """``--order-seed``: the same seed's weights to start from, another seed's batches and starts."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    reference = load_reference()
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(96, 1, 28, 28, generator=generator)
+    data = SimpleNamespace(train_set=TensorDataset(images, torch.randint(10, (96,), generator=generator)))
+    starts = []
+    original = reference.fc100_100_10
+
+    def recording_model(*args, **kwargs):
+        built = original(*args, **kwargs)
+        starts.append([p.detach().clone() for p in built.module.parameters()])
+        return built
+
+    reference.fc100_100_10 = recording_model
+    train = lambda order_seed: [p.detach() for p in reference.train_one_seed(  # noqa: E731
+        data, 0, 1, 32, 0.1, 1.0, method="fast", order_seed=order_seed)[0].parameters()]
+    first, again, other = train(1), train(1), train(2)
+    assert all(torch.equal(a, b) for a, b in zip(starts[0], starts[2]))  # one seed, one starting point
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # and one order seed, one run
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))  # another order, another run
