@@ -20,7 +20,7 @@ def binary_linear(dims: int = 20) -> nn.Linear:
 
 
 def test_a_poor_start_reaches_the_closest_boundary_point_of_a_linear_model() -> None:
-    """From twice the minimal step plus as much again at right angles, the walk ends within 1% of
+    """From twice the minimal step plus as much again at right angles, the walk ends within 0.3% of
     the exact distance to the hyperplane (and never below it, which would be a point wrongly counted
     as adversarial)."""
     head = binary_linear()
@@ -42,7 +42,7 @@ def test_a_poor_start_reaches_the_closest_boundary_point_of_a_linear_model() -> 
                               lower, upper, inputs.shape, steps=100).detach()
     sizes = (ends - inputs).norm(dim=1)
     assert (head(ends).argmax(1) != labels).all()
-    assert (sizes <= 1.01 * exact).all(), (sizes / exact).tolist()
+    assert (sizes <= 1.003 * exact).all(), (sizes / exact).tolist()
     assert (sizes >= exact * (1 - 1e-6)).all()
     assert ((start - inputs).norm(dim=1) > 2.8 * exact).all()  # the start was far from it
 

