@@ -198,3 +198,106 @@ def test_the_scipy_backend_hands_scipy_its_method_box_and_limits(monkeypatch: py
         assert call["options"] == {"maxiter": 3, "maxcor": 4}
         assert call["bounds"] == [(None, None)] + [(0.0, None)] * 11
     assert (result.iterations <= 2 * 3).all() and (result.iterations > 0).all()
+
+
+def test_two_loop_recursion_is_the_bfgs_inverse_hessian_of_its_pairs_oldest_first() -> None:
+    """Per row, ``H·g`` with ``H`` built by the explicit BFGS update from ``γ·I`` over the stored
+    pairs from the oldest to the newest (a ring buffer whose newest slot is not the last)."""
+    from advtrain.attacks.lbfgs import _two_loop
+
+    generator = torch.Generator().manual_seed(7)
+    rows, dims, memory, newest = 3, 5, 4, 1
+    curvature = [torch.randn(dims, dims, dtype=torch.float64, generator=generator) for _ in range(rows)]
+    curvature = [a @ a.T + torch.eye(dims, dtype=torch.float64) for a in curvature]  # positive definite
+    steps = torch.randn(memory, rows, dims, dtype=torch.float64, generator=generator)
+    changes = torch.stack([torch.stack([curvature[r] @ steps[k, r] for r in range(rows)]) for k in range(memory)])
+    rho = 1.0 / (steps * changes).sum(2)
+    gamma = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    gradient = torch.randn(rows, dims, dtype=torch.float64, generator=generator)
+    got = _two_loop(gradient, steps, changes, rho, gamma, newest)
+    oldest_first = [(newest + 1 + j) % memory for j in range(memory)]
+    for r in range(rows):
+        inverse = gamma[r] * torch.eye(dims, dtype=torch.float64)
+        for slot in oldest_first:
+            s, y, p = steps[slot, r], changes[slot, r], rho[slot, r]
+            left = torch.eye(dims, dtype=torch.float64) - p * torch.outer(s, y)
+            inverse = left @ inverse @ left.T + p * torch.outer(s, s)
+        torch.testing.assert_close(got[r], inverse @ gradient[r], rtol=1e-9, atol=1e-12)
+
+
+def quadratic(calls: list | None = None):
+    """``½‖x‖²`` per row, the objective's contract: value, gradient, logits."""
+
+    def objective(x: torch.Tensor, rows: torch.Tensor, with_gradient: bool = True):
+        if calls is not None:
+            calls.append(rows.clone())
+        return 0.5 * x.pow(2).sum(1), (x.clone() if with_gradient else None), x[:, :1]
+
+    return objective
+
+
+def test_the_first_step_without_a_scale_has_unit_length_and_with_one_the_scaled_gradient() -> None:
+    """From (3, 4), gradient (3, 4): one iteration moves a unit step down the gradient, to (2.4, 3.2);
+    given a scale of 1 (a curvature known from an earlier solve) the step is the whole gradient, to
+    the minimum."""
+    from advtrain.attacks.lbfgs import projected_lbfgs
+
+    start = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    box = torch.full_like(start, -10.0), torch.full_like(start, 10.0)
+    first, used, _ = projected_lbfgs(quadratic(), start, *box, iterations=1)
+    torch.testing.assert_close(first, torch.tensor([[2.4, 3.2]], dtype=torch.float64))
+    assert used.tolist() == [1]
+    scaled, _, _ = projected_lbfgs(quadratic(), start, *box, iterations=1, scale=torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(scaled, torch.zeros(1, 2, dtype=torch.float64))
+
+
+def test_a_row_held_at_its_bound_by_its_gradient_has_converged_before_any_step() -> None:
+    """``½‖x − (−1, 0)‖²`` from (0, 0) in ``[0, 1]²``: the gradient pushes x₀ below its lower bound
+    and x₁ is at its optimum, so the projected gradient is zero: no iteration is used."""
+    from advtrain.attacks.lbfgs import projected_lbfgs
+
+    def shifted(x: torch.Tensor, rows: torch.Tensor, with_gradient: bool = True):
+        moved = x - torch.tensor([-1.0, 0.0], dtype=x.dtype)
+        return 0.5 * moved.pow(2).sum(1), (moved.clone() if with_gradient else None), x[:, :1]
+
+    start = torch.zeros(1, 2, dtype=torch.float64)
+    final, used, _ = projected_lbfgs(shifted, start, torch.zeros_like(start), torch.ones_like(start), iterations=5)
+    assert used.tolist() == [0] and torch.equal(final, start)
+
+
+def test_each_value_of_c_starts_from_the_scale_the_last_solve_left_and_uses_the_history_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from advtrain.attacks import box_lbfgs
+
+    calls = []
+    real = box_lbfgs.projected_lbfgs
+
+    def recording(*args, **kwargs):
+        final, used, scale = real(*args, **kwargs)
+        calls.append((kwargs["scale"], kwargs["history"], scale))
+        return final, used, scale
+
+    monkeypatch.setattr(box_lbfgs, "projected_lbfgs", recording)
+    head = linear_head(classes=3)
+    inputs = torch.rand(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    BoxLBFGS(search_steps=3, iterations=5, history=4)(head, inputs, head(inputs).argmax(1).detach(), bounds=(-5.0, 5.0))
+    assert len(calls) == 3 and all(history == 4 for _, history, _ in calls)
+    assert calls[0][0] is None
+    for (_, _, left), (given, _, _) in zip(calls, calls[1:]):
+        torch.testing.assert_close(given, left)
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_untargeted_c_search_alone_reaches_the_hyperplane_of_a_two_class_head(loss: str) -> None:
+    """The c search alone (no bisection back along r, no walk), away from the true class: within 1%
+    of the exact distance, which takes c brackets built on whether each solve left the true class."""
+    head = linear_head(classes=2)
+    inputs = torch.rand(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9)) * 0.2 + 0.4
+    with torch.no_grad():
+        logits = head(inputs)
+    labels = logits.argmax(1)
+    normal = (head.weight[1 - labels] - head.weight[labels]).detach()
+    exact = (logits.gather(1, labels[:, None]) - logits.gather(1, (1 - labels)[:, None]))[:, 0] / normal.norm(dim=1)
+    result = BoxLBFGS(loss=loss, search_steps=12, iterations=40, refine_steps=0)(head, inputs, labels, bounds=(-10.0, 10.0))
+    assert result.success.all()
+    assert (result.l2 <= exact * 1.01).all() and (result.l2 >= exact * (1 - 1e-6)).all(), (result.l2 / exact).tolist()
