@@ -402,23 +402,31 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 
 #: The plain-PyTorch peers of the recipe's callback ways (``benchmarks/reference_fast_gradient.py
 #: --method M``), by way: the folders of their runs (one run per seed or several).
-REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1"], "fast": ["reference_fast"]}
+REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1"],
+                   "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2"]}
 
 
 def reference_peers() -> str:
     """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
-    seeds the loop ran."""
-    rows = []
+    seeds the loop ran; a loop run with another order seed (the seed's weights, other batches and
+    starts) as one more row under its seed."""
+    rows, shown = [], set()
     for way, folders in REFERENCE_PEERS.items():
         paths = [BENCHMARKS / folder / "results.json" for folder in folders]
         for run in (run for path in paths if path.is_file() for run in load(path)["runs"]):
-            seed = run["seed"]
-            _, results, _ = run_folder(f"ways-fc100-seed{seed}")
-            callback = next(entry for entry in results if entry["way"] == way)
-            for label, entry in ((f"`{way}` through the callback", callback), ("the plain-PyTorch loop", run)):
+            seed, order_seed = run["seed"], run.get("order_seed")
+            entries = []
+            if (way, seed) not in shown:
+                shown.add((way, seed))
+                _, results, _ = run_folder(f"ways-fc100-seed{seed}")
+                entries.append((f"`{way}` through the callback", next(entry for entry in results if entry["way"] == way)))
+            entries.append(("the plain-PyTorch loop" if order_seed is None else
+                            f"the plain-PyTorch loop, order seed {order_seed}", run))
+            for label, entry in entries:
                 rows.append([way, str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
                              robust_errors([entry], "l2"), number(entry["mean_distortion"])])
-    return table(["method", "seed", "trained by", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
+    rows.sort(key=lambda row: (row[0] != "pgd", row[1]))  # each seed's rows together, the callback's first
+    return table(["method", "seed (weights)", "trained by", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
                   "robust error L2 1 / 1.5 / 2", "mean minimal distortion"], rows)
 
 
