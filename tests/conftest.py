@@ -8,13 +8,28 @@ from pathlib import Path
 import pytest
 import torch
 
-from mutation_aliases import install_if_mutating
+from mutation_aliases import install_if_mutating, under_mutmut
 
 install_if_mutating()  # before anything imports advtrain.callbacks or advtrain.recipes
 
 from advtrain.data.sources import has_mnist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Inside mutmut's copy only: ``ADVTRAIN_MUTATION_TESTS`` (test files, comma-separated) keeps
+    those files' tests and deselects the rest, so that one module's mutants are checked by its own
+    tests (the search's by the attack tests, not by every training test that happens to run it;
+    docs/mutation-testing.md). A mutant left with no test reports "no tests"."""
+    wanted = os.environ.get("ADVTRAIN_MUTATION_TESTS")
+    if not wanted or not under_mutmut():
+        return
+    files = {name.strip() for name in wanted.split(",") if name.strip()}
+    kept = [item for item in items if item.nodeid.split("::")[0] in files]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
 
 
 def mnist_root_or_none() -> Path | None:

@@ -55,3 +55,25 @@ def test_under_mutmut_the_installed_name_is_the_path_named_module_of_the_copy(tm
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=mutants, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_mutation_tests_keep_only_the_files_named_and_only_inside_mutmuts_copy(monkeypatch, tmp_path: Path) -> None:
+    """``ADVTRAIN_MUTATION_TESTS`` deselects every test outside the files it names, inside mutmut's
+    copy only; elsewhere the suite runs whole."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    items = [SimpleNamespace(nodeid=f"tests/{name}::test_{index}")
+             for index, name in enumerate(["test_attacks.py", "test_layerwise_callback.py", "test_lbfgs.py"])]
+    deselected = []
+    config = SimpleNamespace(hook=SimpleNamespace(pytest_deselected=lambda items: deselected.extend(items)))
+    monkeypatch.setenv("ADVTRAIN_MUTATION_TESTS", "tests/test_attacks.py, tests/test_lbfgs.py")
+    kept = list(items)
+    monkeypatch.chdir(tmp_path)  # not mutmut's copy: nothing deselected
+    conftest.pytest_collection_modifyitems(config, kept)
+    assert kept == items and deselected == []
+    monkeypatch.chdir(_fake_mutants(tmp_path))
+    conftest.pytest_collection_modifyitems(config, kept)
+    assert [item.nodeid for item in kept] == ["tests/test_attacks.py::test_0", "tests/test_lbfgs.py::test_2"]
+    assert [item.nodeid for item in deselected] == ["tests/test_layerwise_callback.py::test_1"]
