@@ -301,3 +301,50 @@ def test_untargeted_c_search_alone_reaches_the_hyperplane_of_a_two_class_head(lo
     result = BoxLBFGS(loss=loss, search_steps=12, iterations=40, refine_steps=0)(head, inputs, labels, bounds=(-10.0, 10.0))
     assert result.success.all()
     assert (result.l2 <= exact * 1.01).all() and (result.l2 >= exact * (1 - 1e-6)).all(), (result.l2 / exact).tolist()
+
+
+def test_defaults_and_settings_are_kept_as_given() -> None:
+    assert repr(BoxLBFGS()) == ("BoxLBFGS(target='untargeted', loss='margin', backend='torch', search_steps=6, iterations=50, "
+                                "history=10, c_init=None, c_growth=10.0, confidence=0.01, refine_steps=20, polish_steps=0, "
+                                "progress=False)")
+    given = BoxLBFGS(loss="both", backend="scipy", search_steps=2, iterations=3, history=4, c_init=0.5, c_growth=1.5,
+                     confidence=0.0, refine_steps=0, polish_steps=7, progress=True, target="runner_up")
+    assert repr(given) == ("BoxLBFGS(target='runner_up', loss='both', backend='scipy', search_steps=2, iterations=3, "
+                           "history=4, c_init=0.5, c_growth=1.5, confidence=0.0, refine_steps=0, polish_steps=7, "
+                           "progress=True)")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"refine_steps": -1}, "refine_steps must be"), ({"confidence": -0.01}, "confidence must be non-negative, got -0.01"),
+    ({"c_init": math.inf}, "c_init must be positive and finite, got inf"), ({"c_init": 0.0}, "c_init must be positive"),
+    ({"c_growth": 0.5}, "c_growth must be greater than 1, got 0.5"), ({"loss": "both "}, "got 'both '"),
+    ({"backend": "jax"}, "backend must be 'torch' or 'scipy', got 'jax'"), ({"iterations": 0}, "iterations must be"),
+    ({"history": 0}, "history must be"), ({"polish_steps": -1}, "polish_steps must be"),
+], ids=["refine", "confidence", "c-init-inf", "c-init-zero", "growth", "loss", "backend", "iterations", "history", "polish"])
+def test_each_bad_setting_is_named(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BoxLBFGS(**settings)
+
+
+def test_both_runs_the_margin_search_then_a_short_cross_entropy_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``loss="both"``: the margin search with the settings given, then the cross-entropy with at most
+    3 values of c and half the iterations (at least 1); one search for any other loss."""
+    calls = []
+    real = BoxLBFGS._search
+
+    def recording(self, head, inputs, targets, lower, upper, untargeted, loss, steps, iterations):
+        calls.append((loss, steps, iterations))
+        return real(self, head, inputs, targets, lower, upper, untargeted, loss, steps, iterations)
+
+    monkeypatch.setattr(BoxLBFGS, "_search", recording)
+    head = linear_head(classes=3)
+    inputs = torch.rand(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    labels = head(inputs).argmax(1).detach()
+    for settings, expected in (({"search_steps": 5, "iterations": 8}, [("margin", 5, 8), ("ce", 3, 4)]),
+                               ({"search_steps": 2, "iterations": 1}, [("margin", 2, 1), ("ce", 2, 1)])):
+        calls.clear()
+        BoxLBFGS(loss="both", **settings)(head, inputs, labels, bounds=(-5.0, 5.0))
+        assert calls == expected
+    calls.clear()
+    BoxLBFGS(loss="ce", search_steps=2, iterations=3)(head, inputs, labels, bounds=(-5.0, 5.0))
+    assert calls == [("ce", 2, 3)]
