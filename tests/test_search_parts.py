@@ -20,15 +20,15 @@ from advtrain.layers import cut_at
 def test_closer_keeps_each_rows_smaller_success_its_c_and_both_searches_iterations() -> None:
     """Rows: both found, the second nearer; both found, the first nearer; a tie (the first kept);
     only the first found; only the second found; neither."""
-    inputs = torch.zeros(6, 2)
-    first = Proposal(points=torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 1], [0, 0], [0, 0]]),
+    inputs = torch.full((6, 2), 10.0)  # sizes are measured from the inputs, not from 0
+    first = Proposal(points=10 + torch.tensor([[3.0, 0], [1, 0], [2, 0], [1, 1], [0, 0], [0, 0]]),
                      found=torch.tensor([True, True, True, True, False, False]),
                      c=torch.tensor([1.0, 2, 3, 4, math.nan, math.nan]), iterations=torch.tensor([10, 11, 12, 13, 14, 15]))
-    second = Proposal(points=torch.tensor([[0, 2.0], [0, -5], [0, -2], [0, 0], [0, -4], [0, 0]]),
+    second = Proposal(points=10 + torch.tensor([[0, 2.0], [0, -5], [0, -2], [0, 0], [0, -4], [0, 0]]),
                       found=torch.tensor([True, True, True, False, True, False]),
                       c=torch.tensor([5.0, 6, 7, math.nan, 8, math.nan]), iterations=torch.tensor([1, 2, 3, 4, 5, 6]))
     chosen = _closer(inputs, first, second)
-    assert chosen.points.tolist() == [[0, 2.0], [1, 0], [2, 0], [1, 1], [0, -4], [0, 0]]
+    assert (chosen.points - 10).tolist() == [[0, 2.0], [1, 0], [2, 0], [1, 1], [0, -4], [0, 0]]
     assert chosen.found.tolist() == [True, True, True, True, True, False]
     torch.testing.assert_close(chosen.c, torch.tensor([5.0, 2, 3, 4, 8, math.nan]), equal_nan=True)
     assert chosen.iterations.tolist() == [11, 13, 15, 17, 19, 21]
@@ -105,6 +105,36 @@ def test_polish_of_some_rows_on_a_head_that_holds_its_rows_inputs() -> None:
     assert torch.equal(walked[~found], start.adversarial[~found])
     assert (head(walked).argmax(1)[found] != labels[found]).all()
     assert ((walked - activations).norm(dim=1)[found] <= start.l2[found] * (1 + 1e-9)).all()
+
+
+class Circle(nn.Module):
+    """Two classes split by a sphere of radius 1 around 0: a curved boundary whose closest point to
+    an input inside is along the radius, at ``1 − ‖x‖``."""
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        inside = 1.0 - inputs.pow(2).sum(1)
+        return torch.stack([inside, -inside], 1)
+
+
+def test_the_walk_follows_a_curved_boundary_to_its_closest_point_row_by_row() -> None:
+    """Rows at different depths inside the sphere, each started outside it off the radial line:
+    100 steps end within 0.5% of each row's exact distance (each row's step is its own; a step
+    scaled by the whole batch's gradient stalls the rows whose gradient is small)."""
+    generator = torch.Generator().manual_seed(0)
+    depth = torch.tensor([0.2, 0.5, 0.8, 0.3, 0.6, 0.9], dtype=torch.float64)
+    radial = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    radial = radial / radial.norm(dim=1, keepdim=True)
+    inputs = radial * depth[:, None]
+    across = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    across -= (across * radial).sum(1, keepdim=True) * radial
+    start = 1.3 * radial + 0.8 * across / across.norm(dim=1, keepdim=True)
+    labels = torch.zeros(6, dtype=torch.long)
+    box = torch.full_like(inputs, -10.0), torch.full_like(inputs, 10.0)
+    walked = polish_on_boundary(Circle(), inputs, start, torch.ones(6, dtype=torch.bool), labels, True, _leaves_by_margin,
+                                *box, inputs.shape, steps=100).detach()
+    ratio = (walked - inputs).norm(dim=1) / (1 - depth)
+    assert (walked.norm(dim=1) > 1).all()
+    assert ((ratio >= 1 - 1e-9) & (ratio <= 1.005)).all(), ratio.tolist()
 
 
 def test_one_polish_step_is_taken_and_checked() -> None:
