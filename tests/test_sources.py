@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import pickle
 import zipfile
 from pathlib import Path
@@ -200,3 +201,47 @@ def test_a_folder_that_cannot_be_written_is_named_before_any_source_runs(tmp_pat
                                                     r"data root at a writable folder"):
         ensure_mnist(tmp_path)
     assert tried == [] and not (tmp_path / "MNIST").exists()
+
+
+class _FakeTorchvisionMNIST:
+    """Stands in for ``torchvision.datasets.MNIST``: records its call, talks on both streams, then
+    fails, does nothing, or writes the files, as ``behaviour`` says."""
+
+    calls: list = []
+    behaviour = "fail"
+
+    def __init__(self, root: str, *, train: bool, download: bool) -> None:
+        type(self).calls.append((root, train, download))
+        print("Downloading https://mirror/train-images-idx3-ubyte.gz")
+        print("Failed to download (trying next):", file=sys.stderr)
+        if self.behaviour == "fail":
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\n   Tried https://a,\n https://b " + "x" * 500)
+        if self.behaviour == "write":
+            folder = Path(root) / "MNIST" / "raw"
+            folder.mkdir(parents=True)
+            for name in MNIST_MD5S:
+                (folder / name).write_bytes(b"")
+
+
+@pytest.mark.parametrize("behaviour", ["fail", "nothing", "write"])
+def test_torchvision_download_is_quiet_and_its_failures_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture, behaviour: str) -> None:
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _FakeTorchvisionMNIST)
+    monkeypatch.setattr(_FakeTorchvisionMNIST, "calls", [])
+    monkeypatch.setattr(_FakeTorchvisionMNIST, "behaviour", behaviour)
+    if behaviour == "write":
+        sources.download_with_torchvision(tmp_path)
+        assert sources.has_mnist(tmp_path)
+    else:
+        with pytest.raises(MNISTSourceError) as raised:
+            sources.download_with_torchvision(tmp_path)
+        if behaviour == "fail":  # one line, whitespace collapsed, cut at 400 characters
+            reason = "Error downloading train-images-idx3-ubyte.gz: Tried https://a, https://b " + "x" * 500
+            assert str(raised.value) == f"torchvision's mirrors failed: {reason[:400]}"
+            assert isinstance(raised.value.__cause__, RuntimeError)
+        else:
+            assert str(raised.value) == "torchvision's download finished but left no IDX files"
+    assert _FakeTorchvisionMNIST.calls == [(str(tmp_path), True, True)]
+    assert capsys.readouterr() == ("", "")  # torchvision's mirror messages kept off the terminal
