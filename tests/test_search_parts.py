@@ -268,8 +268,7 @@ def quadratic(calls: list | None = None):
 
 def test_the_first_step_without_a_scale_has_unit_length_and_with_one_the_scaled_gradient() -> None:
     """From (3, 4), gradient (3, 4): one iteration moves a unit step down the gradient, to (2.4, 3.2);
-    given a scale of 1 (a curvature known from an earlier solve) the step is the whole gradient, to
-    the minimum."""
+    given a scale of 0.5 (a curvature known from an earlier solve) the step is half the gradient."""
     from advtrain.attacks.lbfgs import projected_lbfgs
 
     start = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
@@ -277,8 +276,8 @@ def test_the_first_step_without_a_scale_has_unit_length_and_with_one_the_scaled_
     first, used, _ = projected_lbfgs(quadratic(), start, *box, iterations=1)
     torch.testing.assert_close(first, torch.tensor([[2.4, 3.2]], dtype=torch.float64))
     assert used.tolist() == [1]
-    scaled, _, _ = projected_lbfgs(quadratic(), start, *box, iterations=1, scale=torch.ones(1, dtype=torch.float64))
-    torch.testing.assert_close(scaled, torch.zeros(1, 2, dtype=torch.float64))
+    scaled, _, _ = projected_lbfgs(quadratic(), start, *box, iterations=1, scale=torch.full((1,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(scaled, torch.tensor([[1.5, 2.0]], dtype=torch.float64))
 
 
 def test_a_row_held_at_its_bound_by_its_gradient_has_converged_before_any_step() -> None:
@@ -378,3 +377,33 @@ def test_both_runs_the_margin_search_then_a_short_cross_entropy_search(monkeypat
     calls.clear()
     BoxLBFGS(loss="ce", search_steps=2, iterations=3)(head, inputs, labels, bounds=(-5.0, 5.0))
     assert calls == [("ce", 2, 3)]
+
+
+def ill_conditioned_quadratics(rows: int = 3, dims: int = 8):
+    """``½(x − x*)ᵀA(x − x*)`` per row, A with eigenvalues from 1 to 100; the objective and x*."""
+    generator = torch.Generator().manual_seed(0)
+    rotation, _ = torch.linalg.qr(torch.randn(dims, dims, generator=generator, dtype=torch.float64))
+    matrix = rotation @ torch.diag(torch.logspace(0, 2, dims, dtype=torch.float64)) @ rotation.T
+    optimum = torch.linalg.solve(matrix, torch.randn(rows, dims, generator=generator, dtype=torch.float64).T).T
+
+    def objective(x: torch.Tensor, rows: torch.Tensor, with_gradient: bool = True):
+        offset = x - optimum[rows]
+        return 0.5 * (offset @ matrix * offset).sum(1), (offset @ matrix if with_gradient else None), x[:, :1]
+
+    return objective, optimum
+
+
+def test_lbfgs_solves_an_ill_conditioned_quadratic_and_stops_on_a_small_relative_decrease() -> None:
+    """Condition number 100 in 8 dimensions: to 1e-8 of the optimum well inside 60 iterations; with
+    ``relative_decrease=1e-3`` each row stops early, short of the optimum, as scipy's ``ftol`` does."""
+    from advtrain.attacks.lbfgs import projected_lbfgs
+
+    objective, optimum = ill_conditioned_quadratics()
+    start = torch.zeros_like(optimum)
+    box = torch.full_like(start, -100.0), torch.full_like(start, 100.0)
+    final, used, _ = projected_lbfgs(objective, start, *box, iterations=60, tolerance=1e-9, relative_decrease=0.0)
+    assert float((final - optimum).abs().max()) < 1e-8
+    assert (used < 50).all()
+    early, early_used, _ = projected_lbfgs(objective, start, *box, iterations=60, tolerance=1e-9, relative_decrease=1e-3)
+    assert (early_used < used).all() and (early_used <= 25).all()
+    assert float((early - optimum).abs().max()) > 1e-4
