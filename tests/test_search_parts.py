@@ -407,3 +407,63 @@ def test_lbfgs_solves_an_ill_conditioned_quadratic_and_stops_on_a_small_relative
     early, early_used, _ = projected_lbfgs(objective, start, *box, iterations=60, tolerance=1e-9, relative_decrease=1e-3)
     assert (early_used < used).all() and (early_used <= 25).all()
     assert float((early - optimum).abs().max()) > 1e-4
+
+
+def test_each_loss_has_the_value_its_docstring_gives() -> None:
+    """Logits of two rows, true labels 0 and 2 (untargeted) or targets 1 and 0 (targeted), κ = 0.5."""
+    attack = BoxLBFGS(confidence=0.5)
+    logits = torch.tensor([[2.0, 1.0, -1.0], [0.5, 0.0, 3.0]], dtype=torch.float64)
+    labels, targets = torch.tensor([0, 2]), torch.tensor([1, 0])
+    log_sum = torch.logsumexp(logits, 1)
+    # untargeted cross-entropy: -log(1 - p_true); margin: (z_true - max other + κ)², at least 0
+    ce_away = log_sum - torch.logsumexp(torch.tensor([[1.0, -1.0], [0.5, 0.0]], dtype=torch.float64), 1)
+    torch.testing.assert_close(attack._loss(logits, labels, True, "ce"), ce_away)
+    torch.testing.assert_close(attack._loss(logits, labels, True, "margin"), torch.tensor([1.5**2, 3.0**2], dtype=torch.float64))
+    # targeted cross-entropy to the target; margin: Σ over the others of max(z_j - z_t + κ, 0)², the target's own κ² left out
+    torch.testing.assert_close(attack._loss(logits, targets, False, "ce"), log_sum - logits[[0, 1], [1, 0]])
+    torch.testing.assert_close(attack._loss(logits, targets, False, "margin"),
+                               torch.tensor([1.5**2 + 0.0, 0.0 + 3.0**2], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("settings", "first_c"), [({"loss": "ce"}, 1.0), ({"loss": "margin"}, 0.1),
+                                                   ({"loss": "ce", "c_init": 3.0}, 3.0), ({"c_init": 0.5}, 0.5)])
+def test_one_value_of_c_is_the_first_one(settings: dict, first_c: float) -> None:
+    """With one search step, every success carries the first c: 1 for the cross-entropy, 0.1 for the
+    margin loss, or ``c_init``."""
+    head = linear_head(classes=3)
+    inputs = torch.rand(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    labels = head(inputs).argmax(1).detach()
+    result = BoxLBFGS(search_steps=1, iterations=20, **settings)(head, inputs, labels, bounds=(-5.0, 5.0))
+    assert result.success.any()
+    assert result.c[result.success].tolist() == [first_c] * int(result.success.sum())
+    assert result.c[~result.success].isnan().all()
+
+
+def test_both_keeps_for_each_row_the_nearer_of_its_two_searches() -> None:
+    head = linear_head(classes=4)
+    inputs = torch.rand(6, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    labels = head(inputs).argmax(1).detach()
+    settings = dict(search_steps=3, iterations=6, refine_steps=0)
+    both = BoxLBFGS(loss="both", **settings)(head, inputs, labels, bounds=(-5.0, 5.0))
+    margin = BoxLBFGS(loss="margin", **settings)(head, inputs, labels, bounds=(-5.0, 5.0))
+    ce = BoxLBFGS(loss="ce", search_steps=3, iterations=3, refine_steps=0)(head, inputs, labels, bounds=(-5.0, 5.0))
+    assert both.success.all() and margin.success.all() and ce.success.all()
+    torch.testing.assert_close(both.l2, torch.minimum(margin.l2, ce.l2))
+    assert (margin.l2 != ce.l2).all()  # a choice to make on every row
+    assert torch.equal(both.iterations, margin.iterations + ce.iterations)
+
+
+def test_polish_keeps_each_rows_c_and_counts_steps_only_where_it_walked() -> None:
+    from tests.test_polish import relu_net
+
+    net = relu_net()
+    inputs = torch.rand(24, 1, 6, 6, generator=torch.Generator().manual_seed(2))
+    bounds = (torch.full((1, 6, 6), 0.0), torch.linspace(0.7, 1.0, 36).view(1, 6, 6))
+    inputs = torch.minimum(inputs, bounds[1])
+    labels = net(inputs).argmax(1).detach()
+    plain = BoxLBFGS(search_steps=1, iterations=2, c_init=10.0)(net, inputs, labels, bounds=bounds)
+    polished = BoxLBFGS(search_steps=1, iterations=2, c_init=10.0, polish_steps=7)(net, inputs, labels, bounds=bounds)
+    found = plain.success
+    assert 0 < int(found.sum()) < 24
+    torch.testing.assert_close(polished.c, plain.c, equal_nan=True)
+    assert torch.equal(polished.iterations, plain.iterations + 7 * found.long())
