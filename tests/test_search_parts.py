@@ -307,9 +307,21 @@ def test_each_value_of_c_starts_from_the_scale_the_last_solve_left_and_uses_the_
         return final, used, scale
 
     monkeypatch.setattr(box_lbfgs, "projected_lbfgs", recording)
+    used_per_solve = []
+    real_solve = BoxLBFGS._solve_torch
+
+    def counting(self, *args):
+        final, used, scale = real_solve(self, *args)
+        used_per_solve.append(used)
+        return final, used, scale
+
+    monkeypatch.setattr(BoxLBFGS, "_solve_torch", counting)
     head = linear_head(classes=3)
     inputs = torch.rand(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
-    BoxLBFGS(search_steps=3, iterations=5, history=4)(head, inputs, head(inputs).argmax(1).detach(), bounds=(-5.0, 5.0))
+    result = BoxLBFGS(search_steps=3, iterations=5, history=4)(head, inputs, head(inputs).argmax(1).detach(),
+                                                               bounds=(-5.0, 5.0))
+    assert result.iterations.dtype == torch.long
+    assert torch.equal(result.iterations, sum(used_per_solve))  # every value of c's iterations, summed
     assert len(calls) == 3 and all(history == 4 for _, history, _ in calls)
     assert calls[0][0] is None
     for (_, _, left), (given, _, _) in zip(calls, calls[1:]):
@@ -467,3 +479,78 @@ def test_polish_keeps_each_rows_c_and_counts_steps_only_where_it_walked() -> Non
     assert 0 < int(found.sum()) < 24
     torch.testing.assert_close(polished.c, plain.c, equal_nan=True)
     assert torch.equal(polished.iterations, plain.iterations + 7 * found.long())
+
+
+def test_a_search_scores_every_point_with_its_own_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = []
+    real = BoxLBFGS._loss
+
+    def recording(self, logits, targets, untargeted, loss):
+        losses.append(loss)
+        return real(self, logits, targets, untargeted, loss)
+
+    monkeypatch.setattr(BoxLBFGS, "_loss", recording)
+    head = linear_head(classes=3)
+    inputs = torch.rand(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(13))
+    BoxLBFGS(loss="ce", search_steps=2, iterations=3)(head, inputs, head(inputs).argmax(1).detach(), bounds=(-5.0, 5.0))
+    assert losses and set(losses) == {"ce"}
+
+
+def test_the_progress_bar_counts_values_of_c_and_shows_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    import tqdm.auto
+
+    bars = []
+    real = tqdm.auto.tqdm
+
+    def recording(iterable, **settings):
+        bars.append((list(iterable), settings))
+        return real(bars[-1][0], **settings)
+
+    head = linear_head(classes=3)
+    inputs = torch.rand(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    labels = head(inputs).argmax(1).detach()
+    quiet = BoxLBFGS(search_steps=2, iterations=3)(head, inputs, labels, bounds=(-5.0, 5.0))
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    shown = BoxLBFGS(search_steps=2, iterations=3, progress=True)(head, inputs, labels, bounds=(-5.0, 5.0))
+    assert bars == [([0, 1], {"desc": "BoxLBFGS search on c", "unit": "c", "disable": None})]
+    assert capsys.readouterr().err == ""  # not a terminal here: tqdm's disable=None keeps it off
+    torch.testing.assert_close(shown.l2, quiet.l2)
+
+
+def test_a_coordinate_at_its_upper_bound_with_the_optimum_inside_moves_in() -> None:
+    """``½‖x − 0.5‖²`` from the upper corner of ``[0, 1]²``: the gradient (0.5) points outward, so the
+    descent direction points in, and the solve reaches 0.5."""
+    from advtrain.attacks.lbfgs import projected_lbfgs
+
+    def centred(x: torch.Tensor, rows: torch.Tensor, with_gradient: bool = True):
+        offset = x - 0.5
+        return 0.5 * offset.pow(2).sum(1), (offset.clone() if with_gradient else None), x[:, :1]
+
+    start = torch.ones(1, 2, dtype=torch.float64)
+    final, used, _ = projected_lbfgs(centred, start, torch.zeros_like(start), torch.ones_like(start), iterations=20)
+    torch.testing.assert_close(final, torch.full((1, 2), 0.5, dtype=torch.float64))
+    assert int(used) > 0
+
+
+def test_rows_solved_together_end_as_each_alone() -> None:
+    """Each row stops on its own projected gradient: a batch of three quadratics ends, row by row,
+    where each ends alone, with the same iterations."""
+    from advtrain.attacks.lbfgs import projected_lbfgs
+
+    objective, optimum = ill_conditioned_quadratics()
+    start = torch.zeros_like(optimum)
+    start[1] = optimum[1] + 1e-7  # row 1 is all but solved: it stops long before the others
+    box = torch.full_like(start, -100.0), torch.full_like(start, 100.0)
+    together, used, _ = projected_lbfgs(objective, start, *box, iterations=60, tolerance=1e-6, relative_decrease=0.0)
+    for row in range(3):
+        rows = torch.tensor([row])
+
+        def alone(x, _rows, with_gradient=True, rows=rows):
+            return objective(x, rows, with_gradient)
+
+        final, used_alone, _ = projected_lbfgs(alone, start[rows], box[0][rows], box[1][rows], iterations=60,
+                                               tolerance=1e-6, relative_decrease=0.0)
+        torch.testing.assert_close(together[row], final[0], rtol=0, atol=1e-9)
+        assert int(used[row]) == int(used_alone[0])
+    assert int(used[1]) < int(used[0])
