@@ -412,3 +412,17 @@ def test_a_data_root_in_use_is_announced_once_per_process(tmp_path: Path, mnist_
     announced = [record.getMessage() for record in caplog.records if record.name == sources.log.name]
     assert announced == [f"MNIST: using the files in {raw}"]
     assert raw in sources._ANNOUNCED
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_a_package_split_whose_pixels_are_not_256ths_is_named(split: str) -> None:
+    import numpy as np
+
+    good = np.full((2, 784), 0.5, dtype=np.float32)
+    bad = good.copy()
+    bad[1, 3] = 0.3
+    labels = np.zeros(2, dtype=np.int64)
+    splits = {name: (bad if name == split else good, labels) for name in ("train", "validation", "test")}
+    payload = pickle.dumps((splits["train"], splits["validation"], splits["test"]), protocol=2)
+    with pytest.raises(MNISTSourceError, match=f"^the {split} images in the package are not whole multiples of 1/256$"):
+        sources.idx_files_from_pickle(payload)
