@@ -423,6 +423,6 @@ def test_a_package_split_whose_pixels_are_not_256ths_is_named(split: str) -> Non
     bad[1, 3] = 0.3
     labels = np.zeros(2, dtype=np.int64)
     splits = {name: (bad if name == split else good, labels) for name in ("train", "validation", "test")}
-    payload = pickle.dumps((splits["train"], splits["validation"], splits["test"]), protocol=2)
+    payload = pickle.dumps((splits["train"], splits["validation"], splits["test"]), protocol=4)
     with pytest.raises(MNISTSourceError, match=f"^the {split} images in the package are not whole multiples of 1/256$"):
         sources.idx_files_from_pickle(payload)
