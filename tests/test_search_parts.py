@@ -1,6 +1,9 @@
-"""The box-constrained search's parts, value by value: the choice between its two searches, the
-nearest-class search against one search per class, the boundary walk's step count and targeted
-direction, heads that need their rows, and the scipy backend's box (docs/mutation-testing.md)."""
+"""The box-constrained search's parts, value by value: its settings, losses and first c, the choice
+between its two searches, the nearest-class search against one search per class, heads that need
+their rows, the boundary walk (step count, targeted direction, a curved boundary), projected L-BFGS
+(the two-loop recursion, first step, stopping rules, bounds, rows alone or together) and the scipy
+backend's box and settings. Written against the survivors of the mutation run
+(docs/mutation-testing.md)."""
 
 from __future__ import annotations
 
