@@ -533,18 +533,23 @@ def evaluation_cost() -> str:
                   "evaluation_search()'s L2 against Foolbox's best, per example", "checks failed"], rows)
 
 
+def variant_rows(result: dict, reference: float) -> list[list[str]]:
+    """One row per variant of a ``benchmarks/search_variants.py`` run: its settings, successes, mean
+    size, that size against ``reference``, and its time against the default's."""
+    default = result["variants"]["evaluation_search"]
+    return [[f"`{name}`", ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items()),
+             f"{entry['found']} / {result['examples']}", f"{entry['mean_l2_over_28']:.6f}",
+             f"{entry['mean_l2_over_28'] / reference:.4f}×", f"{entry['seconds']:.0f}",
+             f"{entry['seconds'] / default['seconds']:.1f}×"] for name, entry in result["variants"].items()]
+
+
 def search_variants() -> str:
     """Longer settings of the evaluation's search on one model, against Foolbox's best there."""
     result = load(BENCHMARKS / "search_variants" / "results.json")
     peer = next(row for row in load(BENCHMARKS / "evaluation_foolbox_small_resnet" / "results.json")["rows"]
                 if row["model"] == result["model"])
     foolbox = peer["distortion"]["Foolbox"]
-    variants = result["variants"]
-    default = variants["evaluation_search"]
-    rows = [[f"`{name}`", ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items()),
-             f"{entry['found']} / {result['examples']}", f"{entry['mean_l2_over_28']:.6f}",
-             f"{entry['mean_l2_over_28'] / foolbox:.4f}×", f"{entry['seconds']:.0f}",
-             f"{entry['seconds'] / default['seconds']:.1f}×"] for name, entry in variants.items()]
+    rows = variant_rows(result, foolbox)
     return (f"{result['model']}, the first {result['examples']} MNIST test images, untargeted, "
             f"{result['threads']} thread; Foolbox's best of DDN, FMN and C&W there: {foolbox:.6f}.\n\n"
             + table(["variant", "BoxLBFGS settings", "found", "mean L2 / 28", "against Foolbox's mean",
@@ -555,12 +560,7 @@ def search_variants_polish_heavy() -> str:
     """Iterations traded for boundary steps, on a retrained SmallResNet: each variant against the
     default on the same model (no Foolbox run on that model)."""
     result = load(BENCHMARKS / "search_variants_polish_heavy" / "results.json")
-    variants = result["variants"]
-    default = variants["evaluation_search"]
-    rows = [[f"`{name}`", ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items()),
-             f"{entry['found']} / {result['examples']}", f"{entry['mean_l2_over_28']:.6f}",
-             f"{entry['mean_l2_over_28'] / default['mean_l2_over_28']:.4f}×", f"{entry['seconds']:.0f}",
-             f"{entry['seconds'] / default['seconds']:.1f}×"] for name, entry in variants.items()]
+    rows = variant_rows(result, result["variants"]["evaluation_search"]["mean_l2_over_28"])
     return table(["variant", "BoxLBFGS settings", "found", "mean L2 / 28", "against the default's mean", "seconds",
                   "time against the default"], rows)
 

