@@ -15,7 +15,6 @@ import inspect
 import json
 import math
 import re
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -269,8 +268,9 @@ def ways_commands() -> str:
 #: folders record ``attack: null``, the default), and whether it is the defaults now. The first
 #: step's runs of seeds 0 and 1 hold weight decay of the same run, the reference.
 DEFAULTS_STEPS = [
-    ("defaults-fc100-seed{seed}", "10 iterations per c, 5 refine steps", True),
+    ("defaults-fc100-seed{seed}", "10 iterations per c, 5 refine steps", False),
     ("defaults-iterations7-fc100-seed{seed}", "7 iterations per c, 5 refine steps", False),
+    ("defaults-refresh256-fc100-seed{seed}", "10 iterations per c, 5 refine steps", True),
 ]
 #: The folder pattern of the defaults now.
 CURRENT_DEFAULTS = next(folder for folder, _, current in DEFAULTS_STEPS if current)
@@ -290,22 +290,27 @@ def defaults_runs() -> list[str]:
     return names
 
 
+def pools_refresh(config: dict) -> str:
+    """The ``input-pools`` way's refresh as a run folder's config records it."""
+    way = config["ways_resolved"]["input-pools"]
+    return f"refresh {way['refresh_size']} rows every {way['refresh_every']} steps"
+
+
+def generation_search(config: dict, recorded_elsewhere: str) -> str:
+    """The ``input-pools`` way's generation search as the run folder records it (newer folders),
+    else as :data:`DEFAULTS_STEPS` states it."""
+    attack = config["ways_resolved"]["input-pools"]["attack"]
+    if attack is None:
+        return recorded_elsewhere
+    settings = attack["init_args"]
+    return f"{settings['iterations']} iterations per c, {settings['refine_steps']} refine steps"
+
+
 def defaults_check() -> str:
     """The ``input-pools`` way with the ways table's settings against the same way with the
     callback's defaults after each change, seed by seed; weight decay of the first step's run as the
     reference where it ran."""
-    def refresh(config: dict) -> str:
-        return f"refresh {config['ways_resolved']['input-pools']['refresh_size']} rows"
-
-    def search(config: dict, recorded_elsewhere: str) -> str:
-        """The generation search's settings as the run folder records them (newer folders), else
-        as :data:`DEFAULTS_STEPS` states them."""
-        attack = config["ways_resolved"]["input-pools"]["attack"]
-        if attack is None:
-            return recorded_elsewhere
-        settings = attack["init_args"]
-        return f"{settings['iterations']} iterations per c, {settings['refine_steps']} refine steps"
-
+    refresh, search = pools_refresh, generation_search
     rows = []
     for seed, table_run in TABLE_SETTINGS_RUNS.items():
         if not (RESULTS / table_run).is_dir():
@@ -355,19 +360,25 @@ def defaults_shift() -> str:
             return f"{100 * mean:+.1f}"
 
         budgets = [(norm, budget) for norm in ("linf", "l2") for budget in pairs[0][1]["robust_error"][norm]]
-        rows.append([settings + (" (the defaults now)" if current else ""), ", ".join(str(seed) for seed, _, _ in pairs),
+        config = run_folder(folder.format(seed=pairs[0][0]))[0]
+        label = f"{pools_refresh(config)}, {generation_search(config, settings)}"
+        rows.append([label + (" (the defaults now)" if current else ""), ", ".join(str(seed) for seed, _, _ in pairs),
                      shift(lambda e: e["test_error"]),
                      *[shift(lambda e, n=norm, b=budget: e["robust_error"][n][b]) for norm, budget in budgets]])
-    header = ["generation search (refresh 128 rows)", "seeds", "test error"]
+    header = ["refresh and generation search", "seeds", "test error"]
     header += [f"{'L∞' if norm == 'linf' else 'L2'} {budget}" for norm, budget in budgets]
     return table(header, rows)
 
 
 def defaults_commands() -> str:
     searches = {folder.format(seed=seed): settings for folder, settings, _ in DEFAULTS_STEPS for seed in TABLE_SETTINGS_RUNS}
-    rows = [[name, searches.get(name, "the ways table's"), f"`{short_command(run_folder(name)[2])}`"]
-            for name in defaults_runs()]
-    return table(["run", "generation search when it ran", "command"], rows)
+    rows = []
+    for name in defaults_runs():
+        config, _, command = run_folder(name)
+        settings = f"{pools_refresh(config)}, {generation_search(config, searches[name])}" if name in searches \
+            else "the ways table's"
+        rows.append([name, settings, f"`{short_command(command)}`"])
+    return table(["run", "refresh and generation search when it ran", "command"], rows)
 
 
 def mean_robust_error(entry: dict) -> float | None:
@@ -438,21 +449,18 @@ def real_model_cost() -> str:
         epochs = sum(len(run) for run in entry["epoch_seconds"])
         return "–" if not runs else f"{sum(runs) / epochs:.1f}"
 
-    plain = result["settings"]["plain"]["epoch_seconds"]
-
     def per_repeat(entry: dict) -> str:
-        """Each repeat's median epoch against the plain run of the same repeat: the spread the machine's
-        drift leaves (a setting run once, against the first plain run)."""
-        ratios = [statistics.median(run[1:]) / statistics.median(reference[1:])
-                  for run, reference in zip(entry["epoch_seconds"], plain)]
+        """Each repeat's run against the plain run of the same repeat: the spread the machine's drift
+        leaves (a setting run once, against the first plain run)."""
+        ratios = entry["ratios_to_plain"]
         return f"{min(ratios):.2f}–{max(ratios):.2f}×" if len(ratios) > 1 else f"{ratios[0]:.2f}×"
 
-    rows = [[name.replace("_", " "), f"{entry['median_after_warmup']:.1f}", generating(entry),
+    rows = [[name.replace("_", " "), f"{entry['median_run_mean']:.1f}", generating(entry),
              f"{sum(len(run) - 1 for run in entry['epoch_seconds'])}", f"{entry['ratio_to_plain']:.2f}×",
              per_repeat(entry)]
             for name, entry in result["settings"].items()]
-    return table(["setting (resnet18, 32×32, 96 steps of 32)", "median seconds per epoch",
-                  "of which generating (mean, warm-up included)", "epochs timed", "against plain",
+    return table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch (a run's mean, median of the repeats)",
+                  "of which generating (mean, warm-up included)", "epochs timed", "against plain (median of the repeats)",
                   "repeat by repeat"], rows)
 
 
