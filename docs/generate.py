@@ -310,7 +310,6 @@ def defaults_check() -> str:
     """The ``input-pools`` way with the ways table's settings against the same way with the
     callback's defaults after each change, seed by seed; weight decay of the first step's run as the
     reference where it ran."""
-    refresh, search = pools_refresh, generation_search
     rows = []
     for seed, table_run in TABLE_SETTINGS_RUNS.items():
         if not (RESULTS / table_run).is_dir():
@@ -322,15 +321,15 @@ def defaults_check() -> str:
             labelled.append(("weight-decay", f"`weight-decay` (run `{first}`)", reference))
         config, results, _ = run_folder(table_run)
         where = "the ways table" if table_run.startswith("ways-fc100") else "the ways table's settings"
-        labelled.append(("input-pools", f"`input-pools`, {where} ({refresh(config)}, "
-                         f"{search(config, '10 iterations per c, 20 refine steps')})", results))
+        labelled.append(("input-pools", f"`input-pools`, {where} ({pools_refresh(config)}, "
+                         f"{generation_search(config, '10 iterations per c, 20 refine steps')})", results))
         for folder, settings, current in DEFAULTS_STEPS:
             name = folder.format(seed=seed)
             if (RESULTS / name).is_dir():
                 config, results, _ = run_folder(name)
                 now = " (the defaults now)" if current else ""
-                labelled.append(("input-pools", f"`input-pools`, {refresh(config)}, {search(config, settings)}{now}",
-                                 results))
+                labelled.append(("input-pools", f"`input-pools`, {pools_refresh(config)}, "
+                                 f"{generation_search(config, settings)}{now}", results))
         for way, label, entries in labelled:
             entry = next(e for e in entries if e["way"] == way)
             rows.append([str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
