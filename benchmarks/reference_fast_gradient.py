@@ -4,9 +4,13 @@
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 1
     python benchmarks/reference_fast_gradient.py --method fast --seeds 0 1
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --order-seed 1
+    python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --callback-randomness
 
 ``--order-seed`` keeps the seed's initial weights but draws everything random after them (the
 batches' order, random starts, shifts) from another seed: how far a run moves on randomness alone.
+``--callback-randomness`` (pgd, fast) draws them as the recipe's way does for the seed instead: the
+data module's batch order and the callback's random starts, so that the loop and the recipe differ
+only in what runs around the step.
 
 ``--method pools`` (the default) is the peer of the recipe's fast-gradient pools
 (``recipes/configs/fast-gradient-input.yaml``): each step trains on the whole clean batch and on its
@@ -60,10 +64,13 @@ def fast_gradient_step(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 
 def pgd_examples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epsilon: float, steps: int,
-                 step_size: float) -> torch.Tensor:
+                 step_size: float, uniform: torch.Tensor | None = None) -> torch.Tensor:
     """Madry et al.'s L∞ PGD: from a uniformly random point of the ε-ball (clipped to [0, 1]),
-    ``steps`` signed gradient steps of the cross-entropy, each projected onto the ball and the box."""
-    delta = (torch.rand_like(images) * 2 - 1) * epsilon
+    ``steps`` signed gradient steps of the cross-entropy, each projected onto the ball and the box.
+    ``uniform`` (the images' shape, in [0, 1)) gives the random start's draws (default: drawn here
+    from torch's global generator)."""
+    uniform = torch.rand_like(images) if uniform is None else uniform
+    delta = (uniform * 2 - 1) * epsilon
     points = (images + delta).clamp(0, 1)
     for _ in range(steps):
         points = points.detach().requires_grad_(True)
@@ -73,24 +80,52 @@ def pgd_examples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
     return points.detach()
 
 
-#: Each method's loss on one batch: (model, images, labels) -> the cross-entropy it trains on.
+#: Each method's loss on one batch: (model, images, labels, uniform) -> the cross-entropy it trains
+#: on; ``uniform`` is the random start's draws (None: drawn from torch's global generator).
 METHODS = {
-    "pools": lambda model, images, labels: 0.5 * (
+    "pools": lambda model, images, labels, uniform: 0.5 * (
         nn.functional.cross_entropy(model(images), labels)
         + nn.functional.cross_entropy(model(fast_gradient_step(model, images, labels, STEP_DISTORTION)), labels)),
-    "pgd": lambda model, images, labels: nn.functional.cross_entropy(
-        model(pgd_examples(model, images, labels, epsilon=0.3, steps=40, step_size=0.01)), labels),
-    "fast": lambda model, images, labels: nn.functional.cross_entropy(
-        model(pgd_examples(model, images, labels, epsilon=0.3, steps=1, step_size=0.375)), labels),
+    "pgd": lambda model, images, labels, uniform: nn.functional.cross_entropy(
+        model(pgd_examples(model, images, labels, epsilon=0.3, steps=40, step_size=0.01, uniform=uniform)), labels),
+    "fast": lambda model, images, labels, uniform: nn.functional.cross_entropy(
+        model(pgd_examples(model, images, labels, epsilon=0.3, steps=1, step_size=0.375, uniform=uniform)), labels),
 }
+
+
+class CallbackRandomness:
+    """The batch order and random starts the recipe's ``pgd`` and ``fast`` ways draw for a seed:
+    the data module's order (:class:`~advtrain.data.mnist.EpochShuffle`) and the callback's generator
+    (``torch.Generator().manual_seed(seed)``), from which each refresh draws the random starts of
+    the newest ``batch_size`` clean rows (at an epoch's last, shorter batch, rows of the batch before
+    it too; this batch's are the last)."""
+
+    def __init__(self, count: int, seed: int, batch_size: int) -> None:
+        from advtrain.data.mnist import EpochShuffle
+
+        self.order = EpochShuffle(count, seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batch_size = batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The training rows in epoch ``epoch``'s order."""
+        self.order.set_epoch(epoch)
+        return torch.tensor(list(self.order))
+
+    def uniform(self, images: torch.Tensor) -> torch.Tensor:
+        """The random start's draws for ``images``, as the callback's generator gives them."""
+        draws = torch.rand((self.batch_size, images[0].numel()), generator=self.generator, dtype=images.dtype)
+        return draws[-images.shape[0]:].view_as(images)
 
 
 def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: int, lr: float,
                    penalty_scale: float, shift_pixels: int = 0, method: str = "pools",
-                   order_seed: int | None = None) -> tuple[nn.Module, float]:
+                   order_seed: int | None = None, callback_randomness: bool = False) -> tuple[nn.Module, float]:
     """Train FC100-100-10 by ``method`` (:data:`METHODS`), its images shifted by up to
     ``shift_pixels``; the model and the seconds. The initial weights come from ``seed``; the
-    randomness after them from ``order_seed`` where given (else from ``seed``'s stream)."""
+    randomness after them from ``order_seed`` where given (else from ``seed``'s stream), or with
+    ``callback_randomness`` the batch order and random starts the recipe draws for ``seed``
+    (:class:`CallbackRandomness`)."""
     torch.manual_seed(seed)
     shifts = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     paper_model = fc100_100_10()
@@ -104,15 +139,16 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
     steps_per_epoch = (len(images) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     batch_loss = METHODS[method]
+    matched = CallbackRandomness(len(images), seed, batch_size) if callback_randomness else None
     started = time.perf_counter()
-    for _ in range(epochs):
-        order = torch.randperm(len(images))
+    for epoch in range(epochs):
+        order = torch.randperm(len(images)) if matched is None else matched.epoch_order(epoch)
         for start in range(0, len(images), batch_size):
             index = order[start:start + batch_size]
             batch, batch_labels = images[index], labels[index]
             if shift_pixels:
                 batch = random_shift(batch, shift_pixels, shifts)
-            loss = batch_loss(model, batch, batch_labels)
+            loss = batch_loss(model, batch, batch_labels, None if matched is None else matched.uniform(batch))
             for layer, strength in penalties:
                 loss = loss + strength * layer.weight.pow(2).sum() / layer.weight.shape[0]
             optimizer.zero_grad()
@@ -124,7 +160,7 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
 
 def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: int, lr: float,
             penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools",
-            order_seed: int | None = None) -> dict:
+            order_seed: int | None = None, callback_randomness: bool = False) -> dict:
     """Train and evaluate one model per seed: for pools the minimal distortion (the recipe's search
     of that run), for pgd and fast also the robust errors (the recipe's final evaluation)."""
     test_images, test_labels = data.test_set.tensors
@@ -132,11 +168,11 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
     runs = []
     for seed in seeds:
         model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels, method,
-                                        order_seed)
+                                        order_seed, callback_randomness)
         evaluation = AdversarialEvaluation(examples=eval_examples, seed=seed) if method == "pools" else \
             final_evaluation(eval_examples, seed, MODEL_DEFAULTS["sigmoid-mlp"]["eval_target"])
         report, _ = evaluation.evaluate(model, *evaluation.subset(data.test_dataloader()))
-        runs.append({"seed": seed, "order_seed": order_seed, "test_error": error_rate(model, test_images, test_labels),
+        runs.append({"seed": seed, "order_seed": order_seed, "callback_randomness": callback_randomness, "test_error": error_rate(model, test_images, test_labels),
                      "train_error": error_rate(model, train_images, train_labels),
                      "mean_distortion": report.mean_distortion, "seconds": seconds,
                      "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()}
@@ -144,7 +180,8 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
         print(json.dumps(runs[-1]), flush=True)
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
-                "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed}
+                "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed,
+                "callback_randomness": callback_randomness}
     if method == "pools":
         settings["step_distortion"] = STEP_DISTORTION
     return {"settings": settings, "runs": runs, "mean_test_error": mean_test_error}
@@ -165,10 +202,14 @@ def main() -> None:
     parser.add_argument("--shift-pixels", type=int, default=0, help="random shifts of the training images (0: none)")
     parser.add_argument("--order-seed", type=int, default=None,
                         help="draw the batches' order and random starts from this seed, the weights from --seeds")
+    parser.add_argument("--callback-randomness", action="store_true",
+                        help="pgd, fast: draw the batches' order and random starts as the recipe's way does for the seed")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/reference_fast_gradient (pools), reference_<method> (others)")
     args = parser.parse_args()
+    if args.callback_randomness and (args.method == "pools" or args.order_seed is not None or args.shift_pixels):
+        parser.error("--callback-randomness is for --method pgd or fast, without --order-seed or --shift-pixels")
     if args.penalty_scale is None:
         args.penalty_scale = 30.0 if args.method == "pools" else MODEL_DEFAULTS["sigmoid-mlp"]["penalty_scale"]
     if args.output is None:
@@ -178,7 +219,7 @@ def main() -> None:
     data.prepare_data()
     data.setup()
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
-                     args.shift_pixels, args.method, args.order_seed)
+                     args.shift_pixels, args.method, args.order_seed, args.callback_randomness)
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,7 +65,7 @@ def test_every_method_trains_on_its_own_loss() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     images, labels = torch.rand(8, 1, 28, 28), torch.arange(8)
     clean = float(nn.functional.cross_entropy(model(images), labels).detach())
-    losses = {method: float(loss(model, images, labels).detach()) for method, loss in reference.METHODS.items()}
+    losses = {method: float(loss(model, images, labels, None).detach()) for method, loss in reference.METHODS.items()}
     assert losses["pgd"] > losses["fast"] > clean  # a stronger adversary, a larger loss
     assert clean < losses["pools"] < losses["pgd"]  # half clean, half one small step
 
@@ -94,3 +95,94 @@ def test_order_seed_keeps_the_initial_weights_and_changes_only_the_randomness_af
     assert all(torch.equal(a, b) for a, b in zip(starts[0], starts[2]))  # one seed, one starting point
     assert all(torch.equal(a, b) for a, b in zip(first, again))  # and one order seed, one run
     assert not all(torch.equal(a, b) for a, b in zip(first, other))  # another order, another run
+
+
+def _matched_run_data(count: int, seed: int, batch_size: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from advtrain.data.mnist import EpochShuffle
+
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.rand(count, 8, generator=generator)
+    labels = (inputs[:, :3] * torch.tensor([1.0, 1.1, 1.2])).argmax(1)
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, sampler=EpochShuffle(count, seed))
+    return inputs, labels, loader
+
+
+def _callback_way(way: str, seed: int, batch_size: int, attack=None):
+    """The recipe's ``pgd`` or ``fast`` way as ``recipes/configs/pgd-mnist.yaml`` and ``fast-mnist.yaml``
+    set it, with the recipe's capacity and refresh size (the batch's rows)."""
+    from advtrain.attacks import PGD, FastGradient
+    from advtrain.callbacks import LayerwiseAdversarialTraining
+    from advtrain.pooling import EveryStep
+
+    if attack is None:
+        attack = PGD(epsilon=0.3, norm="linf", steps=40, step_size=0.01, random_start=True) if way == "pgd" else \
+            FastGradient(epsilon=0.3, norm="linf", random_start=True, step_size=0.375)
+    return LayerwiseAdversarialTraining(["input"], module="model", mix_fraction=1.0, refresh_every=1,
+                                        refresh_size=batch_size, capacity=batch_size, attack=attack,
+                                        pooling=EveryStep(misclassified=True), seed=seed)
+
+
+@pytest.mark.parametrize("way", ["pgd", "fast"])
+def test_with_the_callbacks_randomness_the_loop_trains_the_weights_the_callback_trains(tmp_path: Path, way: str) -> None:
+    """``--callback-randomness``: over two epochs, random starts on, the loop's PGD (fast) steps and
+    the callback's way train the same weights: the same batch order and the same random starts."""
+    from advtrain import Classifier
+    from tests.test_layerwise_callback import tiny_mlp, trainer_for
+
+    reference = load_reference()
+    seed, count, batch_size, lr = 3, 48, 16, 0.5
+    inputs, labels, loader = _matched_run_data(count, seed, batch_size)
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=lr, momentum=0.9, schedule="constant")
+    trainer_for(tmp_path, [_callback_way(way, seed, batch_size)], max_epochs=2).fit(classifier, loader)
+
+    model = tiny_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
+    matched = reference.CallbackRandomness(count, seed, batch_size)
+    for epoch in range(2):
+        order = matched.epoch_order(epoch)
+        for start in range(0, count, batch_size):
+            batch, batch_labels = inputs[order[start:start + batch_size]], labels[order[start:start + batch_size]]
+            loss = reference.METHODS[way](model, batch, batch_labels, matched.uniform(batch))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    moved = sum(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), tiny_mlp().parameters()))
+    assert moved > 0.05
+    for (name, ours), theirs in zip(classifier.model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(ours, theirs.detach(), rtol=1e-4, atol=1e-5, msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_the_loops_random_starts_are_the_callbacks_also_past_an_epochs_shorter_last_batch(tmp_path: Path) -> None:
+    """At an epoch's last, shorter batch the callback attacks the newest full batch's worth of rows
+    (some of the batch before): the loop draws as many, so the starts agree in every later epoch."""
+    from advtrain import Classifier
+    from advtrain.attacks import PGD
+    from tests.test_layerwise_callback import tiny_mlp, trainer_for
+
+    class RecordStarts(PGD):
+        def _start(self, origin, generator):
+            point = super()._start(origin, generator)
+            self.starts.append(point.clone())
+            return point
+
+    reference = load_reference()
+    seed, count, batch_size = 5, 40, 16  # batches of 16, 16, 8 each epoch
+    inputs, labels, loader = _matched_run_data(count, seed, batch_size)
+    attack = RecordStarts(epsilon=0.3, norm="linf", steps=2, step_size=0.1, random_start=True)
+    attack.starts = []
+    classifier = Classifier(tiny_mlp(), num_classes=3, lr=0.5, schedule="constant")
+    trainer_for(tmp_path, [_callback_way("pgd", seed, batch_size, attack)], max_epochs=3).fit(classifier, loader)
+
+    matched = reference.CallbackRandomness(count, seed, batch_size)
+    expected = []
+    for epoch in range(3):
+        order = matched.epoch_order(epoch)
+        for start in range(0, count, batch_size):
+            batch = inputs[order[start:start + batch_size]]
+            expected.append(batch + 0.3 * (matched.uniform(batch) * 2 - 1))
+    assert len(attack.starts) == len(expected) == 9
+    assert [len(start) for start in attack.starts] == [16] * 9  # the short batches' refreshes attack 16 rows
+    for step, (theirs, ours) in enumerate(zip(attack.starts, expected)):
+        torch.testing.assert_close(theirs[-len(ours):], ours, msg=lambda text, step=step: f"step {step}: {text}")
