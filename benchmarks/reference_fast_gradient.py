@@ -5,12 +5,15 @@
     python benchmarks/reference_fast_gradient.py --method fast --seeds 0 1
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --order-seed 1
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --callback-randomness
+    python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --epochs 1 --callback-randomness \
+        --compare-weights runs/pgd-1-epoch/pgd.pt
 
 ``--order-seed`` keeps the seed's initial weights but draws everything random after them (the
 batches' order, random starts, shifts) from another seed: how far a run moves on randomness alone.
 ``--callback-randomness`` (pgd, fast) draws them as the recipe's way does for the seed instead: the
 data module's batch order and the callback's random starts, so that the loop and the recipe differ
-only in what runs around the step.
+only in what runs around the step; ``--compare-weights`` then reports how far the loop's weights are
+from those a recipe run of the same seed and epochs saved.
 
 ``--method pools`` (the default) is the peer of the recipe's fast-gradient pools
 (``recipes/configs/fast-gradient-input.yaml``): each step trains on the whole clean batch and on its
@@ -158,9 +161,21 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
     return model.eval(), time.perf_counter() - started
 
 
+def weight_difference(model: nn.Module, path: Path) -> dict:
+    """The largest absolute difference between ``model``'s weights and those a recipe run saved at
+    ``path`` (``<way>.pt``, a state dict), and the largest absolute weight, for scale."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    ours = model.state_dict()
+    if saved.keys() != ours.keys():
+        raise SystemExit(f"{path}: its weights {sorted(saved)} are not FC100-100-10's {sorted(ours)}")
+    return {"path": str(path), "max_abs_difference": max(float((saved[k] - v).abs().max()) for k, v in ours.items()),
+            "max_abs_weight": max(float(v.abs().max()) for v in ours.values())}
+
+
 def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: int, lr: float,
             penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools",
-            order_seed: int | None = None, callback_randomness: bool = False) -> dict:
+            order_seed: int | None = None, callback_randomness: bool = False,
+            compare_weights: Path | None = None) -> dict:
     """Train and evaluate one model per seed: for pools the minimal distortion (the recipe's search
     of that run), for pgd and fast also the robust errors (the recipe's final evaluation)."""
     test_images, test_labels = data.test_set.tensors
@@ -177,6 +192,8 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
                      "mean_distortion": report.mean_distortion, "seconds": seconds,
                      "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()}
                                       for norm, errors in report.robust_error.items()}})
+        if compare_weights is not None:
+            runs[-1]["weights_against"] = weight_difference(model, compare_weights)
         print(json.dumps(runs[-1]), flush=True)
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
@@ -204,12 +221,16 @@ def main() -> None:
                         help="draw the batches' order and random starts from this seed, the weights from --seeds")
     parser.add_argument("--callback-randomness", action="store_true",
                         help="pgd, fast: draw the batches' order and random starts as the recipe's way does for the seed")
+    parser.add_argument("--compare-weights", type=Path, default=None,
+                        help="a recipe run's saved weights (<way>.pt) to compare the trained weights with (one seed)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/reference_fast_gradient (pools), reference_<method> (others)")
     args = parser.parse_args()
     if args.callback_randomness and (args.method == "pools" or args.order_seed is not None or args.shift_pixels):
         parser.error("--callback-randomness is for --method pgd or fast, without --order-seed or --shift-pixels")
+    if args.compare_weights is not None and len(args.seeds) != 1:
+        parser.error("--compare-weights compares one seed's weights: give one --seeds")
     if args.penalty_scale is None:
         args.penalty_scale = 30.0 if args.method == "pools" else MODEL_DEFAULTS["sigmoid-mlp"]["penalty_scale"]
     if args.output is None:
@@ -219,7 +240,7 @@ def main() -> None:
     data.prepare_data()
     data.setup()
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
-                     args.shift_pixels, args.method, args.order_seed, args.callback_randomness)
+                     args.shift_pixels, args.method, args.order_seed, args.callback_randomness, args.compare_weights)
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))

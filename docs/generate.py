@@ -412,14 +412,16 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 
 #: The plain-PyTorch peers of the recipe's callback ways (``benchmarks/reference_fast_gradient.py
 #: --method M``), by way: the folders of their runs (one run per seed or several).
-REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1"],
-                   "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2"]}
+REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1",
+                           "reference_pgd_callback_randomness"],
+                   "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
+                            "reference_fast_callback_randomness"]}
 
 
 def reference_peers() -> str:
     """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
     seeds the loop ran; a loop run with another order seed (the seed's weights, other batches and
-    starts) as one more row under its seed."""
+    starts), or with the recipe's own batches and starts, as one more row under its seed."""
     rows, shown = [], set()
     for way, folders in REFERENCE_PEERS.items():
         paths = [BENCHMARKS / folder / "results.json" for folder in folders]
@@ -430,14 +432,27 @@ def reference_peers() -> str:
                 shown.add((way, seed))
                 _, results, _ = run_folder(f"ways-fc100-seed{seed}")
                 entries.append((f"`{way}` through the callback", next(entry for entry in results if entry["way"] == way)))
-            entries.append(("the plain-PyTorch loop" if order_seed is None else
-                            f"the plain-PyTorch loop, order seed {order_seed}", run))
+            label = "the plain-PyTorch loop" if order_seed is None else f"the plain-PyTorch loop, order seed {order_seed}"
+            if run.get("callback_randomness"):
+                label = "the plain-PyTorch loop, the recipe's batch order and random starts"
+            entries.append((label, run))
             for label, entry in entries:
                 rows.append([way, str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
                              robust_errors([entry], "l2"), number(entry["mean_distortion"])])
     rows.sort(key=lambda row: (row[0] != "pgd", row[1]))  # each seed's rows together, the callback's first
     return table(["method", "seed (weights)", "trained by", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
                   "robust error L2 1 / 1.5 / 2", "mean minimal distortion"], rows)
+
+
+def reference_one_epoch() -> str:
+    """The recipe's ``pgd`` way after one epoch beside the loop with the recipe's batch order and
+    random starts: how far apart their weights are."""
+    run = load(BENCHMARKS / "reference_pgd_1_epoch_callback_randomness" / "results.json")["runs"][0]
+    compared = run["weights_against"]
+    return (f"After one epoch of MNIST (938 steps), the loop with the recipe's batch order and random starts and the "
+            f"recipe's `pgd` way from the same seed hold the same weights to {compared['max_abs_difference']:.1e} "
+            f"(the largest weight is {compared['max_abs_weight']:.2f}); the loop's model then predicts one class for every "
+            f"image ({percent(run['test_error'])} test error).\n")
 
 
 def real_model_cost() -> str:
@@ -751,6 +766,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "reference-one-epoch": reference_one_epoch,
     "generation-settings": generation_settings,
     "reference-peers": reference_peers,
     "search-variants-polish-heavy": search_variants_polish_heavy,

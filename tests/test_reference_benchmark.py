@@ -186,3 +186,17 @@ def test_the_loops_random_starts_are_the_callbacks_also_past_an_epochs_shorter_l
     assert [len(start) for start in attack.starts] == [16] * 9  # the short batches' refreshes attack 16 rows
     for step, (theirs, ours) in enumerate(zip(attack.starts, expected)):
         torch.testing.assert_close(theirs[-len(ours):], ours, msg=lambda text, step=step: f"step {step}: {text}")
+
+
+def test_weight_difference_reads_a_saved_state_dict_and_refuses_another_network(tmp_path: Path) -> None:
+    reference = load_reference()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    saved = {name: value + 0.25 if name == "0.bias" else value.clone() for name, value in model.state_dict().items()}
+    torch.save(saved, tmp_path / "pgd.pt")
+    measured = reference.weight_difference(model, tmp_path / "pgd.pt")
+    assert measured["max_abs_difference"] == pytest.approx(0.25)
+    assert measured["max_abs_weight"] == pytest.approx(max(float(v.abs().max()) for v in model.state_dict().values()))
+    torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="are not FC100-100-10's"):
+        reference.weight_difference(model, tmp_path / "other.pt")
