@@ -413,7 +413,7 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 #: The plain-PyTorch peers of the recipe's callback ways (``benchmarks/reference_fast_gradient.py
 #: --method M``), by way: the folders of their runs (one run per seed or several).
 REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1",
-                           "reference_pgd_callback_randomness"],
+                           "reference_pgd_callback_randomness", "reference_pgd_seed1_callback_randomness"],
                    "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
                             "reference_fast_callback_randomness"]}
 
