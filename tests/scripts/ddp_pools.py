@@ -44,3 +44,5 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    if torch.distributed.is_initialized():  # join gloo's threads before exit: left running, a rank can abort there
+        torch.distributed.destroy_process_group()

@@ -59,3 +59,5 @@ def main(out: Path, phase: str) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
+    if torch.distributed.is_initialized():  # join gloo's threads before exit: left running, a rank can abort there
+        torch.distributed.destroy_process_group()
