@@ -101,10 +101,9 @@ def _matched_run_data(count: int, seed: int, batch_size: int):
     from torch.utils.data import DataLoader, TensorDataset
 
     from advtrain.data.mnist import EpochShuffle
+    from tests.test_layerwise_callback import tiny_loader
 
-    generator = torch.Generator().manual_seed(1)
-    inputs = torch.rand(count, 8, generator=generator)
-    labels = (inputs[:, :3] * torch.tensor([1.0, 1.1, 1.2])).argmax(1)
+    inputs, labels = tiny_loader(count=count).dataset.tensors  # the callback tests' data, in the recipe's order
     loader = DataLoader(TensorDataset(inputs, labels), batch_size=batch_size, sampler=EpochShuffle(count, seed))
     return inputs, labels, loader
 
