@@ -7,13 +7,16 @@
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --callback-randomness
     python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --epochs 1 --callback-randomness \
         --compare-weights runs/pgd-1-epoch/pgd.pt
+    python benchmarks/reference_fast_gradient.py --method pgd --seeds 0 --callback-randomness --jitter-seed 1
 
 ``--order-seed`` keeps the seed's initial weights but draws everything random after them (the
 batches' order, random starts, shifts) from another seed: how far a run moves on randomness alone.
 ``--callback-randomness`` (pgd, fast) draws them as the recipe's way does for the seed instead: the
 data module's batch order and the callback's random starts, so that the loop and the recipe differ
 only in what runs around the step; ``--compare-weights`` then reports how far the loop's weights are
-from those a recipe run of the same seed and epochs saved.
+from those a recipe run of the same seed and epochs saved. ``--jitter-seed`` multiplies every initial
+weight by ``1 + 1e-6·N(0, 1)`` (``--jitter-scale``), drawn from that seed's own generator, and changes
+nothing else: how far a run moves on a difference the size of rounding.
 
 ``--method pools`` (the default) is the peer of the recipe's fast-gradient pools
 (``recipes/configs/fast-gradient-input.yaml``): each step trains on the whole clean batch and on its
@@ -121,20 +124,34 @@ class CallbackRandomness:
         return draws[-images.shape[0]:].view_as(images)
 
 
+def jitter_weights(model: nn.Module, scale: float, seed: int) -> None:
+    """Multiply every parameter of ``model`` in place by ``1 + scale·N(0, 1)``, the noise drawn from
+    ``torch.Generator().manual_seed(seed)``, so the global random stream is left as it was."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+            parameter.mul_(1 + scale * noise)
+
+
 def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: int, lr: float,
                    penalty_scale: float, shift_pixels: int = 0, method: str = "pools",
-                   order_seed: int | None = None, callback_randomness: bool = False) -> tuple[nn.Module, float]:
+                   order_seed: int | None = None, callback_randomness: bool = False,
+                   jitter: tuple[float, int] | None = None) -> tuple[nn.Module, float]:
     """Train FC100-100-10 by ``method`` (:data:`METHODS`), its images shifted by up to
     ``shift_pixels``; the model and the seconds. The initial weights come from ``seed``; the
     randomness after them from ``order_seed`` where given (else from ``seed``'s stream), or with
     ``callback_randomness`` the batch order and random starts the recipe draws for ``seed``
-    (:class:`CallbackRandomness`)."""
+    (:class:`CallbackRandomness`). ``jitter`` (scale, seed) perturbs the initial weights
+    (:func:`jitter_weights`)."""
     torch.manual_seed(seed)
     shifts = torch.Generator().manual_seed(seed if order_seed is None else order_seed)
     paper_model = fc100_100_10()
     if order_seed is not None:
         torch.manual_seed(order_seed)
     model = paper_model.module
+    if jitter is not None:
+        jitter_weights(model, *jitter)
     modules = dict(model.named_modules())
     penalties = [(modules[name], penalty_scale * strength) for name, strength in paper_model.penalties.items()]
     images, labels = data.train_set.tensors
@@ -175,7 +192,7 @@ def weight_difference(model: nn.Module, path: Path) -> dict:
 def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: int, lr: float,
             penalty_scale: float, eval_examples: int, shift_pixels: int = 0, method: str = "pools",
             order_seed: int | None = None, callback_randomness: bool = False,
-            compare_weights: Path | None = None) -> dict:
+            compare_weights: Path | None = None, jitter: tuple[float, int] | None = None) -> dict:
     """Train and evaluate one model per seed: for pools the minimal distortion (the recipe's search
     of that run), for pgd and fast also the robust errors (the recipe's final evaluation)."""
     test_images, test_labels = data.test_set.tensors
@@ -183,11 +200,13 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
     runs = []
     for seed in seeds:
         model, seconds = train_one_seed(data, seed, epochs, batch_size, lr, penalty_scale, shift_pixels, method,
-                                        order_seed, callback_randomness)
+                                        order_seed, callback_randomness, jitter)
         evaluation = AdversarialEvaluation(examples=eval_examples, seed=seed) if method == "pools" else \
             final_evaluation(eval_examples, seed, MODEL_DEFAULTS["sigmoid-mlp"]["eval_target"])
         report, _ = evaluation.evaluate(model, *evaluation.subset(data.test_dataloader()))
-        runs.append({"seed": seed, "order_seed": order_seed, "callback_randomness": callback_randomness, "test_error": error_rate(model, test_images, test_labels),
+        runs.append({"seed": seed, "order_seed": order_seed, "callback_randomness": callback_randomness,
+                     "jitter": None if jitter is None else {"scale": jitter[0], "seed": jitter[1]},
+                     "test_error": error_rate(model, test_images, test_labels),
                      "train_error": error_rate(model, train_images, train_labels),
                      "mean_distortion": report.mean_distortion, "seconds": seconds,
                      "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()}
@@ -198,7 +217,8 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
                 "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed,
-                "callback_randomness": callback_randomness}
+                "callback_randomness": callback_randomness,
+                "jitter": None if jitter is None else {"scale": jitter[0], "seed": jitter[1]}}
     if method == "pools":
         settings["step_distortion"] = STEP_DISTORTION
     return {"settings": settings, "runs": runs, "mean_test_error": mean_test_error}
@@ -223,6 +243,9 @@ def main() -> None:
                         help="pgd, fast: draw the batches' order and random starts as the recipe's way does for the seed")
     parser.add_argument("--compare-weights", type=Path, default=None,
                         help="a recipe run's saved weights (<way>.pt) to compare the trained weights with (one seed)")
+    parser.add_argument("--jitter-seed", type=int, default=None,
+                        help="perturb the initial weights by a relative --jitter-scale, drawn from this seed")
+    parser.add_argument("--jitter-scale", type=float, default=1e-6)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", type=Path, default=None,
                         help="default: benchmarks/results/reference_fast_gradient (pools), reference_<method> (others)")
@@ -231,6 +254,8 @@ def main() -> None:
         parser.error("--callback-randomness is for --method pgd or fast, without --order-seed or --shift-pixels")
     if args.compare_weights is not None and len(args.seeds) != 1:
         parser.error("--compare-weights compares one seed's weights: give one --seeds")
+    if not 0 < args.jitter_scale < 1:
+        parser.error(f"--jitter-scale must lie in (0, 1), got {args.jitter_scale}")
     if args.penalty_scale is None:
         args.penalty_scale = 30.0 if args.method == "pools" else MODEL_DEFAULTS["sigmoid-mlp"]["penalty_scale"]
     if args.output is None:
@@ -240,7 +265,8 @@ def main() -> None:
     data.prepare_data()
     data.setup()
     result = measure(data, args.seeds, args.epochs, args.batch_size, args.lr, args.penalty_scale, args.eval_examples,
-                     args.shift_pixels, args.method, args.order_seed, args.callback_randomness, args.compare_weights)
+                     args.shift_pixels, args.method, args.order_seed, args.callback_randomness, args.compare_weights,
+                     None if args.jitter_seed is None else (args.jitter_scale, args.jitter_seed))
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", result)  # strict JSON (NaN as null), written atomically
     print(json.dumps(result, indent=2))

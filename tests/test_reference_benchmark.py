@@ -199,3 +199,23 @@ def test_weight_difference_reads_a_saved_state_dict_and_refuses_another_network(
     torch.save({"other.weight": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(SystemExit, match="are not FC100-100-10's"):
         reference.weight_difference(model, tmp_path / "other.pt")
+
+
+def test_jitter_moves_every_weight_by_its_relative_scale_and_leaves_the_global_stream_alone() -> None:
+    reference = load_reference()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = torch.get_rng_state()
+    reference.jitter_weights(model, 1e-3, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    relative = torch.cat([(p.detach() / b - 1).flatten() for p, b in zip(model.parameters(), before)])
+    assert (relative != 0).all()  # every weight moved
+    assert 0.8e-3 < float(relative.std()) < 1.2e-3  # by 1e-3·N(0, 1)
+    again = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    again.load_state_dict(dict(zip(model.state_dict(), before)))
+    reference.jitter_weights(again, 1e-3, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))  # the seed decides
+    again.load_state_dict(dict(zip(model.state_dict(), before)))
+    reference.jitter_weights(again, 1e-3, seed=6)
+    assert not any(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
