@@ -348,12 +348,13 @@ def test_untargeted_c_search_alone_reaches_the_hyperplane_of_a_two_class_head(lo
 def test_defaults_and_settings_are_kept_as_given() -> None:
     assert repr(BoxLBFGS()) == ("BoxLBFGS(target='untargeted', loss='margin', backend='torch', search_steps=6, iterations=50, "
                                 "history=10, c_init=None, c_growth=10.0, confidence=0.01, refine_steps=20, polish_steps=0, "
-                                "progress=False)")
+                                "clean_walk_steps=0, progress=False)")
     given = BoxLBFGS(loss="both", backend="scipy", search_steps=2, iterations=3, history=4, c_init=0.5, c_growth=1.5,
-                     confidence=0.0, refine_steps=0, polish_steps=7, progress=True, target="runner_up")
+                     confidence=0.0, refine_steps=0, polish_steps=7, clean_walk_steps=5, progress=True,
+                     target="runner_up")
     assert repr(given) == ("BoxLBFGS(target='runner_up', loss='both', backend='scipy', search_steps=2, iterations=3, "
                            "history=4, c_init=0.5, c_growth=1.5, confidence=0.0, refine_steps=0, polish_steps=7, "
-                           "progress=True)")
+                           "clean_walk_steps=5, progress=True)")
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -362,7 +363,9 @@ def test_defaults_and_settings_are_kept_as_given() -> None:
     ({"c_growth": 0.5}, "c_growth must be greater than 1, got 0.5"), ({"loss": "both "}, "got 'both '"),
     ({"backend": "jax"}, "backend must be 'torch' or 'scipy', got 'jax'"), ({"iterations": 0}, "iterations must be"),
     ({"history": 0}, "history must be"), ({"polish_steps": -1}, "polish_steps must be"),
-], ids=["refine", "confidence", "c-init-inf", "c-init-zero", "growth", "loss", "backend", "iterations", "history", "polish"])
+    ({"clean_walk_steps": -1}, "clean_walk_steps must be"),
+], ids=["refine", "confidence", "c-init-inf", "c-init-zero", "growth", "loss", "backend", "iterations", "history", "polish",
+        "clean-walk"])
 def test_each_bad_setting_is_named(settings: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         BoxLBFGS(**settings)

@@ -1,14 +1,21 @@
-"""Walk a found adversarial example along the decision boundary towards the clean input: a final
-stage for a minimal search, after decoupled direction and norm (DDN: Rony et al., 2019).
+"""Walks that move a found adversarial example nearer the clean input along the decision boundary:
+final stages for a minimal search, after decoupled direction and norm (DDN: Rony et al., 2019).
 
 A search such as the box-constrained L-BFGS ends at a point just past the decision boundary, but
 seldom at the boundary's closest point: where the loss surface bends (ReLU networks) its last
-solve stops short. From there each step moves along the loss gradient (away from the true class,
-or towards the target) by a step that starts at ``step_share`` of the found perturbation's L2
-norm, then rescales the perturbation to a norm that shrinks by a factor ``1 − γ`` while the point
-is adversarial and grows by ``1 + γ`` while it is not, and clamps it into the box. Step and ``γ``
-(from ``gamma``) decay to zero on a cosine schedule. The smallest perturbation seen that is
-adversarial by a margin (``keeps``) is kept, so a row never ends worse than it started.
+solve stops short, or settles in a part of the boundary farther than another. Each step of a walk
+moves along the loss gradient (away from the true class, or towards the target), then rescales the
+perturbation to a norm that shrinks by a factor ``1 − γ`` while the point is adversarial and grows
+by ``1 + γ`` while it is not, and clamps it into the box. Step and ``γ`` (from ``gamma``) decay to
+zero on a cosine schedule. The smallest perturbation seen that is adversarial by a margin
+(``keeps``) is kept, so a row never ends worse than it started.
+
+- :func:`polish_on_boundary` starts at the found point, with small steps: it refines that part of
+  the boundary.
+- :func:`walk_from_clean` starts again at the clean input, with the found norm times ``scale`` as
+  the first norm and steps as long as it: the first step lands far out along the clean input's
+  gradient, and the norm then shrinks onto whatever part of the boundary that direction meets,
+  which on a ReLU network is often nearer than the search's.
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ from torch import nn
 from advtrain.attacks.inputs import Head, head_for_rows
 from advtrain.attacks.lbfgs import project
 
+Keeps = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def polish_on_boundary(head: Head, origin: torch.Tensor, points: torch.Tensor, found: torch.Tensor, goals: torch.Tensor,
-                       untargeted: bool, keeps: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                       lower: torch.Tensor, upper: torch.Tensor, shape: torch.Size, *, steps: int,
-                       step_share: float = 0.1, gamma: float = 0.05) -> torch.Tensor:
+                       untargeted: bool, keeps: Keeps, lower: torch.Tensor, upper: torch.Tensor, shape: torch.Size, *,
+                       steps: int, step_share: float = 0.1, gamma: float = 0.05) -> torch.Tensor:
     """``points (N, D)`` with every ``found`` row moved to the smallest adversarial point the walk
-    met (flat rows; the others as given).
+    from it met (flat rows; the others as given).
 
     Args:
         head: inputs of ``shape`` to logits.
@@ -47,16 +55,49 @@ def polish_on_boundary(head: Head, origin: torch.Tensor, points: torch.Tensor, f
     rows = found.nonzero()[:, 0]
     if not rows.numel() or not steps:
         return points
-    row_head = head_for_rows(head, rows)
-    start, low, high, targets = origin[rows], lower[rows], upper[rows], goals[rows]
-    delta = points[rows] - start
-    best, best_norm = delta.clone(), delta.norm(dim=1)
-    norm_goal, first_step = best_norm.clone(), step_share * best_norm
+    delta = points[rows] - origin[rows]
+    size = delta.norm(dim=1)
+    best = _walk(head_for_rows(head, rows), origin[rows], delta, delta.clone(), size.clone(), size.clone(),
+                 step_share * size, goals[rows], untargeted, keeps, lower[rows], upper[rows], shape, steps, gamma)
+    polished = points.clone()
+    polished[rows] = origin[rows] + best
+    return polished
+
+
+def walk_from_clean(head: Head, origin: torch.Tensor, points: torch.Tensor, found: torch.Tensor, goals: torch.Tensor,
+                    untargeted: bool, keeps: Keeps, lower: torch.Tensor, upper: torch.Tensor, shape: torch.Size, *,
+                    steps: int, scale: float = 3.0, step_share: float = 1.0, gamma: float = 0.2) -> torch.Tensor:
+    """``points (N, D)`` with every ``found`` row replaced by the smallest adversarial point a walk
+    from the clean input met, where it is smaller than the found one (flat rows; the others as given).
+
+    The walk's first norm is ``scale`` times the found perturbation's norm, its first step
+    ``step_share`` times that first norm; the arguments are otherwise those of
+    :func:`polish_on_boundary`.
+    """
+    rows = found.nonzero()[:, 0]
+    if not rows.numel() or not steps:
+        return points
+    found_delta = points[rows] - origin[rows]
+    found_size = found_delta.norm(dim=1)
+    first_norm = scale * found_size
+    best = _walk(head_for_rows(head, rows), origin[rows], torch.zeros_like(found_delta), found_delta.clone(),
+                 found_size.clone(), first_norm, step_share * first_norm, goals[rows], untargeted, keeps,
+                 lower[rows], upper[rows], shape, steps, gamma)
+    walked = points.clone()
+    walked[rows] = origin[rows] + best
+    return walked
+
+
+def _walk(head: Head, start: torch.Tensor, delta: torch.Tensor, best: torch.Tensor, best_norm: torch.Tensor,
+          norm_goal: torch.Tensor, first_step: torch.Tensor, targets: torch.Tensor, untargeted: bool, keeps: Keeps,
+          low: torch.Tensor, high: torch.Tensor, shape: torch.Size, steps: int, gamma: float) -> torch.Tensor:
+    """The walk's loop from perturbation ``delta``: the smallest perturbation it met that ``keeps``
+    the goal, or ``best`` where none beat ``best_norm``."""
     tiny = torch.finfo(delta.dtype).tiny
     for step in range(steps + 1):
         with torch.enable_grad():
             moving = delta.detach().requires_grad_(True)
-            logits = row_head((start + moving).view(-1, *shape[1:]))
+            logits = head((start + moving).view(-1, *shape[1:]))
             losses = nn.functional.cross_entropy(logits, targets, reduction="none")
             (gradient,) = torch.autograd.grad((losses if untargeted else -losses).sum(), moving)
         adversarial = keeps(logits.detach(), targets)
@@ -71,9 +112,7 @@ def polish_on_boundary(head: Head, origin: torch.Tensor, points: torch.Tensor, f
         moved = delta + (first_step * decay)[:, None] * gradient / gradient.norm(dim=1, keepdim=True).clamp_min(tiny)
         moved = moved * (norm_goal / moved.norm(dim=1).clamp_min(tiny))[:, None]
         delta = project(start + moved, low, high) - start
-    polished = points.clone()
-    polished[rows] = start + best
-    return polished
+    return best
 
 
-__all__ = ["polish_on_boundary"]
+__all__ = ["polish_on_boundary", "walk_from_clean"]
