@@ -608,7 +608,7 @@ def clean_walk_gain() -> str:
     """The retrained SmallResNet's untargeted distortion per example against Foolbox's best there:
     the evaluation's search before the walk from the clean input joined it (its run in
     ``search_variants_polish_heavy``, the same model and images) and as it is now."""
-    row = load(BENCHMARKS / "evaluation_foolbox_small_resnet_clean_walk" / "results.json")["rows"][0]
+    row = load(BENCHMARKS / "evaluation_clean_walk_foolbox_small_resnet" / "results.json")["rows"][0]
     before = load(BENCHMARKS / "search_variants_polish_heavy" / "results.json")["variants"]["evaluation_search"]
     foolbox = row["l2_per_example"]["Foolbox"]
     lines = []
@@ -625,6 +625,36 @@ def clean_walk_gain() -> str:
                   f"{sum(pairs) / len(pairs) / 28:.6f}", "1.0000×", "–"])
     return table(["search (small-resnet plain, retrained; the first 100 MNIST test images, untargeted)", "mean L2 / 28",
                   "against Foolbox's best, per example", "rows farther than Foolbox's best"], lines)
+
+
+#: The runs of the evaluation benchmark with the walk from the clean input in ``evaluation_search()``:
+#: against AutoAttack at 100 steps (and Foolbox where the folder's run had it), and Foolbox alone
+#: for the SmallResNet's distortion.
+CLEAN_WALK_RUNS = ["evaluation_clean_walk_fc100", "evaluation_clean_walk_small_resnet", "evaluation_clean_walk_convnet"]
+
+
+def clean_walk_cost() -> str:
+    """Per model, with the walk from the clean input: the evaluation's seconds for every budget
+    against AutoAttack's at 100 steps in the same run, its robust error's shortfall against the
+    best peer, and the search's distortion against Foolbox's best per example."""
+    foolbox_alone = {row["model"]: row for row in
+                     load(BENCHMARKS / "evaluation_clean_walk_foolbox_small_resnet" / "results.json")["rows"]}
+    rows = []
+    for folder in CLEAN_WALK_RUNS:
+        path = BENCHMARKS / folder / "results.json"
+        if not path.is_file():
+            continue
+        for row in load(path)["rows"]:
+            distortion_row = row if row.get("distortion") else foolbox_alone.get(row["model"])
+            shortfall = max(row["shortfall"], (foolbox_alone.get(row["model"]) or row)["shortfall"])
+            seconds, peer = row["seconds"]["advtrain"], row["seconds"]["AutoAttack 100 steps"]
+            rows.append([row["model"], f"{seconds:.0f}", f"{peer:.0f}", f"{seconds / peer:.2f}×", f"{shortfall:+.1f}",
+                         "–" if distortion_row is None else
+                         f"{distortion_row['distortion_vs_foolbox']:.4f}× ({distortion_row['distortion']['examples']} examples)",
+                         ", ".join(row["checks_failed"]) or "none"])
+    return table(["model", "advtrain s (evaluation_search() + ensemble, all budgets)",
+                  "AutoAttack s (100 steps, once per budget)", "ratio", "best peer − advtrain, worst budget (points)",
+                  "evaluation_search()'s L2 against Foolbox's best, per example", "checks failed"], rows)
 
 
 def reproductions() -> str:
@@ -798,6 +828,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "reference-peers": reference_peers,
     "search-variants-polish-heavy": search_variants_polish_heavy,
     "clean-walk-gain": clean_walk_gain,
+    "clean-walk-cost": clean_walk_cost,
     "search-gap-rows": search_gap_rows,
     "ways": ways,
     "ways-commands": ways_commands,
