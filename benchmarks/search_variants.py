@@ -8,7 +8,7 @@ Each variant is ``BoxLBFGS(**KEYWORDS)`` (``KEYWORDS`` a Python dict body, e.g.
 images of the model that ``benchmarks/evaluation_benchmark.py`` trains (and caches in
 ``runs/evaluation-benchmark``). Reports each variant's mean L2 size over 28 (the benchmark's
 distortion for an MNIST image) and its seconds on one thread; the first variant is the default,
-``evaluation_search()`` (``--variant`` lists replace all three, so name the first one
+``evaluation_search()`` (a ``--variant`` list replaces all four, so name its first one
 ``evaluation_search``). Foolbox's per-example best on the same images is in that benchmark's
 results, so no variant needs Foolbox run again.
 """
@@ -26,9 +26,10 @@ from advtrain.data import MNISTDataModule
 from advtrain.recipes.run_folder import write_json
 from evaluation_benchmark import MODELS, train  # benchmarks/ is on the path when this runs as a script
 
-DEFAULT_VARIANTS = ['evaluation_search=loss="both",polish_steps=100,clean_walk_steps=100',
-                    'before_clean_walk=loss="both",polish_steps=100',
-                    'iterations150_polish400=loss="both",iterations=150,polish_steps=400']
+DEFAULT_VARIANTS = ['evaluation_search=loss="both",polish_steps=50,clean_walk_steps=50',
+                    'polish100_walk100=loss="both",polish_steps=100,clean_walk_steps=100',
+                    'polish0_walk100=loss="both",clean_walk_steps=100',
+                    'before_clean_walk=loss="both",polish_steps=100']
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

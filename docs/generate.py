@@ -414,7 +414,8 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 #: --method M``), by way: the folders of their runs (one run per seed or several).
 REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1",
                            "reference_pgd_callback_randomness", "reference_pgd_callback_randomness_jitter1",
-                           "reference_pgd_seed1_callback_randomness"],
+                           "reference_pgd_seed1_callback_randomness", "reference_pgd_callback_mixing",
+                           "reference_pgd_seed1_callback_mixing"],
                    "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
                             "reference_fast_callback_randomness"]}
 
@@ -436,6 +437,8 @@ def reference_peers() -> str:
             label = "the plain-PyTorch loop" if order_seed is None else f"the plain-PyTorch loop, order seed {order_seed}"
             if run.get("callback_randomness"):
                 label = "the plain-PyTorch loop, the recipe's batch order and random starts"
+                if run.get("mixed_last_batch"):
+                    label += ", and its pool's mixed step at each epoch's last batch"
             if run.get("jitter"):
                 label += (f", every initial weight × (1 + {run['jitter']['scale']:g}·N(0, 1)) "
                           f"(jitter seed {run['jitter']['seed']})")
@@ -604,27 +607,38 @@ def search_variants_polish_heavy() -> str:
                   "time against the default"], rows)
 
 
+#: For each model: the ``benchmarks/search_variants.py`` run of the walk's settings, and the
+#: evaluation benchmark run holding Foolbox's per-example sizes on the same model and images.
+CLEAN_WALK_VARIANTS = [("search_variants_clean_walk_small_resnet", "evaluation_clean_walk_foolbox_small_resnet"),
+                       ("search_variants_clean_walk_fc100", "evaluation_clean_walk_fc100"),
+                       ("search_variants_clean_walk_convnet", "evaluation_clean_walk_convnet")]
+
+
+def against_foolbox(variants_folder: str, foolbox_folder: str, name: str) -> tuple[float, int]:
+    """A search variant's size against Foolbox's best, per example (mean of the ratios over the
+    examples both found, clean mistakes left out), and how many examples that is."""
+    result = load(BENCHMARKS / variants_folder / "results.json")
+    peer = next(row for row in load(BENCHMARKS / foolbox_folder / "results.json")["rows"] if row["model"] == result["model"])
+    pairs = [(ours, theirs) for ours, theirs in zip(result["variants"][name]["l2_per_example"], peer["l2_per_example"]["Foolbox"])
+             if ours is not None and theirs is not None and theirs > 0]
+    return sum(ours / theirs for ours, theirs in pairs) / len(pairs), len(pairs)
+
+
 def clean_walk_gain() -> str:
-    """The retrained SmallResNet's untargeted distortion per example against Foolbox's best there:
-    the evaluation's search before the walk from the clean input joined it (its run in
-    ``search_variants_polish_heavy``, the same model and images) and as it is now."""
-    row = load(BENCHMARKS / "evaluation_clean_walk_foolbox_small_resnet" / "results.json")["rows"][0]
-    before = load(BENCHMARKS / "search_variants_polish_heavy" / "results.json")["variants"]["evaluation_search"]
-    foolbox = row["l2_per_example"]["Foolbox"]
-    lines = []
-    for label, sizes in (("`BoxLBFGS(loss='both', polish_steps=100)`, the search before", before["l2_per_example"]),
-                         ("`evaluation_search()`, with 100 steps from the clean input", row["l2_per_example"]["advtrain"])):
-        pairs = [(ours, theirs) for ours, theirs in zip(sizes, foolbox)
-                 if ours is not None and theirs is not None and theirs > 0]
-        ratio = sum(ours / theirs for ours, theirs in pairs) / len(pairs)
-        farther = sum(ours > theirs * (1 + 1e-6) for ours, theirs in pairs)
-        lines.append([label, f"{sum(ours for ours, _ in pairs) / len(pairs) / 28:.6f}", f"{ratio:.4f}×",
-                      f"{farther} of {len(pairs)}"])
-    pairs = [theirs for theirs in foolbox if theirs is not None and theirs > 0]
-    lines.append(["Foolbox, per example the best of DDN, FMN, C&W (1,000 steps each; C&W 9 × 1,000)",
-                  f"{sum(pairs) / len(pairs) / 28:.6f}", "1.0000×", "–"])
-    return table(["search (small-resnet plain, retrained; the first 100 MNIST test images, untargeted)", "mean L2 / 28",
-                  "against Foolbox's best, per example", "rows farther than Foolbox's best"], lines)
+    """Per model, the search's settings with and without the walk from the clean input: mean size,
+    size against Foolbox's best per example (the examples both found, clean mistakes left out),
+    and time against the search before the walk."""
+    rows = []
+    for variants_folder, foolbox_folder in CLEAN_WALK_VARIANTS:
+        result = load(BENCHMARKS / variants_folder / "results.json")
+        before = result["variants"]["before_clean_walk"]["seconds"]
+        for name, entry in result["variants"].items():
+            ratio, count = against_foolbox(variants_folder, foolbox_folder, name)
+            settings = ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items())
+            rows.append([result["model"], f"`{name}`", settings, f"{entry['mean_l2_over_28']:.6f}",
+                         f"{ratio:.4f}× ({count})", f"{entry['seconds']:.0f}", f"{entry['seconds'] / before:.2f}×"])
+    return table(["model", "variant", "BoxLBFGS settings", "mean L2 / 28", "against Foolbox's best, per example",
+                  "seconds (1 thread)", "time against the search before"], rows)
 
 
 #: The runs of the evaluation benchmark with the walk from the clean input in ``evaluation_search()``:
@@ -645,13 +659,18 @@ def clean_walk_cost() -> str:
         if not path.is_file():
             continue
         for row in load(path)["rows"]:
-            distortion_row = row if row.get("distortion") else foolbox_alone.get(row["model"])
+            if row.get("distortion"):
+                distortion = f"{row['distortion_vs_foolbox']:.4f}× ({row['distortion']['examples']} examples)"
+            else:  # Foolbox ran alone, under an earlier default: the default's search run against its sizes
+                folders = dict(CLEAN_WALK_VARIANTS)
+                variants = next(v for v, f in folders.items()
+                                if load(BENCHMARKS / v / "results.json")["model"] == row["model"])
+                ratio, count = against_foolbox(variants, folders[variants], "evaluation_search")
+                distortion = f"{ratio:.4f}× ({count} examples; the search's own run)"
             shortfall = max(row["shortfall"], (foolbox_alone.get(row["model"]) or row)["shortfall"])
             seconds, peer = row["seconds"]["advtrain"], row["seconds"]["AutoAttack 100 steps"]
             rows.append([row["model"], f"{seconds:.0f}", f"{peer:.0f}", f"{seconds / peer:.2f}×", f"{shortfall:+.1f}",
-                         "–" if distortion_row is None else
-                         f"{distortion_row['distortion_vs_foolbox']:.4f}× ({distortion_row['distortion']['examples']} examples)",
-                         ", ".join(row["checks_failed"]) or "none"])
+                         distortion, ", ".join(row["checks_failed"]) or "none"])
     return table(["model", "advtrain s (evaluation_search() + ensemble, all budgets)",
                   "AutoAttack s (100 steps, once per budget)", "ratio", "best peer − advtrain, worst budget (points)",
                   "evaluation_search()'s L2 against Foolbox's best, per example", "checks failed"], rows)

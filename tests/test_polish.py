@@ -175,8 +175,8 @@ def test_polish_steps_must_not_be_negative() -> None:
 
 def test_threat_models_default_to_the_evaluation_search_and_a_plain_list_to_the_papers() -> None:
     with_threats = AdversarialEvaluation(budgets={"linf": [0.1]})
-    assert with_threats.attack.loss == "both" and with_threats.attack.polish_steps == 100
-    assert with_threats.attack.clean_walk_steps == 100
+    assert with_threats.attack.loss == "both" and with_threats.attack.polish_steps == 50
+    assert with_threats.attack.clean_walk_steps == 50
     assert repr(with_threats.attack) == repr(evaluation_search())
     papers = AdversarialEvaluation(budgets=(0.05,))
     assert papers.attack.loss == "margin" and papers.attack.polish_steps == 0 and papers.attack.clean_walk_steps == 0

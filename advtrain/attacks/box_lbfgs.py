@@ -54,11 +54,11 @@ class BoxLBFGS(Attack):
         polish_steps: steps that finally walk each success along the decision boundary towards the
             clean input (:func:`~advtrain.attacks.polish.polish_on_boundary`), keeping the smallest
             adversarial point met (0, the default, to skip: the paper's search alone). The
-            evaluation's search (:func:`evaluation_search`) takes 100.
+            evaluation's search (:func:`evaluation_search`) takes 50.
         clean_walk_steps: steps of a second walk, started again from the clean input with three
             times the found perturbation's norm (:func:`~advtrain.attacks.polish.walk_from_clean`),
             after the polish; each row keeps the smaller of the two points (0, the default, to
-            skip). The evaluation's search takes 100.
+            skip). The evaluation's search takes 50.
         target: the default target policy (see :class:`~advtrain.attacks.base.Attack`); besides
             the others, ``"nearest"`` searches every wrong class and keeps the closest success (as
             many searches as wrong classes), where ``"untargeted"`` runs one search whose loss
@@ -305,11 +305,11 @@ def evaluation_search() -> BoxLBFGS:
     """The minimal search the robustness evaluation runs by default: the margin search, then a short
     cross-entropy search (``loss="both"``: the cross-entropy away from the true class weighs every
     other class, where the margin follows the one that leads, and so lands nearer on some
-    examples), then 100 steps along the decision boundary (``polish_steps``), then 100 steps of a
+    examples), then 50 steps along the decision boundary (``polish_steps``), then 50 steps of a
     walk from the clean input (``clean_walk_steps``), which reaches another part of the boundary.
     Its effect against Foolbox's minimum-norm attacks is measured in
-    ``benchmarks/evaluation_benchmark.py``."""
-    return BoxLBFGS(loss="both", polish_steps=100, clean_walk_steps=100)
+    ``benchmarks/evaluation_benchmark.py`` and ``benchmarks/search_variants.py``."""
+    return BoxLBFGS(loss="both", polish_steps=50, clean_walk_steps=50)
 
 
 def smallest_per_row(values: torch.Tensor, rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
