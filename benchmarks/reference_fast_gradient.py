@@ -12,8 +12,11 @@
 ``--order-seed`` keeps the seed's initial weights but draws everything random after them (the
 batches' order, random starts, shifts) from another seed: how far a run moves on randomness alone.
 ``--callback-randomness`` (pgd, fast) draws them as the recipe's way does for the seed instead: the
-data module's batch order and the callback's random starts, so that the loop and the recipe differ
-only in what runs around the step; ``--compare-weights`` then reports how far the loop's weights are
+data module's batch order, the callback's random starts and its pool's draws, so that at each
+epoch's last, shorter batch the loop too trains on a random draw from the examples of that batch and
+of the batch before's last rows (the recipe's pool holds a full batch's worth), and the loop and the
+recipe differ only in what runs around the step (results before this mixed step was reproduced lack
+``"mixed_last_batch"``); ``--compare-weights`` then reports how far the loop's weights are
 from those a recipe run of the same seed and epochs saved. ``--jitter-seed`` multiplies every initial
 weight by ``1 + 1e-6·N(0, 1)`` (``--jitter-scale``), drawn from that seed's own generator, and changes
 nothing else: how far a run moves on a difference the size of rounding.
@@ -86,32 +89,45 @@ def pgd_examples(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, e
     return points.detach()
 
 
-#: Each method's loss on one batch: (model, images, labels, uniform) -> the cross-entropy it trains
-#: on; ``uniform`` is the random start's draws (None: drawn from torch's global generator).
+#: The examples PGD and fast adversarial training train on: (model, images, labels, uniform) -> the
+#: attacked images; ``uniform`` is the random start's draws (None: drawn from torch's global generator).
+ADVERSARIES = {
+    "pgd": lambda model, images, labels, uniform: pgd_examples(
+        model, images, labels, epsilon=0.3, steps=40, step_size=0.01, uniform=uniform),
+    "fast": lambda model, images, labels, uniform: pgd_examples(
+        model, images, labels, epsilon=0.3, steps=1, step_size=0.375, uniform=uniform),
+}
+
+#: Each method's loss on one batch: (model, images, labels, uniform) -> the cross-entropy it trains on.
 METHODS = {
     "pools": lambda model, images, labels, uniform: 0.5 * (
         nn.functional.cross_entropy(model(images), labels)
         + nn.functional.cross_entropy(model(fast_gradient_step(model, images, labels, STEP_DISTORTION)), labels)),
-    "pgd": lambda model, images, labels, uniform: nn.functional.cross_entropy(
-        model(pgd_examples(model, images, labels, epsilon=0.3, steps=40, step_size=0.01, uniform=uniform)), labels),
-    "fast": lambda model, images, labels, uniform: nn.functional.cross_entropy(
-        model(pgd_examples(model, images, labels, epsilon=0.3, steps=1, step_size=0.375, uniform=uniform)), labels),
+    **{name: (lambda model, images, labels, uniform, adversary=adversary: nn.functional.cross_entropy(
+        model(adversary(model, images, labels, uniform)), labels)) for name, adversary in ADVERSARIES.items()},
 }
 
 
 class CallbackRandomness:
-    """The batch order and random starts the recipe's ``pgd`` and ``fast`` ways draw for a seed:
-    the data module's order (:class:`~advtrain.data.mnist.EpochShuffle`) and the callback's generator
-    (``torch.Generator().manual_seed(seed)``), from which each refresh draws the random starts of
-    the newest ``batch_size`` clean rows (at an epoch's last, shorter batch, rows of the batch before
-    it too; this batch's are the last)."""
+    """The batch order, random starts and pool draws the recipe's ``pgd`` and ``fast`` ways make for
+    a seed: the data module's order (:class:`~advtrain.data.mnist.EpochShuffle`), the callback's
+    generator (``torch.Generator().manual_seed(seed)``), from which each refresh draws the random
+    starts of the newest ``batch_size`` clean rows, and the input pool's (seeded alike), which
+    places a refresh's examples in the pool and draws the rows a batch trains on. At an epoch's
+    last, shorter batch the newest ``batch_size`` rows include rows of the batch before, and the
+    batch trains on a random draw from their examples (:meth:`attacked_rows`, :meth:`mixed`): the
+    one step an epoch that is not the batch's own PGD examples."""
 
     def __init__(self, count: int, seed: int, batch_size: int) -> None:
         from advtrain.data.mnist import EpochShuffle
 
         self.order = EpochShuffle(count, seed)
         self.generator = torch.Generator().manual_seed(seed)
+        self.pool_generator = torch.Generator().manual_seed(seed)  # the input pool's: seed + its index, 0
         self.batch_size = batch_size
+        self.recent: tuple[torch.Tensor, torch.Tensor] | None = None  # the newest batch_size clean rows
+        self.pool: tuple[torch.Tensor, torch.Tensor] | None = None  # its examples and labels, batch_size slots
+        self.pool_size = 0
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The training rows in epoch ``epoch``'s order."""
@@ -122,6 +138,43 @@ class CallbackRandomness:
         """The random start's draws for ``images``, as the callback's generator gives them."""
         draws = torch.rand((self.batch_size, images[0].numel()), generator=self.generator, dtype=images.dtype)
         return draws[-images.shape[0]:].view_as(images)
+
+    def attacked_rows(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remember this batch's clean rows; the newest ``batch_size`` rows seen, which the callback's
+        refresh attacks (this batch's last)."""
+        if self.recent is not None:
+            images, labels = torch.cat([self.recent[0], images]), torch.cat([self.recent[1], labels])
+        self.recent = images[-self.batch_size:], labels[-self.batch_size:]
+        return self.recent
+
+    def mixed(self, examples: torch.Tensor, labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put ``examples`` into the pool as :class:`~advtrain.pool.AdversarialPool` does (free slots
+        first, then randomly chosen ones), draw the sample the callback's refresh measures the pool's
+        error on, then the ``count`` rows the batch trains on."""
+        if self.pool is None:
+            self.pool = (torch.zeros(self.batch_size, *examples.shape[1:], dtype=examples.dtype),
+                         torch.zeros(self.batch_size, dtype=torch.long))
+        free = min(self.batch_size - self.pool_size, examples.shape[0])
+        slots = torch.arange(self.pool_size, self.pool_size + free)
+        if examples.shape[0] > free:
+            replaced = torch.randperm(self.pool_size, generator=self.pool_generator)[:examples.shape[0] - free]
+            slots = torch.cat([slots, replaced])
+        self.pool[0][slots], self.pool[1][slots] = examples.detach(), labels
+        self.pool_size += free
+        torch.randperm(self.pool_size, generator=self.pool_generator)  # the refresh's pool-error sample (all of it)
+        if count <= self.pool_size:
+            index = torch.randperm(self.pool_size, generator=self.pool_generator)[:count]
+        else:
+            index = torch.randint(self.pool_size, (count,), generator=self.pool_generator)
+        return self.pool[0][index], self.pool[1][index]
+
+    def loss(self, method: str, model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy the recipe's ``method`` way trains on for this batch: the attacked
+        rows' examples, mixed in through the pool."""
+        rows, row_labels = self.attacked_rows(images, labels)
+        examples = ADVERSARIES[method](model, rows, row_labels, self.uniform(rows))
+        examples, example_labels = self.mixed(examples, row_labels, images.shape[0])
+        return nn.functional.cross_entropy(model(examples), example_labels)
 
 
 def jitter_weights(model: nn.Module, scale: float, seed: int) -> None:
@@ -168,7 +221,10 @@ def train_one_seed(data: MNISTDataModule, seed: int, epochs: int, batch_size: in
             batch, batch_labels = images[index], labels[index]
             if shift_pixels:
                 batch = random_shift(batch, shift_pixels, shifts)
-            loss = batch_loss(model, batch, batch_labels, None if matched is None else matched.uniform(batch))
+            if matched is None:
+                loss = batch_loss(model, batch, batch_labels, None)
+            else:
+                loss = matched.loss(method, model, batch, batch_labels)
             for layer, strength in penalties:
                 loss = loss + strength * layer.weight.pow(2).sum() / layer.weight.shape[0]
             optimizer.zero_grad()
@@ -205,6 +261,7 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
             final_evaluation(eval_examples, seed, MODEL_DEFAULTS["sigmoid-mlp"]["eval_target"])
         report, _ = evaluation.evaluate(model, *evaluation.subset(data.test_dataloader()))
         runs.append({"seed": seed, "order_seed": order_seed, "callback_randomness": callback_randomness,
+                     "mixed_last_batch": callback_randomness,
                      "jitter": None if jitter is None else {"scale": jitter[0], "seed": jitter[1]},
                      "test_error": error_rate(model, test_images, test_labels),
                      "train_error": error_rate(model, train_images, train_labels),
@@ -217,7 +274,7 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
     mean_test_error = sum(run["test_error"] for run in runs) / len(runs)
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
                 "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed,
-                "callback_randomness": callback_randomness,
+                "callback_randomness": callback_randomness, "mixed_last_batch": callback_randomness,
                 "jitter": None if jitter is None else {"scale": jitter[0], "seed": jitter[1]}}
     if method == "pools":
         settings["step_distortion"] = STEP_DISTORTION
