@@ -453,13 +453,20 @@ def reference_peers() -> str:
 
 def reference_one_epoch() -> str:
     """The recipe's ``pgd`` way after one epoch beside the loop with the recipe's batch order and
-    random starts: how far apart their weights are."""
-    run = load(BENCHMARKS / "reference_pgd_1_epoch_callback_randomness" / "results.json")["runs"][0]
-    compared = run["weights_against"]
+    random starts, before and with the pool's mixed step at the epoch's last batch: how far apart
+    their weights are."""
+    before = load(BENCHMARKS / "reference_pgd_1_epoch_callback_randomness" / "results.json")["runs"][0]
+    mixed = load(BENCHMARKS / "reference_pgd_1_epoch_callback_mixing" / "results.json")["runs"][0]
+    three = load(BENCHMARKS / "reference_pgd_3_epochs_callback_mixing" / "results.json")["runs"][0]
     return (f"After one epoch of MNIST (938 steps), the loop with the recipe's batch order and random starts and the "
-            f"recipe's `pgd` way from the same seed hold the same weights to {compared['max_abs_difference']:.1e} "
-            f"(the largest weight is {compared['max_abs_weight']:.2f}); the loop's model then predicts one class for every "
-            f"image ({percent(run['test_error'])} test error).\n")
+            f"recipe's `pgd` way from the same seed hold the same weights to "
+            f"{before['weights_against']['max_abs_difference']:.1e}, and to "
+            f"{mixed['weights_against']['max_abs_difference']:.1e} with the pool's mixed step at the epoch's last "
+            f"batch reproduced too (the largest weight is {mixed['weights_against']['max_abs_weight']:.2f}); after "
+            f"three epochs, each run with its own three-epoch cosine schedule, to "
+            f"{three['weights_against']['max_abs_difference']:.1e} (the largest weight "
+            f"{three['weights_against']['max_abs_weight']:.2f}). Both models then predict one class for every image "
+            f"({percent(mixed['test_error'])} and {percent(three['test_error'])} test error).\n")
 
 
 def real_model_cost() -> str:
