@@ -419,6 +419,9 @@ REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pg
                    "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
                             "reference_fast_callback_randomness"]}
 
+#: Reruns of a callback way outside the ways table's run, (way, seed) -> [(run folder, label)].
+CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")]}
+
 
 def reference_peers() -> str:
     """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
@@ -434,6 +437,9 @@ def reference_peers() -> str:
                 shown.add((way, seed))
                 _, results, _ = run_folder(f"ways-fc100-seed{seed}")
                 entries.append((f"`{way}` through the callback", next(entry for entry in results if entry["way"] == way)))
+                for folder, label in CALLBACK_RERUNS.get((way, seed), []):
+                    _, results, _ = run_folder(folder)
+                    entries.append((label, next(entry for entry in results if entry["way"] == way)))
             label = "the plain-PyTorch loop" if order_seed is None else f"the plain-PyTorch loop, order seed {order_seed}"
             if run.get("callback_randomness"):
                 label = "the plain-PyTorch loop, the recipe's batch order and random starts"
