@@ -275,6 +275,7 @@ def measure(data: MNISTDataModule, seeds: list[int], epochs: int, batch_size: in
     settings = {"method": method, "epochs": epochs, "batch_size": batch_size, "lr": lr, "penalty_scale": penalty_scale,
                 "eval_examples": eval_examples, "shift_pixels": shift_pixels, "order_seed": order_seed,
                 "callback_randomness": callback_randomness, "mixed_last_batch": callback_randomness,
+                "threads": torch.get_num_threads(),
                 "jitter": None if jitter is None else {"scale": jitter[0], "seed": jitter[1]}}
     if method == "pools":
         settings["step_distortion"] = STEP_DISTORTION

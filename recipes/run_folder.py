@@ -114,8 +114,22 @@ def load_weights(path: Path, recipe: str, flag: str = "--checkpoint") -> dict[st
     return state
 
 
+def environment() -> dict[str, Any]:
+    """What a run's figures depend on beyond its settings: the library versions and torch's
+    intra-op thread count. Rounding differs with the thread count, and a training that sits at a
+    knife's edge (PGD on FC100-100-10 leaving its collapse, docs/adversarial-training.md) ends
+    elsewhere on it, so a rerun that should repeat a run's figures uses the same count."""
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.machine()}
+
+
 def start_run_folder(args: argparse.Namespace) -> Path:
-    """Create the run folder and write the config and the command line into it; or, with
+    """Create the run folder and write the config, the command line and the :func:`environment`
+    into it; or, with
     ``args.resume``, check that the folder holds this run's config and continue in it.
 
     Raises:
@@ -147,6 +161,7 @@ def start_run_folder(args: argparse.Namespace) -> Path:
         claim(output, recipe)
         write_json(saved, config)
         write_text(output / "command.txt", " ".join(["advtrain", *sys.argv[1:]]) + "\n")
+        write_json(output / "environment.json", environment())
     except OSError as error:
         raise SystemExit(f"advtrain {recipe}: cannot write the run folder --output {output}: {error.strerror or error}") from error
     return output

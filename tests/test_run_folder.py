@@ -227,10 +227,26 @@ def test_a_new_run_folder_holds_the_claim_the_config_and_the_command(tmp_path: P
     output = tmp_path / "a" / "run"
     args = namespace(output, resume=False, callback=print)
     assert start_run_folder(args) == output
-    assert sorted(p.name for p in output.iterdir()) == [CLAIM, "command.txt", "config.json"]
+    assert sorted(p.name for p in output.iterdir()) == [CLAIM, "command.txt", "config.json", "environment.json"]
     assert json.loads((output / "config.json").read_text()) == {
         "output": str(output), "recipe": "adversarial-training", "seed": 0, "lr": 0.1, "resume": False}
     assert (output / "command.txt").read_text() == "advtrain adversarial-training --seed 0\n"
+
+
+def test_the_run_folder_records_the_thread_count_its_rounding_depends_on(tmp_path: Path) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        start_run_folder(namespace(tmp_path / "one"))
+        torch.set_num_threads(2)
+        start_run_folder(namespace(tmp_path / "two"))
+    finally:
+        torch.set_num_threads(threads)
+    recorded = [json.loads((tmp_path / name / "environment.json").read_text()) for name in ("one", "two")]
+    assert [entry["torch_threads"] for entry in recorded] == [1, 2]
+    assert recorded[0]["torch"] == torch.__version__
 
 
 def test_an_empty_existing_folder_is_used(tmp_path: Path) -> None:
