@@ -415,43 +415,61 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
 REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pgd_order1",
                            "reference_pgd_callback_randomness", "reference_pgd_callback_randomness_jitter1",
                            "reference_pgd_seed1_callback_randomness", "reference_pgd_callback_mixing",
-                           "reference_pgd_seed1_callback_mixing"],
+                           "reference_pgd_callback_mixing_2threads", "reference_pgd_seed1_callback_mixing"],
                    "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
                             "reference_fast_callback_randomness"]}
 
 #: Reruns of a callback way outside the ways table's run, (way, seed) -> [(run folder, label)].
-CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")]}
+CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-2threads-seed0", "`pgd` through the callback, run alone (`--ways pgd`, two threads)"),
+                                 ("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")]}
+
+#: Thread counts of the loop runs made with the mixed step before the loop recorded its count
+#: (the earlier runs, on two threads, are not labelled).
+LOOP_THREADS = {"reference_pgd_callback_mixing": 1, "reference_pgd_seed1_callback_mixing": 1,
+                "reference_pgd_callback_mixing_2threads": 2}
+
+
+def _loop_label(run: dict, threads: int | None) -> str:
+    """What sets a loop run apart: its order seed, the recipe's randomness, the mixed step, its
+    thread count, a jitter of its initial weights."""
+    label = "the plain-PyTorch loop" if run.get("order_seed") is None else f"the plain-PyTorch loop, order seed {run['order_seed']}"
+    if run.get("callback_randomness"):
+        label = "the plain-PyTorch loop, the recipe's batch order and random starts"
+        if run.get("mixed_last_batch"):
+            label += ", and its pool's mixed step at each epoch's last batch"
+        if threads is not None:
+            label += f", {'one thread' if threads == 1 else 'two threads' if threads == 2 else f'{threads} threads'}"
+    if run.get("jitter"):
+        label += (f", every initial weight × (1 + {run['jitter']['scale']:g}·N(0, 1)) "
+                  f"(jitter seed {run['jitter']['seed']})")
+    return label
 
 
 def reference_peers() -> str:
     """Each callback way of the ways table beside its plain-PyTorch loop, seed by seed, for the
     seeds the loop ran; a loop run with another order seed (the seed's weights, other batches and
-    starts), or with the recipe's own batches and starts, as one more row under its seed."""
+    starts), or with the recipe's own batches and starts, as one more row under its seed; reruns
+    of the callback way (:data:`CALLBACK_RERUNS`) under the ways table's run."""
     rows, shown = [], set()
     for way, folders in REFERENCE_PEERS.items():
-        paths = [BENCHMARKS / folder / "results.json" for folder in folders]
-        for run in (run for path in paths if path.is_file() for run in load(path)["runs"]):
-            seed, order_seed = run["seed"], run.get("order_seed")
-            entries = []
-            if (way, seed) not in shown:
-                shown.add((way, seed))
-                _, results, _ = run_folder(f"ways-fc100-seed{seed}")
-                entries.append((f"`{way}` through the callback", next(entry for entry in results if entry["way"] == way)))
-                for folder, label in CALLBACK_RERUNS.get((way, seed), []):
-                    _, results, _ = run_folder(folder)
-                    entries.append((label, next(entry for entry in results if entry["way"] == way)))
-            label = "the plain-PyTorch loop" if order_seed is None else f"the plain-PyTorch loop, order seed {order_seed}"
-            if run.get("callback_randomness"):
-                label = "the plain-PyTorch loop, the recipe's batch order and random starts"
-                if run.get("mixed_last_batch"):
-                    label += ", and its pool's mixed step at each epoch's last batch"
-            if run.get("jitter"):
-                label += (f", every initial weight × (1 + {run['jitter']['scale']:g}·N(0, 1)) "
-                          f"(jitter seed {run['jitter']['seed']})")
-            entries.append((label, run))
-            for label, entry in entries:
-                rows.append([way, str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
-                             robust_errors([entry], "l2"), number(entry["mean_distortion"])])
+        for folder in folders:
+            path = BENCHMARKS / folder / "results.json"
+            if not path.is_file():
+                continue
+            result = load(path)
+            threads = result["settings"].get("threads", LOOP_THREADS.get(folder))
+            for run in result["runs"]:
+                seed, entries = run["seed"], []
+                if (way, seed) not in shown:
+                    shown.add((way, seed))
+                    for name, label in [(f"ways-fc100-seed{seed}", f"`{way}` through the callback"),
+                                        *CALLBACK_RERUNS.get((way, seed), [])]:
+                        _, results, _ = run_folder(name)
+                        entries.append((label, next(entry for entry in results if entry["way"] == way)))
+                entries.append((_loop_label(run, threads), run))
+                for label, entry in entries:
+                    rows.append([way, str(seed), label, percent(entry["test_error"]), robust_errors([entry], "linf"),
+                                 robust_errors([entry], "l2"), number(entry["mean_distortion"])])
     rows.sort(key=lambda row: (row[0] != "pgd", row[1]))  # each seed's rows together, the callback's first
     return table(["method", "seed (weights)", "trained by", "test error", "robust error L∞ 0.1 / 0.2 / 0.3",
                   "robust error L2 1 / 1.5 / 2", "mean minimal distortion"], rows)
