@@ -417,11 +417,13 @@ REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pg
                            "reference_pgd_seed1_callback_randomness", "reference_pgd_callback_mixing",
                            "reference_pgd_callback_mixing_2threads", "reference_pgd_seed1_callback_mixing"],
                    "fast": ["reference_fast", "reference_fast_seed1", "reference_fast_order1", "reference_fast_order2",
-                            "reference_fast_callback_randomness"]}
+                            "reference_fast_callback_randomness", "reference_fast_callback_mixing"]}
 
 #: Reruns of a callback way outside the ways table's run, (way, seed) -> [(run folder, label)].
 CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-2threads-seed0", "`pgd` through the callback, run alone (`--ways pgd`, two threads)"),
-                                 ("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")]}
+                                 ("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")],
+                   ("fast", 0): [("ways-fast-alone-2threads-seed0", "`fast` through the callback, run alone (`--ways fast`, two threads)"),
+                                 ("ways-fast-alone-seed0", "`fast` through the callback, run alone (`--ways fast`, one thread)")]}
 
 #: Thread counts of the loop runs made with the mixed step before the loop recorded its count
 #: (the earlier runs, on two threads, are not labelled).
