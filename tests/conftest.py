@@ -33,10 +33,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def mnist_root_or_none() -> Path | None:
-    """``$ADVTRAIN_DATA_DIR`` if it holds MNIST, else ``../shared/data`` beside the repository."""
+    """``$ADVTRAIN_DATA_DIR`` if it holds MNIST, else ``../shared/data`` beside the repository; an
+    absolute path (tests link to the files from other folders, where a relative one would dangle)."""
     for candidate in (os.environ.get("ADVTRAIN_DATA_DIR"), REPO.parent / "shared" / "data"):
         if candidate and has_mnist(candidate):
-            return Path(candidate)
+            return Path(candidate).resolve()
     return None
 
 
