@@ -426,7 +426,7 @@ CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-2threads-seed0", "`pgd` through
                                  ("ways-fast-alone-seed0", "`fast` through the callback, run alone (`--ways fast`, one thread)")]}
 
 #: Thread counts of the loop runs made with the mixed step before the loop recorded its count
-#: (the earlier runs, on two threads, are not labelled).
+#: (the earlier runs did not record theirs and are not labelled).
 LOOP_THREADS = {"reference_pgd_callback_mixing": 1, "reference_pgd_seed1_callback_mixing": 1,
                 "reference_pgd_callback_mixing_2threads": 2}
 
