@@ -422,6 +422,7 @@ REFERENCE_PEERS = {"pgd": ["reference_pgd", "reference_pgd_seed1", "reference_pg
 #: Reruns of a callback way outside the ways table's run, (way, seed) -> [(run folder, label)].
 CALLBACK_RERUNS = {("pgd", 0): [("ways-pgd-alone-2threads-seed0", "`pgd` through the callback, run alone (`--ways pgd`, two threads)"),
                                  ("ways-pgd-alone-seed0", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")],
+                   ("pgd", 1): [("ways-pgd-alone-seed1", "`pgd` through the callback, run alone (`--ways pgd`, one thread)")],
                    ("fast", 0): [("ways-fast-alone-2threads-seed0", "`fast` through the callback, run alone (`--ways fast`, two threads)"),
                                  ("ways-fast-alone-seed0", "`fast` through the callback, run alone (`--ways fast`, one thread)")],
                    ("fast", 1): [("ways-fast-alone-seed1", "`fast` through the callback, run alone (`--ways fast`, one thread)")]}
