@@ -649,10 +649,10 @@ CLEAN_WALK_VARIANTS = [("search_variants_clean_walk_small_resnet", "evaluation_c
                        ("search_variants_clean_walk_convnet", "evaluation_clean_walk_convnet")]
 
 
-def against_foolbox(variants_folder: str, foolbox_folder: str, name: str) -> tuple[float, int]:
+def against_foolbox(result: dict, foolbox_folder: str, name: str) -> tuple[float, int]:
     """A search variant's size against Foolbox's best, per example (mean of the ratios over the
-    examples both found, clean mistakes left out), and how many examples that is."""
-    result = load(BENCHMARKS / variants_folder / "results.json")
+    examples both found, clean mistakes left out), and how many examples that is; ``result`` is a
+    ``benchmarks/search_variants.py`` run."""
     peer = next(row for row in load(BENCHMARKS / foolbox_folder / "results.json")["rows"] if row["model"] == result["model"])
     pairs = [(ours, theirs) for ours, theirs in zip(result["variants"][name]["l2_per_example"], peer["l2_per_example"]["Foolbox"])
              if ours is not None and theirs is not None and theirs > 0]
@@ -668,7 +668,7 @@ def clean_walk_gain() -> str:
         result = load(BENCHMARKS / variants_folder / "results.json")
         before = result["variants"]["before_clean_walk"]["seconds"]
         for name, entry in result["variants"].items():
-            ratio, count = against_foolbox(variants_folder, foolbox_folder, name)
+            ratio, count = against_foolbox(result, foolbox_folder, name)
             settings = ", ".join(f"{key}={value!r}" for key, value in entry["settings"].items())
             rows.append([result["model"], f"`{name}`", settings, f"{entry['mean_l2_over_28']:.6f}",
                          f"{ratio:.4f}× ({count})", f"{entry['seconds']:.0f}", f"{entry['seconds'] / before:.2f}×"])
@@ -697,10 +697,10 @@ def clean_walk_cost() -> str:
             if row.get("distortion"):
                 distortion = f"{row['distortion_vs_foolbox']:.4f}× ({row['distortion']['examples']} examples)"
             else:  # Foolbox ran alone, under an earlier default: the default's search run against its sizes
-                folders = dict(CLEAN_WALK_VARIANTS)
-                variants = next(v for v, f in folders.items()
-                                if load(BENCHMARKS / v / "results.json")["model"] == row["model"])
-                ratio, count = against_foolbox(variants, folders[variants], "evaluation_search")
+                variants, foolbox_folder = next((result, f) for result, f in
+                                                ((load(BENCHMARKS / v / "results.json"), f) for v, f in CLEAN_WALK_VARIANTS)
+                                                if result["model"] == row["model"])
+                ratio, count = against_foolbox(variants, foolbox_folder, "evaluation_search")
                 distortion = f"{ratio:.4f}× ({count} examples; the search's own run)"
             shortfall = max(row["shortfall"], (foolbox_alone.get(row["model"]) or row)["shortfall"])
             seconds, peer = row["seconds"]["advtrain"], row["seconds"]["AutoAttack 100 steps"]
