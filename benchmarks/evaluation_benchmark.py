@@ -3,10 +3,12 @@ attacks on the same examples, and its cost against AutoAttack's, measured in one
 
     python benchmarks/evaluation_benchmark.py [--examples 100] [--models-dir runs/evaluation-benchmark]
         [--models NAME ...] [--peers AutoAttack "AutoAttack 100 steps" Foolbox]
+        [--run-folder runs/FOLDER ... [--ways WAY ...]]
 
 Four MNIST models, trained here first where ``--models-dir`` lacks them (plain PyTorch loops,
 seeded): FC100-100-10 trained plainly and with L∞ PGD, the BN SmallResNet trained plainly, and the
-ReLU convnet trained with L∞ PGD. On the first ``--examples`` test images (clean mistakes
+ReLU convnet trained with L∞ PGD. ``--run-folder`` takes instead the models an ``advtrain
+adversarial-training`` run saved (every way, or ``--ways``), named ``FOLDER: WAY``. On the first ``--examples`` test images (clean mistakes
 included), at the standard MNIST budgets (L∞ 0.1, 0.2, 0.3; L2 1.0, 1.5, 2.0):
 
 - ``advtrain``: :func:`advtrain.robustness.run_ensemble` with its defaults, after the untargeted
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -193,6 +196,36 @@ def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[
     return errors, seconds, l2, failed
 
 
+def run_folder_models(folder: Path, ways: list[str] | None) -> dict[str, nn.Module]:
+    """The ways an ``advtrain adversarial-training`` run saved in ``folder`` (those of ``ways`` it
+    saved, if given), built as the recipe builds them and named ``FOLDER: WAY``.
+
+    Raises:
+        SystemExit: ``folder`` saved none of ``ways``.
+    """
+    from advtrain.recipes.evaluate import models_of
+
+    saved = sorted(path.stem for path in folder.glob("*.pt"))
+    chosen = [way for way in ways if way in saved] if ways else None
+    if ways and not chosen:
+        raise SystemExit(f"evaluation_benchmark: {folder} saved none of the ways {ways}; saved: {', '.join(saved) or 'none'}")
+    found = models_of(argparse.Namespace(source=folder, model=None, way=chosen))
+    return {f"{folder.name}: {way}": module for way, module in found.items()}
+
+
+def models(args: argparse.Namespace, data: MNISTDataModule) -> Iterator[tuple[str, nn.Module]]:
+    """Name and model, one at a time: the run folders' ways with ``--run-folder``, else
+    :data:`MODELS`, trained here where ``--models-dir`` lacks them."""
+    if args.run_folder:
+        for folder in args.run_folder:
+            yield from run_folder_models(folder, args.ways).items()
+        return
+    for name in args.models:
+        architecture, pgd_epsilon, epochs, count = MODELS[name]
+        print(f"{name}: training or loading", flush=True)
+        yield name, train(name, architecture, pgd_epsilon, epochs, count, data, args.models_dir)
+
+
 def markdown(rows: list[ModelRow]) -> str:
     """The results as Markdown tables: robust error per budget and method, then seconds."""
     methods = list(rows[0].robust_error) if rows else []
@@ -228,6 +261,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--models-dir", type=Path, default=Path("runs/evaluation-benchmark"))
+    parser.add_argument("--run-folder", type=Path, nargs="+", default=None,
+                        help="adversarial-training run folders whose saved ways to evaluate instead of --models")
+    parser.add_argument("--ways", nargs="+", default=None, help="with --run-folder: these ways only, where a folder saved them (default: every way saved)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation"))
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS),
                         help="; ".join(f"{name}: {what}" for name, what in PEERS.items()))
@@ -240,10 +276,7 @@ def main() -> None:
     data.setup("test")
     images, labels = (t[: args.examples] for t in data.test_set.tensors)
     rows = []
-    for name in args.models:
-        architecture, pgd_epsilon, epochs, count = MODELS[name]
-        print(f"{name}: training or loading", flush=True)
-        model = train(name, architecture, pgd_epsilon, epochs, count, data, args.models_dir)
+    for name, model in models(args, data):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         with torch.no_grad():
@@ -273,7 +306,8 @@ def main() -> None:
         args.output.mkdir(parents=True, exist_ok=True)  # after every model, so that a long run keeps what it finished
         write_json(args.output / "results.json", {"examples": args.examples, "budgets": BUDGETS,
                                                   "peers": {p: PEERS[p] for p in args.peers},
-                                                  "threads": torch.get_num_threads(), "rows": [asdict(r) for r in rows]})
+                                                  "threads": torch.get_num_threads(),
+                                                  "run_folders": [str(f) for f in args.run_folder or []], "rows": [asdict(r) for r in rows]})
         (args.output / "results.md").write_text(markdown(rows))
     print(markdown(rows))
 

@@ -1,0 +1,49 @@
+"""The peer benchmark of the evaluation (benchmarks/evaluation_benchmark.py) evaluates the models a
+recipe run saved, each as the recipe built it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("evaluation_benchmark", REPO / "benchmarks" / "evaluation_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_folder_gives_the_ways_it_saved_with_their_weights(tmp_path: Path) -> None:
+    from advtrain.recipes.adversarial_training import network
+
+    benchmark = load_benchmark()
+    folder = tmp_path / "ways-small-resnet-seed1"
+    folder.mkdir()
+    shutil.copy(REPO / "docs" / "results" / "ways-small-resnet-seed1" / "config.json", folder / "config.json")
+    settings = argparse.Namespace(**json.loads((folder / "config.json").read_text()))
+    saved = {}
+    for seed, way in enumerate(["fast", "input-pools"]):
+        torch.manual_seed(seed)
+        saved[way] = network(settings, way).module.eval()
+        torch.save(saved[way].state_dict(), folder / f"{way}.pt")
+    found = benchmark.run_folder_models(folder, ["pgd", "fast"])  # pgd: saved by other folders only
+    assert list(found) == ["ways-small-resnet-seed1: fast"]
+    images = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(found["ways-small-resnet-seed1: fast"](images), saved["fast"](images))
+        assert not torch.equal(saved["input-pools"](images), saved["fast"](images))  # the weights tell the ways apart
+    assert list(benchmark.run_folder_models(folder, None)) == ["ways-small-resnet-seed1: fast",
+                                                              "ways-small-resnet-seed1: input-pools"]
+    with pytest.raises(SystemExit, match=r"ways-small-resnet-seed1 saved none of the ways \['pgd'\]; saved: fast, input-pools"):
+        benchmark.run_folder_models(folder, ["pgd"])
