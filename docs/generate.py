@@ -17,6 +17,7 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,17 +213,32 @@ def training_commands() -> str:
     return table(["setting", "command"], rows)
 
 
-#: The ways-to-train runs (``advtrain adversarial-training --ways ...``, one folder per seed), by model.
+#: The ways-to-train runs (``advtrain adversarial-training --ways ...``), by model: folders of one
+#: seed each; a later folder adds the ways the earlier folders of its seed lack, each way's time a
+#: ratio to the weight decay of its own folder.
 WAYS_RUNS = [("FC100-100-10", ["ways-fc100-seed0", "ways-fc100-seed1"]),
-             ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1"])]
+             ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1", "ways-small-resnet-pgd-seed0"])]
 #: The ways in the order the table lists them, with what each is.
 WAYS = {"weight-decay": "weight decay only", "pools": "the paper's, at the input and hidden layers",
         "input-pools": "the same, at the input only", "pgd": "PGD adversarial training",
         "fast": "fast adversarial training"}
 
 
+@dataclass
+class WayRun:
+    """One way trained from one seed: its results entry, and the weight decay of the same run folder."""
+
+    seed: int
+    entry: dict
+    baseline: dict | None
+
+    @property
+    def time_ratio(self) -> float | None:
+        return self.entry["seconds"] / self.baseline["seconds"] if self.baseline else None
+
+
 def ways_runs() -> list[tuple[str, list[tuple[int, list[dict], str]]]]:
-    """The committed ways-to-train runs that exist, by model: (seed, results, command)."""
+    """The committed ways-to-train runs that exist, by model: (seed, results, command) per folder."""
     found = []
     for model, names in WAYS_RUNS:
         runs = [(config.get("seed", 0), results, command)
@@ -232,22 +248,28 @@ def ways_runs() -> list[tuple[str, list[tuple[int, list[dict], str]]]]:
     return found
 
 
+def way_runs(runs: list[tuple[int, list[dict], str]], way: str) -> list[WayRun]:
+    """``way`` on each seed that trained it, from the first folder of the seed that holds it, by seed."""
+    chosen: dict[int, WayRun] = {}
+    for seed, results, _ in runs:
+        entry = next((entry for entry in results if entry["way"] == way), None)
+        if entry is not None and seed not in chosen:
+            chosen[seed] = WayRun(seed, entry, next((e for e in results if e["way"] == "weight-decay"), None))
+    return [chosen[seed] for seed in sorted(chosen)]
+
+
 def ways() -> str:
     """Every way of training beside weight decay: clean and robust error, minimal distortion, and
     training time as a ratio to weight decay's in the same run, per seed."""
     rows = []
     for model, runs in ways_runs():
         for way, meaning in WAYS.items():
-            by_seed = [(seed, next((entry for entry in results if entry["way"] == way), None),
-                        next((entry for entry in results if entry["way"] == "weight-decay"), None))
-                       for seed, results, _ in runs]
-            by_seed = [(seed, entry, baseline) for seed, entry, baseline in by_seed if entry is not None]
+            by_seed = way_runs(runs, way)
             if not by_seed:
                 continue
-            entries = [entry for _, entry, _ in by_seed]
-            ratios = ", ".join(f"{entry['seconds'] / baseline['seconds']:.1f}×" if baseline else "–"
-                               for _, entry, baseline in by_seed)
-            rows.append([model, f"`{way}`: {meaning}", ", ".join(str(seed) for seed, *_ in by_seed),
+            entries = [run.entry for run in by_seed]
+            ratios = ", ".join("–" if run.time_ratio is None else f"{run.time_ratio:.1f}×" for run in by_seed)
+            rows.append([model, f"`{way}`: {meaning}", ", ".join(str(run.seed) for run in by_seed),
                          ", ".join(percent(entry["test_error"]) for entry in entries),
                          robust_errors(entries, "linf"), robust_errors(entries, "l2"),
                          ", ".join(number(entry["mean_distortion"]) for entry in entries), ratios])
@@ -256,10 +278,11 @@ def ways() -> str:
 
 
 def ways_commands() -> str:
+    """Each model's ways commands, one row per distinct command (the seed written ``S``)."""
     rows = []
     for model, runs in ways_runs():
-        command = re.sub(r" --seed \S+", "", short_command(runs[0][2])) + " --seed S"
-        rows.append([model, f"`{command}`"])
+        commands = dict.fromkeys(re.sub(r" --seed \S+", "", short_command(command)) + " --seed S" for _, _, command in runs)
+        rows += [[model, f"`{command}`"] for command in commands]
     return table(["model", "command"], rows)
 
 
@@ -392,15 +415,14 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
     ratio to weight decay's, one point per way and seed."""
     by_clean, by_time = [], []
     for model, runs in ways_runs():
-        for _, results, _ in runs:
-            baseline = next((entry for entry in results if entry["way"] == "weight-decay"), None)
-            for entry in results:
-                robust = mean_robust_error(entry)
+        for way in WAYS:
+            for run in way_runs(runs, way):
+                robust = mean_robust_error(run.entry)
                 if robust is None:
                     continue
-                by_clean.append((entry["test_error"], robust, f"{model}: {entry['way']}"))
-                if baseline:
-                    by_time.append((entry["seconds"] / baseline["seconds"], robust, f"{model}: {entry['way']}"))
+                by_clean.append((run.entry["test_error"], robust, f"{model}: {way}"))
+                if run.time_ratio is not None:
+                    by_time.append((run.time_ratio, robust, f"{model}: {way}"))
     y_label = "robust error, mean over L-inf 0.1/0.2/0.3 and L2 1/1.5/2 (lower: harder to fool)"
     if by_clean:
         scatter(by_clean, clean_path, "clean test error", y_label, lambda e: f"{100 * e:.1f}%",
