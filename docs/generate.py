@@ -277,6 +277,63 @@ def ways() -> str:
                   "mean minimal distortion", "training time / weight decay's"], rows)
 
 
+#: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
+#: saved weights against AutoAttack at 100 steps and Foolbox on the same images.
+WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fc100"]
+#: The run folders it read, by the ways table's run they stand for (reruns the ways table matched
+#: figure for figure stand for its own run, whose weights were not kept).
+WAYS_PEER_FOLDERS = {"ways-small-resnet-seed1": "SmallResNet, seed 1",
+                     "ways-pgd-alone-2threads-seed0": "FC100-100-10, seed 0 (the rerun that matches the table)",
+                     "ways-fast-alone-2threads-seed0": "FC100-100-10, seed 0 (the rerun that matches the table)"}
+
+
+def ways_peer_check() -> str:
+    """Each checked way's robust error by the evaluation beside AutoAttack (100 steps) and
+    Foolbox's best on the same test images, by how much the best peer found more at the worst budget
+    (negative: less everywhere), the
+    search's distortion against Foolbox's per example, and the evaluation's seconds against AutoAttack's."""
+    results = [load(path) for path in (BENCHMARKS / name / "results.json" for name in WAYS_PEER_CHECKS) if path.is_file()]
+    if not results:
+        return "(not run yet)"
+    result = results[0]
+    if any((other["examples"], other["budgets"], other["threads"]) != (result["examples"], result["budgets"], result["threads"])
+           for other in results):
+        raise ValueError(f"{WAYS_PEER_CHECKS}: the runs differ in examples, budgets or threads; one table cannot hold them")
+    rows = []
+    for row in (row for other in results for row in other["rows"]):
+        folder, way = row["model"].split(": ")
+        methods = list(row["robust_error"])
+        cells = []
+        for norm in ("linf", "l2"):
+            cells.append("; ".join(" / ".join(share(row["robust_error"][method][norm][f"{e:g}"]) for e in result["budgets"][norm])
+                                   for method in methods))
+        hundred = row["seconds"].get("AutoAttack 100 steps")
+        rows.append([WAYS_PEER_FOLDERS.get(folder, folder), f"`{way}`", percent(row["clean_error"], 0), *cells,
+                     f"{row['shortfall']:+.1f}",
+                     f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)" if row.get("distortion") else "–",
+                     f"{row['seconds']['advtrain'] / hundred:.2f}×" if hundred else "–",
+                     ", ".join(row["checks_failed"]) or "none"])
+    order = "; ".join(result["rows"][0]["robust_error"]) if result["rows"] else ""
+    return (f"The first {result['examples']} MNIST test images, {result['threads']} CPU thread(s); each cell: {order}.\n\n"
+            + table(["model", "way", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
+                     "best peer − advtrain, worst budget (points)", "the search's L2 against Foolbox's best, per example",
+                     "advtrain s / AutoAttack s", "checks failed"], rows))
+
+
+def evaluation_gap() -> str:
+    """``benchmarks/evaluation_gap.py``: AutoAttack's members one at a time beside the evaluation
+    at one budget, and each example one broke that the evaluation did not, with the sizes."""
+    gap = load(BENCHMARKS / "evaluation_gap" / "results.json")
+    budget = f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}"
+    alone = ", ".join(f"{attack} {share(error)}" for attack, error in gap["attack_error"].items())
+    rows = [[str(miss["example"]), miss["attack"], f"{miss['attack_size']:.3f}",
+             "none" if miss["search_size"] is None else f"{miss['search_size']:.3f}"] for miss in gap["missed"]]
+    return (f"`{gap['model']}` at {budget}, the first {gap['examples']} test images: the evaluation {share(gap['evaluation_error'])}; "
+            f"each peer attack alone: {alone}.\n\n"
+            + table(["example", "broken by (the evaluation did not)", f"its perturbation ({gap['norm']})",
+                     "the evaluation's search, minimal perturbation"], rows))
+
+
 def ways_commands() -> str:
     """Each model's ways commands, one row per distinct command (the seed written ``S``)."""
     rows = []
@@ -908,6 +965,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "search-gap-rows": search_gap_rows,
     "ways": ways,
     "ways-commands": ways_commands,
+    "ways-peer-check": ways_peer_check,
+    "evaluation-gap": evaluation_gap,
     "defaults-check": defaults_check,
     "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def generator():
     spec = importlib.util.spec_from_file_location("generate_docs", REPO / "docs" / "generate.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -81,3 +83,15 @@ def test_the_callback_defaults_are_the_settings_of_the_measured_defaults_rows() 
     # the older rows' `attack: null` is BoxLBFGS(**GENERATION_ATTACK) as it was measured (the step's label)
     assert GENERATION_ATTACK == {"loss": "margin", "search_steps": 2, "iterations": 10, "refine_steps": 5,
                                  "target": "random"}
+
+def test_a_way_from_a_later_run_folder_joins_its_seed_with_its_own_folders_weight_decay() -> None:
+    module = generator()
+    first = [{"way": "weight-decay", "seconds": 100.0}, {"way": "fast", "seconds": 250.0}]
+    later = [{"way": "weight-decay", "seconds": 200.0}, {"way": "pgd", "seconds": 8000.0}]
+    other_seed = [{"way": "weight-decay", "seconds": 50.0}, {"way": "fast", "seconds": 100.0}]
+    runs = [(0, first, "a"), (1, other_seed, "b"), (0, later, "c")]
+    pgd = module.way_runs(runs, "pgd")
+    assert [(run.seed, run.time_ratio) for run in pgd] == [(0, 40.0)]  # 8000 s against its own folder's 200 s
+    decay = module.way_runs(runs, "weight-decay")
+    assert [(run.seed, run.entry["seconds"]) for run in decay] == [(0, 100.0), (1, 50.0)]  # once per seed, the first folder's
+    assert [run.time_ratio for run in module.way_runs(runs, "fast")] == [2.5, 2.0]
