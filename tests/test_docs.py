@@ -3,22 +3,17 @@ stays short and its links resolve."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def generator():
-    spec = importlib.util.spec_from_file_location("generate_docs", REPO / "docs" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/generate.py", "generate_docs")
 
 
 def test_generated_tables_agree_with_the_committed_results() -> None:

@@ -4,24 +4,19 @@ recipe run saved, each as the recipe built it."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("evaluation_benchmark", REPO / "benchmarks" / "evaluation_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/evaluation_benchmark.py", "evaluation_benchmark")
 
 
 def test_a_run_folder_gives_the_ways_it_saved_with_their_weights(tmp_path: Path) -> None:

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from script_modules import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_reference():
-    spec = importlib.util.spec_from_file_location("reference_fast_gradient", REPO / "benchmarks" / "reference_fast_gradient.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/reference_fast_gradient.py", "reference_fast_gradient")
 
 
 def test_step_has_the_distortion_and_follows_the_loss_gradient() -> None:
