@@ -11,7 +11,11 @@ misclassifies. The attacks, each on the rows nothing has broken yet:
    budget as it must (:mod:`advtrain.evaluation_checks`);
 3. APGD with the targeted difference of logits ratio, towards each of the ``targets`` most likely
    wrong classes in turn;
-4. Square (:class:`~advtrain.attacks.Square`), which reads no gradient.
+4. FAB-T (:class:`~advtrain.attacks.FAB`), the minimal search along the linearised boundary
+   towards each of the ``targets`` most likely wrong classes in turn; its minimal sizes do not
+   depend on the budget, so each row is searched once per norm and the sizes count at every
+   budget they fit in;
+5. Square (:class:`~advtrain.attacks.Square`), which reads no gradient.
 
 Budgets are taken in increasing order, and a row broken at one budget stays broken at every larger
 one. Finally APGD with the difference of logits ratio is given the whole box (an L∞ budget as wide as the box): every
@@ -28,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advtrain.attacks import APGD, AttackResult, Square
+from advtrain.attacks import APGD, FAB, AttackResult, Square
 from advtrain.attacks.base import Attack
+from advtrain.attacks.targets import ranked_wrong_classes
 from advtrain.box import Bounds, check_bounds
 from advtrain.budget import check_epsilon, check_norm, perturbation_size
 from advtrain.checks import check_count
@@ -45,9 +50,11 @@ class Ensemble:
     Args:
         steps: APGD's steps per run.
         restarts: APGD's random restarts.
-        targets: how many of the most likely wrong classes the targeted APGD tries, one run each.
+        targets: how many of the most likely wrong classes the targeted APGD and FAB-T try, one
+            run each.
         queries: Square's model queries per example; 0 leaves Square out (and the check that
             compares it with the gradient attacks).
+        fab: run FAB-T (``steps`` boundary steps per wrong class).
         whole_box: give APGD the whole box at the end (the check that a huge budget breaks nearly
             everything).
 
@@ -59,6 +66,7 @@ class Ensemble:
     restarts: int = 1
     targets: int = 9
     queries: int = 5000
+    fab: bool = True
     whole_box: bool = True
 
     def __post_init__(self) -> None:
@@ -78,7 +86,7 @@ class RobustnessResult:
         robust_error: norm to budget to the fraction misclassified as they are or broken within
             that budget by any attack.
         broken_by: norm to budget to attack name to how many examples that attack broke first at
-            that budget (the search, ``apgd-ce``, ``apgd-t``, ``square``; rows broken at a smaller
+            that budget (the search, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``; rows broken at a smaller
             budget count as ``smaller budget``).
         first_attack_error: norm to budget to the error APGD with cross-entropy reached on its own
             over every correctly classified example.
@@ -107,12 +115,6 @@ def verified_breaks(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
     return inside & within & fooled
 
 
-def ranked_wrong_classes(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``(N, C-1)`` the wrong classes of each row, most likely first by its clean ``logits``."""
-    order = logits.scatter(1, labels[:, None], float("-inf")).argsort(1, descending=True)
-    return order[:, :-1]
-
-
 def _attack_rows(attack: Attack, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor,
                  norm: str, epsilon: float, bounds: Bounds, generator: torch.Generator,
                  targets: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,6 +125,56 @@ def _attack_rows(attack: Attack, model: nn.Module, inputs: torch.Tensor, labels:
                                   target=targets if targets is not None else "untargeted")
     broke = verified_breaks(model, inputs[rows], labels[rows], result.attempt, norm, epsilon, bounds)
     return rows[broke]
+
+
+class BoundarySearch:
+    """FAB-T's minimal points for one norm, searched once per row on demand and reused at every
+    budget: a row is searched towards its wrong classes in turn until one lands within the budget
+    asked; a row never searched to the end holds its smallest size so far.
+
+    Args:
+        model, inputs, labels, norm, bounds, generator: as :func:`run_ensemble` attacks with.
+        wrong_classes: ``(N, C-1)`` each row's wrong classes, most likely first.
+        ensemble: ``steps`` per search, ``targets`` wrong classes.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, wrong_classes: torch.Tensor,
+                 norm: str, bounds: Bounds, ensemble: Ensemble, generator: torch.Generator) -> None:
+        self.model, self.inputs, self.labels, self.wrong_classes = model, inputs, labels, wrong_classes
+        self.norm, self.bounds, self.generator = norm, bounds, generator
+        self.steps = ensemble.steps
+        self.ranks = min(ensemble.targets, wrong_classes.shape[1])
+        self.points = inputs.clone()
+        self.sizes = torch.full((labels.numel(),), math.inf, device=inputs.device)
+        self.searched = torch.zeros(labels.numel(), dtype=torch.long, device=inputs.device)  # ranks tried per row
+
+    def _fits(self, rows: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """The rows whose best point is verified wrong within ``epsilon``."""
+        if not rows.numel():
+            return rows
+        return rows[verified_breaks(self.model, self.inputs[rows], self.labels[rows], self.points[rows], self.norm,
+                                    epsilon, self.bounds)]
+
+    def breaks(self, rows: torch.Tensor, epsilon: float) -> torch.Tensor:
+        """The ``rows`` FAB-T breaks within ``epsilon``, searching further where needed."""
+        hits = self._fits(rows[self.sizes[rows].isfinite()], epsilon)
+        for rank in range(self.ranks):
+            rest = rows[(self.searched[rows] == rank) & ~torch.isin(rows, hits)]
+            if rest.numel():
+                self._search(rest, rank)
+                hits = torch.cat([hits, self._fits(rest, epsilon)])
+        return hits
+
+    def _search(self, rows: torch.Tensor, rank: int) -> None:
+        """Search ``rows`` towards their wrong class of ``rank`` (0: the most likely) and keep each
+        row's smaller point."""
+        attack = FAB(norm=self.norm, steps=self.steps, guide_rank=rank + 1)
+        result = attack(self.model, self.inputs[rows], self.labels[rows], bounds=self.bounds, generator=self.generator)
+        sizes = torch.where(result.success, perturbation_size(result.perturbation, self.norm), math.inf)
+        smaller = sizes < self.sizes[rows]
+        self.points[rows[smaller]] = result.adversarial[smaller]
+        self.sizes[rows[smaller]] = sizes[smaller]
+        self.searched[rows] = rank + 1
 
 
 def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, threat_models: Mapping[str, Sequence[float]],
@@ -158,6 +210,7 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
     wrong_classes = ranked_wrong_classes(clean_logits, labels)
     for norm, epsilons in threat_models.items():
         broken = ~correct
+        fab_search = BoundarySearch(model, inputs, labels, wrong_classes, norm, bounds, ensemble, generator)
         result.robust_error[norm], result.broken_by[norm], result.first_attack_error[norm], result.broken[norm] = {}, {}, {}, {}
         for epsilon in sorted(float(e) for e in epsilons):
             tally = {"smaller budget": int((broken & correct).sum())}
@@ -181,6 +234,10 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
                 hits = _attack_rows(targeted, model, inputs, labels, rest, norm, epsilon, bounds, generator,
                                     targets=wrong_classes[rest, rank])
                 tally["apgd-t"] += hits.numel()
+                new[hits] = True
+            if ensemble.fab:
+                hits = fab_search.breaks((~new).nonzero()[:, 0], epsilon)
+                tally["fab-t"] = hits.numel()
                 new[hits] = True
             if ensemble.queries:
                 square = Square(epsilon=epsilon, norm=norm, queries=ensemble.queries)
@@ -284,5 +341,5 @@ def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tup
     return checked
 
 
-__all__ = ["BUDGET_TOLERANCE", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "result_counts", "result_from_counts", "ranked_wrong_classes", "run_ensemble",
+__all__ = ["BUDGET_TOLERANCE", "BoundarySearch", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "result_counts", "result_from_counts", "ranked_wrong_classes", "run_ensemble",
            "verified_breaks", "whole_box_error", "whole_box_width"]

@@ -70,6 +70,8 @@ class ModelRow:
     #: per example, the search's and Foolbox's best L2 size (null: not found; 0: a clean mistake), so a
     #: later change of the search can be compared with Foolbox without running Foolbox again
     l2_per_example: dict[str, list[float | None]] = field(default_factory=dict)
+    #: norm to budget to what each of the evaluation's attacks broke first there
+    broken_by: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
 
 
 def train(name: str, architecture: str, pgd_epsilon: float | None, epochs: int, count: int, data: MNISTDataModule,
@@ -178,9 +180,10 @@ def foolbox_minimal(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return errors, seconds, best["l2"]
 
 
-def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor, list[str]]:
+def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor, list[str], dict]:
     """The evaluation as the callback runs it: robust errors, seconds, the search's L2 sizes
-    (``inf`` where it failed, 0 for clean mistakes), and the names of failed checks."""
+    (``inf`` where it failed, 0 for clean mistakes), the names of failed checks, and what each
+    attack broke first at each budget."""
     from advtrain.evaluation_checks import output_checks, result_checks
 
     started = time.perf_counter()
@@ -193,7 +196,8 @@ def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[
     l2 = torch.zeros(len(labels))
     l2[correct] = torch.where(search.success, search.l2, torch.full_like(search.l2, math.inf))
     errors = {norm: {f"{e:g}": value for e, value in values.items()} for norm, values in result.robust_error.items()}
-    return errors, seconds, l2, failed
+    broken_by = {norm: {f"{e:g}": tally for e, tally in values.items()} for norm, values in result.broken_by.items()}
+    return errors, seconds, l2, failed, broken_by
 
 
 def run_folder_models(folder: Path, ways: list[str] | None) -> dict[str, nn.Module]:
@@ -283,7 +287,7 @@ def main() -> None:
             clean_error = float((model(images).argmax(1) != labels).float().mean())
         row = ModelRow(name, clean_error)
         print(f"{name}: advtrain", flush=True)
-        row.robust_error["advtrain"], row.seconds["advtrain"], our_l2, row.checks_failed = ours(model, images, labels)
+        row.robust_error["advtrain"], row.seconds["advtrain"], our_l2, row.checks_failed, row.broken_by = ours(model, images, labels)
         their_l2 = None
         for peer in args.peers:
             print(f"{name}: {peer}", flush=True)
@@ -306,7 +310,7 @@ def main() -> None:
         args.output.mkdir(parents=True, exist_ok=True)  # after every model, so that a long run keeps what it finished
         write_json(args.output / "results.json", {"examples": args.examples, "budgets": BUDGETS,
                                                   "peers": {p: PEERS[p] for p in args.peers},
-                                                  "threads": torch.get_num_threads(),
+                                                  "threads": torch.get_num_threads(), "ensemble": asdict(Ensemble()),
                                                   "run_folders": [str(f) for f in args.run_folder or []], "rows": [asdict(r) for r in rows]})
         (args.output / "results.md").write_text(markdown(rows))
     print(markdown(rows))

@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"threat models, norms {', '.join(NORMS)} (default: {' '.join(DEFAULT_BUDGETS)})")
     parser.add_argument("--examples", type=int, default=1000, help="the first N MNIST test images")
     parser.add_argument("--steps", type=int, default=Ensemble.steps, help="APGD's steps")
-    parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD tries")
+    parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD and FAB-T try")
+    parser.add_argument("--fab", action=argparse.BooleanOptionalAction, default=Ensemble.fab,
+                        help="run FAB-T, the minimal boundary search (--no-fab: leave it out)")
     parser.add_argument("--queries", type=int, default=Ensemble.queries, help="Square's queries per example (0: no Square)")
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: <run folder>/robustness)")
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, RobustnessReport]:
     if args.examples < 1:
         raise SystemExit(f"advtrain evaluate: --examples must be at least 1, got {args.examples}")
     try:
-        ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries)
+        ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries, fab=args.fab)
     except ValueError as error:
         raise SystemExit(f"advtrain evaluate: {error}") from error
     output = args.output or (args.source / "robustness" if args.source.is_dir() else args.source.with_name(f"{args.source.stem}-robustness"))

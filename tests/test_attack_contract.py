@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from advtrain.attacks import APGD, PGD, Attack, BoxLBFGS, FastGradient, Square
+from advtrain.attacks import APGD, FAB, PGD, Attack, BoxLBFGS, FastGradient, Square
 from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 from tests.real_models import PlainModule, bn_convnet, images, loader, pretrained
@@ -25,6 +25,8 @@ ATTACKS = {
     "apgd-dlr-rms": lambda: APGD(epsilon=0.1, norm="rms", steps=5, loss="dlr", restarts=2),
     "square-linf": lambda: Square(epsilon=0.3, queries=50),
     "square-l2": lambda: Square(epsilon=3.0, norm="l2", queries=20),
+    "fab-linf": lambda: FAB(norm="linf", steps=10),
+    "fab-rms": lambda: FAB(norm="rms", steps=10, guide_rank=2),
 }
 
 

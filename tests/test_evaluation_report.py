@@ -133,6 +133,10 @@ def test_advtrain_evaluate_reports_a_train_run_folder(mnist_root: Path, tmp_path
     assert saved["examples"] == 12 and set(saved["robust_error"]) == {"linf", "l2"}
     assert saved["robust_error"]["linf"]["0.05"] <= saved["robust_error"]["linf"]["0.1"]
     assert (folder / "robustness" / "robustness.png").is_file()
+    assert all("fab-t" in tally for tally in saved["broken_by"]["l2"].values())  # FAB-T runs by default
+    assert main(["evaluate", str(folder), *flags, "--no-fab", "--output", str(tmp_path / "no-fab")]) == 0
+    without = json.loads((tmp_path / "no-fab" / "robustness.json").read_text())["fc10-1e-4"]
+    assert not any("fab-t" in tally for tally in without["broken_by"]["l2"].values())
     assert "| fc10-1e-4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already holds a report"):
         main(["evaluate", str(folder), *flags])

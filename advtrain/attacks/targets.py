@@ -47,3 +47,9 @@ def choose_targets(
     if target == "runner_up":
         return clean_logits.scatter(1, labels[:, None], float("-inf")).argmax(1)
     raise ValueError(f"target must be a LongTensor of labels or one of {POLICIES}, got {target!r}")
+
+
+def ranked_wrong_classes(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, C-1)`` the wrong classes of each row, most likely first by its clean ``logits``."""
+    order = logits.scatter(1, labels[:, None], float("-inf")).argsort(1, descending=True)
+    return order[:, :-1]
