@@ -87,7 +87,8 @@ def main() -> None:
     searched = torch.full((len(labels),), math.nan)
     searched[correct] = torch.where(search.success, size(search.perturbation, args.norm),
                                     torch.full_like(search.l2, math.nan))
-    result = run_ensemble(model, images, labels, {args.norm: [args.epsilon]}, (0.0, 1.0), ensemble=Ensemble(),
+    ensemble = Ensemble()
+    result = run_ensemble(model, images, labels, {args.norm: [args.epsilon]}, (0.0, 1.0), ensemble=ensemble,
                           search=search)
     broken = result.broken[args.norm][args.epsilon].cpu()
     gap = Gap(name, args.norm, args.epsilon, len(labels), result.robust_error[args.norm][args.epsilon],
@@ -102,6 +103,7 @@ def main() -> None:
         print(f"{attack}: {gap.attack_error[attack]:.1%} alone", flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     write_json(args.output / "results.json", {"run_folder": str(args.run_folder), "threads": torch.get_num_threads(),
+                                              "ensemble": asdict(ensemble),
                                               **asdict(gap)})
     print(f"{name}, {args.norm} {args.epsilon:g}: the evaluation {gap.evaluation_error:.1%} ({gap.evaluation_broken_by})")
     for miss in gap.missed:

@@ -279,7 +279,7 @@ def ways() -> str:
 
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
 #: saved weights against AutoAttack at 100 steps and Foolbox on the same images.
-WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fc100"]
+WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fc100", "evaluation_ways_fc100_fab"]
 #: The run folders it read, by the ways table's run they stand for (reruns the ways table matched
 #: figure for figure stand for its own run, whose weights were not kept).
 WAYS_PEER_FOLDERS = {"ways-small-resnet-seed1": "SmallResNet, seed 1",
@@ -300,7 +300,7 @@ def ways_peer_check() -> str:
            for other in results):
         raise ValueError(f"{WAYS_PEER_CHECKS}: the runs differ in examples, budgets or threads; one table cannot hold them")
     rows = []
-    for row in (row for other in results for row in other["rows"]):
+    for other, row in ((other, row) for other in results for row in other["rows"]):
         folder, way = row["model"].split(": ")
         methods = list(row["robust_error"])
         cells = []
@@ -308,27 +308,34 @@ def ways_peer_check() -> str:
             cells.append("; ".join(" / ".join(share(row["robust_error"][method][norm][f"{e:g}"]) for e in result["budgets"][norm])
                                    for method in methods))
         hundred = row["seconds"].get("AutoAttack 100 steps")
-        rows.append([WAYS_PEER_FOLDERS.get(folder, folder), f"`{way}`", percent(row["clean_error"], 0), *cells,
+        rows.append([WAYS_PEER_FOLDERS.get(folder, folder), f"`{way}`", ensemble_name(other), percent(row["clean_error"], 0), *cells,
                      f"{row['shortfall']:+.1f}",
                      f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)" if row.get("distortion") else "–",
                      f"{row['seconds']['advtrain'] / hundred:.2f}×" if hundred else "–",
                      ", ".join(row["checks_failed"]) or "none"])
     order = "; ".join(result["rows"][0]["robust_error"]) if result["rows"] else ""
     return (f"The first {result['examples']} MNIST test images, {result['threads']} CPU thread(s); each cell: {order}.\n\n"
-            + table(["model", "way", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
+            + table(["model", "way", "the evaluation's attacks", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
                      "best peer − advtrain, worst budget (points)", "the search's L2 against Foolbox's best, per example",
                      "advtrain s / AutoAttack s", "checks failed"], rows))
 
 
-def evaluation_gap() -> str:
+def ensemble_name(result: dict) -> str:
+    """Which of the ensemble's attacks a benchmark's run had: runs from before FAB-T joined it
+    record no ensemble."""
+    return "with FAB-T" if result.get("ensemble", {}).get("fab") else "without FAB-T (before it joined)"
+
+
+def evaluation_gap(folder: str = "evaluation_gap") -> str:
     """``benchmarks/evaluation_gap.py``: AutoAttack's members one at a time beside the evaluation
     at one budget, and each example one broke that the evaluation did not, with the sizes."""
-    gap = load(BENCHMARKS / "evaluation_gap" / "results.json")
+    gap = load(BENCHMARKS / folder / "results.json")
     budget = f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}"
     alone = ", ".join(f"{attack} {share(error)}" for attack, error in gap["attack_error"].items())
     rows = [[str(miss["example"]), miss["attack"], f"{miss['attack_size']:.3f}",
              "none" if miss["search_size"] is None else f"{miss['search_size']:.3f}"] for miss in gap["missed"]]
-    return (f"`{gap['model']}` at {budget}, the first {gap['examples']} test images: the evaluation {share(gap['evaluation_error'])}; "
+    return (f"`{gap['model']}` at {budget}, the first {gap['examples']} test images: the evaluation {ensemble_name(gap)}: "
+            f"{share(gap['evaluation_error'])}; "
             f"each peer attack alone: {alone}.\n\n"
             + table(["example", "broken by (the evaluation did not)", f"its perturbation ({gap['norm']})",
                      "the evaluation's search, minimal perturbation"], rows))
@@ -790,6 +797,37 @@ def clean_walk_cost() -> str:
                   "evaluation_search()'s L2 against Foolbox's best, per example", "checks failed"], rows)
 
 
+#: The same benchmark runs as :data:`CLEAN_WALK_RUNS`, with FAB-T in the ensemble.
+FAB_RUNS = ["evaluation_fab_fc100", "evaluation_fab_small_resnet", "evaluation_fab_convnet"]
+
+
+def fab_cost() -> str:
+    """Per model, the evaluation with FAB-T against AutoAttack at 100 steps in the same run: seconds,
+    the shortfall against the best peer and what FAB-T broke first, beside the same model's run
+    before FAB-T joined (:data:`CLEAN_WALK_RUNS`)."""
+    before = {row["model"]: row for folder in CLEAN_WALK_RUNS for row in load(BENCHMARKS / folder / "results.json")["rows"]}
+    rows = []
+    for folder in FAB_RUNS:
+        path = BENCHMARKS / folder / "results.json"
+        if not path.is_file():
+            continue
+        result = load(path)
+        if not result.get("ensemble", {}).get("fab"):
+            raise ValueError(f"{path}: the run's ensemble had no FAB-T")
+        for row in result["rows"]:
+            earlier = before[row["model"]]
+            ratio = lambda r: r["seconds"]["advtrain"] / r["seconds"]["AutoAttack 100 steps"]  # noqa: E731
+            by_fab = sum(tally.get("fab-t", 0) for budgets in row["broken_by"].values() for tally in budgets.values())
+            rows.append([row["model"], f"{row['seconds']['advtrain']:.0f}", f"{row['seconds']['AutoAttack 100 steps']:.0f}",
+                         f"{ratio(row):.2f}×", f"{ratio(earlier):.2f}×", f"{row['shortfall']:+.1f}", f"{earlier['shortfall']:+.1f}",
+                         str(by_fab), ", ".join(row["checks_failed"]) or "none"])
+    if not rows:
+        return "(not run yet)"
+    return table(["model", "advtrain s, with FAB-T (all budgets)", "AutoAttack s (100 steps, once per budget)", "ratio",
+                  "ratio before FAB-T", "best peer − advtrain, worst budget (points)", "the same before FAB-T",
+                  "examples FAB-T broke first, all budgets", "checks failed"], rows)
+
+
 def reproductions() -> str:
     """One row per recipe: the paper's table, the command, its time, ours against the paper's headline."""
     rows = []
@@ -962,11 +1000,13 @@ TABLES: dict[str, Callable[[], str]] = {
     "search-variants-polish-heavy": search_variants_polish_heavy,
     "clean-walk-gain": clean_walk_gain,
     "clean-walk-cost": clean_walk_cost,
+    "fab-cost": fab_cost,
     "search-gap-rows": search_gap_rows,
     "ways": ways,
     "ways-commands": ways_commands,
     "ways-peer-check": ways_peer_check,
     "evaluation-gap": evaluation_gap,
+    "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),
     "defaults-check": defaults_check,
     "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,
