@@ -134,16 +134,17 @@ class BoundarySearch:
 
     Args:
         model, inputs, labels, norm, bounds, generator: as :func:`run_ensemble` attacks with.
-        wrong_classes: ``(N, C-1)`` each row's wrong classes, most likely first.
-        ensemble: ``steps`` per search, ``targets`` wrong classes.
+        wrong_classes: how many wrong classes the model has (``C - 1``).
+        ensemble: ``steps`` per search, ``targets`` wrong classes, most likely first by the clean
+            logits.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, wrong_classes: torch.Tensor,
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, wrong_classes: int,
                  norm: str, bounds: Bounds, ensemble: Ensemble, generator: torch.Generator) -> None:
-        self.model, self.inputs, self.labels, self.wrong_classes = model, inputs, labels, wrong_classes
+        self.model, self.inputs, self.labels = model, inputs, labels
         self.norm, self.bounds, self.generator = norm, bounds, generator
         self.steps = ensemble.steps
-        self.ranks = min(ensemble.targets, wrong_classes.shape[1])
+        self.ranks = min(ensemble.targets, wrong_classes)
         self.points = inputs.clone()
         self.sizes = torch.full((labels.numel(),), math.inf, device=inputs.device)
         self.searched = torch.zeros(labels.numel(), dtype=torch.long, device=inputs.device)  # ranks tried per row
@@ -210,7 +211,7 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
     wrong_classes = ranked_wrong_classes(clean_logits, labels)
     for norm, epsilons in threat_models.items():
         broken = ~correct
-        fab_search = BoundarySearch(model, inputs, labels, wrong_classes, norm, bounds, ensemble, generator)
+        fab_search = BoundarySearch(model, inputs, labels, wrong_classes.shape[1], norm, bounds, ensemble, generator)
         result.robust_error[norm], result.broken_by[norm], result.first_attack_error[norm], result.broken[norm] = {}, {}, {}, {}
         for epsilon in sorted(float(e) for e in epsilons):
             tally = {"smaller budget": int((broken & correct).sum())}

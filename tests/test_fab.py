@@ -161,9 +161,7 @@ class CountingFAB(FAB):
 def test_the_boundary_search_runs_once_per_row_and_counts_at_every_budget(monkeypatch) -> None:
     monkeypatch.setattr("advtrain.robustness.FAB", CountingFAB)
     model, inputs, labels, exact = linear_problem(count=24)
-    wrong = torch.zeros(24, 1, dtype=torch.long)
-    wrong[:, 0] = 1 - labels
-    search = BoundarySearch(model, inputs, labels, wrong, "l2", (0.0, 1.0), Ensemble(steps=20, targets=9),
+    search = BoundarySearch(model, inputs, labels, 1, "l2", (0.0, 1.0), Ensemble(steps=20, targets=9),
                             torch.Generator().manual_seed(0))
     every = torch.arange(24)
     budgets = sorted(float(e) for e in exact["l2"].quantile(torch.tensor([0.25, 0.5, 0.9])))
@@ -206,3 +204,19 @@ def test_fab_generates_the_callbacks_pool_above_a_layer_of_a_real_model(tmp_path
     lower, upper = callback.boxes[layer]
     stored = pool.examples[: len(pool)]
     assert bool(((stored >= lower) & (stored <= upper)).all()) and bool(stored.isfinite().all())
+
+
+def test_a_row_no_wrong_class_breaks_within_the_budget_is_searched_at_each_rank_once(monkeypatch) -> None:
+    monkeypatch.setattr("advtrain.robustness.FAB", CountingFAB)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+    inputs = images(10, size=8, seed=1)[0]
+    labels = model(inputs).argmax(1)
+    search = BoundarySearch(model, inputs, labels, 4, "linf", (0.0, 1.0), Ensemble(steps=10, targets=3),
+                            torch.Generator().manual_seed(0))
+    every = torch.arange(10)
+    CountingFAB.rows = 0
+    assert search.breaks(every, 1e-6).numel() == 0
+    assert CountingFAB.rows == 3 * 10  # three wrong classes, most likely first; never the fourth
+    wide = search.breaks(every, 1.0)
+    assert CountingFAB.rows == 3 * 10 and wide.numel() == 10  # the points found count at the wider budget
