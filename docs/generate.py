@@ -279,7 +279,7 @@ def ways() -> str:
 
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
 #: saved weights against AutoAttack at 100 steps and Foolbox on the same images.
-WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fc100", "evaluation_ways_fc100_fab"]
+WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fast_small_resnet", "evaluation_ways_fc100", "evaluation_ways_fc100_fab"]
 #: The run folders it read, by the ways table's run they stand for (reruns the ways table matched
 #: figure for figure stand for its own run, whose weights were not kept).
 WAYS_PEER_FOLDERS = {"ways-small-resnet-seed1": "SmallResNet, seed 1",
