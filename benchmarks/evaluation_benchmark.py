@@ -180,17 +180,18 @@ def foolbox_minimal(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return errors, seconds, best["l2"]
 
 
-def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor, list[str], dict]:
-    """The evaluation as the callback runs it: robust errors, seconds, the search's L2 sizes
-    (``inf`` where it failed, 0 for clean mistakes), the names of failed checks, and what each
-    attack broke first at each budget."""
+def ours(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+         ensemble: Ensemble | None = None) -> tuple[dict, float, torch.Tensor, list[str], dict]:
+    """The evaluation as the callback runs it (``ensemble``: its default): robust errors, seconds,
+    the search's L2 sizes (``inf`` where it failed, 0 for clean mistakes), the names of failed
+    checks, and what each attack broke first at each budget."""
     from advtrain.evaluation_checks import output_checks, result_checks
 
     started = time.perf_counter()
     with torch.no_grad():
         correct = model(images).argmax(1) == labels
     search = evaluation_search()(model, images[correct], labels[correct], target="untargeted")
-    result = run_ensemble(model, images, labels, BUDGETS, (0.0, 1.0), ensemble=Ensemble(), search=search)
+    result = run_ensemble(model, images, labels, BUDGETS, (0.0, 1.0), ensemble=ensemble or Ensemble(), search=search)
     seconds = time.perf_counter() - started
     failed = [check.name for check in output_checks(model, images, labels) + result_checks(result)]
     l2 = torch.zeros(len(labels))
@@ -252,6 +253,9 @@ def markdown(rows: list[ModelRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the method name of the evaluation without FAB-T (``--without-fab``): not a peer, so no shortfall
+WITHOUT_FAB = "advtrain without FAB-T"
+
 #: name: what the benchmark runs as that peer
 PEERS = {
     "AutoAttack": "torchattacks' AutoAttack(version='standard') as shipped (10 steps)",
@@ -271,6 +275,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation"))
     parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS),
                         help="; ".join(f"{name}: {what}" for name, what in PEERS.items()))
+    parser.add_argument("--without-fab", action="store_true",
+                        help=f"also run the evaluation without FAB-T on each model, as the method {WITHOUT_FAB!r}")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -288,6 +294,9 @@ def main() -> None:
         row = ModelRow(name, clean_error)
         print(f"{name}: advtrain", flush=True)
         row.robust_error["advtrain"], row.seconds["advtrain"], our_l2, row.checks_failed, row.broken_by = ours(model, images, labels)
+        if args.without_fab:
+            print(f"{name}: {WITHOUT_FAB}", flush=True)
+            row.robust_error[WITHOUT_FAB], row.seconds[WITHOUT_FAB], *_ = ours(model, images, labels, Ensemble(fab=False))
         their_l2 = None
         for peer in args.peers:
             print(f"{name}: {peer}", flush=True)

@@ -42,3 +42,22 @@ def test_a_run_folder_gives_the_ways_it_saved_with_their_weights(tmp_path: Path)
                                                               "ways-small-resnet-seed1: input-pools"]
     with pytest.raises(SystemExit, match=r"ways-small-resnet-seed1 saved none of the ways \['pgd'\]; saved: fast, input-pools"):
         benchmark.run_folder_models(folder, ["pgd"])
+
+
+def test_the_evaluation_runs_with_and_without_fab_t_as_asked() -> None:
+    from torch import nn
+
+    from advtrain.robustness import Ensemble
+
+    benchmark = load_benchmark()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    images = torch.rand(6, 1, 28, 28)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    quick = dict(steps=5, targets=2, queries=0, whole_box=False)
+    errors, _, _, _, broken_by = benchmark.ours(model, images, labels, Ensemble(**quick))
+    _, _, _, _, without = benchmark.ours(model, images, labels, Ensemble(**quick, fab=False))
+    assert all("fab-t" in tally for budgets in broken_by.values() for tally in budgets.values())
+    assert not any("fab-t" in tally for budgets in without.values() for tally in budgets.values())
+    assert errors["l2"]["2"] == 1.0  # a random linear model breaks within L2 2 everywhere
