@@ -15,7 +15,9 @@ misclassifies. The attacks, each on the rows nothing has broken yet:
    towards each of the ``targets`` most likely wrong classes in turn; its minimal sizes do not
    depend on the budget, so each row is searched once per norm and the sizes count at every
    budget they fit in;
-5. Square (:class:`~advtrain.attacks.Square`), which reads no gradient.
+5. in L2 and ``rms``, DDN (:class:`~advtrain.attacks.DDN`), a minimal search that walks the norm
+   down along the gradient's direction, searched once per row in the same way;
+6. Square (:class:`~advtrain.attacks.Square`), which reads no gradient.
 
 Budgets are taken in increasing order, and a row broken at one budget stays broken at every larger
 one. Finally APGD with the difference of logits ratio is given the whole box (an L∞ budget as wide as the box): every
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from advtrain.attacks import APGD, FAB, AttackResult, Square
+from advtrain.attacks import APGD, DDN, FAB, AttackResult, Square
 from advtrain.attacks.base import Attack
 from advtrain.attacks.targets import ranked_wrong_classes
 from advtrain.box import Bounds, check_bounds
@@ -55,11 +57,12 @@ class Ensemble:
         queries: Square's model queries per example; 0 leaves Square out (and the check that
             compares it with the gradient attacks).
         fab: run FAB-T (``steps`` boundary steps per wrong class).
+        ddn: DDN's steps per row in L2 and ``rms``; 0 leaves DDN out.
         whole_box: give APGD the whole box at the end (the check that a huge budget breaks nearly
             everything).
 
     Raises:
-        ValueError: ``steps``, ``restarts`` below 1, ``targets`` or ``queries`` negative.
+        ValueError: ``steps``, ``restarts`` below 1, ``targets``, ``queries`` or ``ddn`` negative.
     """
 
     steps: int = 100
@@ -67,6 +70,7 @@ class Ensemble:
     targets: int = 9
     queries: int = 5000
     fab: bool = True
+    ddn: int = 1000
     whole_box: bool = True
 
     def __post_init__(self) -> None:
@@ -74,6 +78,7 @@ class Ensemble:
         check_count("restarts", self.restarts)
         check_count("targets", self.targets, minimum=0)
         check_count("queries", self.queries, minimum=0)
+        check_count("ddn", self.ddn, minimum=0)
 
 
 @dataclass
@@ -86,7 +91,7 @@ class RobustnessResult:
         robust_error: norm to budget to the fraction misclassified as they are or broken within
             that budget by any attack.
         broken_by: norm to budget to attack name to how many examples that attack broke first at
-            that budget (the search, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``; rows broken at a smaller
+            that budget (the search, ``apgd-ce``, ``apgd-t``, ``fab-t``, ``ddn``, ``square``; rows broken at a smaller
             budget count as ``smaller budget``).
         first_attack_error: norm to budget to the error APGD with cross-entropy reached on its own
             over every correctly classified example.
@@ -127,27 +132,24 @@ def _attack_rows(attack: Attack, model: nn.Module, inputs: torch.Tensor, labels:
     return rows[broke]
 
 
-class BoundarySearch:
-    """FAB-T's minimal points for one norm, searched once per row on demand and reused at every
-    budget: a row is searched towards its wrong classes in turn until one lands within the budget
-    asked; a row never searched to the end holds its smallest size so far.
+class CachedSearch:
+    """Minimal searches for one norm, run once per row on demand and reused at every budget: a row
+    is searched by ``attacks`` in turn until one lands within the budget asked; a row not yet
+    searched by them all holds its smallest point so far.
 
     Args:
         model, inputs, labels, norm, bounds, generator: as :func:`run_ensemble` attacks with.
-        wrong_classes: how many wrong classes the model has (``C - 1``).
-        ensemble: ``steps`` per search, ``targets`` wrong classes, most likely first by the clean
-            logits.
+        attacks: minimal searches (their sizes do not depend on a budget), tried in order.
     """
 
-    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, wrong_classes: int,
-                 norm: str, bounds: Bounds, ensemble: Ensemble, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, attacks: Sequence[Attack],
+                 norm: str, bounds: Bounds, generator: torch.Generator) -> None:
         self.model, self.inputs, self.labels = model, inputs, labels
         self.norm, self.bounds, self.generator = norm, bounds, generator
-        self.steps = ensemble.steps
-        self.ranks = min(ensemble.targets, wrong_classes)
+        self.attacks = list(attacks)
         self.points = inputs.clone()
         self.sizes = torch.full((labels.numel(),), math.inf, device=inputs.device)
-        self.searched = torch.zeros(labels.numel(), dtype=torch.long, device=inputs.device)  # ranks tried per row
+        self.searched = torch.zeros(labels.numel(), dtype=torch.long, device=inputs.device)  # attacks tried per row
 
     def _fits(self, rows: torch.Tensor, epsilon: float) -> torch.Tensor:
         """The rows whose best point is verified wrong within ``epsilon``."""
@@ -157,25 +159,41 @@ class BoundarySearch:
                                     epsilon, self.bounds)]
 
     def breaks(self, rows: torch.Tensor, epsilon: float) -> torch.Tensor:
-        """The ``rows`` FAB-T breaks within ``epsilon``, searching further where needed."""
+        """The ``rows`` the searches break within ``epsilon``, searching further where needed."""
         hits = self._fits(rows[self.sizes[rows].isfinite()], epsilon)
-        for rank in range(self.ranks):
-            rest = rows[(self.searched[rows] == rank) & ~torch.isin(rows, hits)]
+        for index in range(len(self.attacks)):
+            rest = rows[(self.searched[rows] == index) & ~torch.isin(rows, hits)]
             if rest.numel():
-                self._search(rest, rank)
+                self._search(rest, index)
                 hits = torch.cat([hits, self._fits(rest, epsilon)])
         return hits
 
-    def _search(self, rows: torch.Tensor, rank: int) -> None:
-        """Search ``rows`` towards their wrong class of ``rank`` (0: the most likely) and keep each
-        row's smaller point."""
-        attack = FAB(norm=self.norm, steps=self.steps, guide_rank=rank + 1)
-        result = attack(self.model, self.inputs[rows], self.labels[rows], bounds=self.bounds, generator=self.generator)
+    def _search(self, rows: torch.Tensor, index: int) -> None:
+        """Search ``rows`` with the attack at ``index`` and keep each row's smaller point."""
+        result = self.attacks[index](self.model, self.inputs[rows], self.labels[rows], bounds=self.bounds,
+                                     generator=self.generator)
         sizes = torch.where(result.success, perturbation_size(result.perturbation, self.norm), math.inf)
         smaller = sizes < self.sizes[rows]
         self.points[rows[smaller]] = result.adversarial[smaller]
         self.sizes[rows[smaller]] = sizes[smaller]
-        self.searched[rows] = rank + 1
+        self.searched[rows] = index + 1
+
+
+class BoundarySearch(CachedSearch):
+    """FAB-T's minimal points for one norm (a :class:`CachedSearch`): towards each of the
+    ``ensemble.targets`` most likely wrong classes by the clean logits in turn, ``ensemble.steps``
+    steps each.
+
+    Args:
+        wrong_classes: how many wrong classes the model has (``C - 1``).
+        the rest: as :class:`CachedSearch`, and the ensemble's effort.
+    """
+
+    def __init__(self, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, wrong_classes: int,
+                 norm: str, bounds: Bounds, ensemble: Ensemble, generator: torch.Generator) -> None:
+        attacks = [FAB(norm=norm, steps=ensemble.steps, guide_rank=rank + 1)
+                   for rank in range(min(ensemble.targets, wrong_classes))]
+        super().__init__(model, inputs, labels, attacks, norm, bounds, generator)
 
 
 def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, threat_models: Mapping[str, Sequence[float]],
@@ -212,6 +230,8 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
     for norm, epsilons in threat_models.items():
         broken = ~correct
         fab_search = BoundarySearch(model, inputs, labels, wrong_classes.shape[1], norm, bounds, ensemble, generator)
+        ddn_search = (CachedSearch(model, inputs, labels, [DDN(norm=norm, steps=ensemble.ddn)], norm, bounds, generator)
+                      if ensemble.ddn and norm != "linf" else None)
         result.robust_error[norm], result.broken_by[norm], result.first_attack_error[norm], result.broken[norm] = {}, {}, {}, {}
         for epsilon in sorted(float(e) for e in epsilons):
             tally = {"smaller budget": int((broken & correct).sum())}
@@ -239,6 +259,10 @@ def run_ensemble(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, t
             if ensemble.fab:
                 hits = fab_search.breaks((~new).nonzero()[:, 0], epsilon)
                 tally["fab-t"] = hits.numel()
+                new[hits] = True
+            if ddn_search is not None:
+                hits = ddn_search.breaks((~new).nonzero()[:, 0], epsilon)
+                tally["ddn"] = hits.numel()
                 new[hits] = True
             if ensemble.queries:
                 square = Square(epsilon=epsilon, norm=norm, queries=ensemble.queries)
@@ -342,5 +366,5 @@ def check_threat_models(budgets: Mapping[str, Sequence[float]]) -> dict[str, tup
     return checked
 
 
-__all__ = ["BUDGET_TOLERANCE", "BoundarySearch", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "result_counts", "result_from_counts", "ranked_wrong_classes", "run_ensemble",
+__all__ = ["BUDGET_TOLERANCE", "BoundarySearch", "CachedSearch", "Ensemble", "RobustnessResult", "check_threat_models", "combine", "result_counts", "result_from_counts", "ranked_wrong_classes", "run_ensemble",
            "verified_breaks", "whole_box_error", "whole_box_width"]

@@ -2,8 +2,8 @@
 attacks on the same examples, and its cost against AutoAttack's, measured in one run.
 
     python benchmarks/evaluation_benchmark.py [--examples 100] [--models-dir runs/evaluation-benchmark]
-        [--models NAME ...] [--peers AutoAttack "AutoAttack 100 steps" Foolbox]
-        [--run-folder runs/FOLDER ... [--ways WAY ...]]
+        [--models NAME ...] [--peers [AutoAttack "AutoAttack 100 steps" Foolbox]]
+        [--run-folder runs/FOLDER ... [--ways WAY ...]] [--without-fab] [--without-ddn]
 
 Four MNIST models, trained here first where ``--models-dir`` lacks them (plain PyTorch loops,
 seeded): FC100-100-10 trained plainly and with L∞ PGD, the BN SmallResNet trained plainly, and the
@@ -154,22 +154,29 @@ def autoattack(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ste
     return errors, time.perf_counter() - started
 
 
+def foolbox_members(norm: str) -> dict:
+    """Foolbox's minimum-norm attacks for ``norm`` by name: DDN, FMN and C&W (L2), FMN (L∞)."""
+    import foolbox
+
+    if norm == "l2":
+        return {"DDN": foolbox.attacks.DDNAttack(steps=1000), "FMN": foolbox.attacks.L2FMNAttack(steps=1000),
+                "C&W": foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=9, steps=1000)}
+    return {"FMN": foolbox.attacks.LInfFMNAttack(steps=1000)}
+
+
 def foolbox_minimal(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[dict, float, torch.Tensor]:
-    """Per example, the smallest verified perturbation of Foolbox's L2 (DDN, FMN, C&W) and L∞
-    (FMN) minimum-norm attacks: robust errors at the budgets, seconds, and the L2 sizes."""
+    """Per example, the smallest verified perturbation of Foolbox's minimum-norm attacks
+    (``foolbox_members``): robust errors at the budgets, seconds, and the L2 sizes."""
     import foolbox
 
     wrapped = foolbox.PyTorchModel(model, bounds=(0.0, 1.0))
-    attacks = {"l2": [foolbox.attacks.DDNAttack(steps=1000), foolbox.attacks.L2FMNAttack(steps=1000),
-                      foolbox.attacks.L2CarliniWagnerAttack(binary_search_steps=9, steps=1000)],
-               "linf": [foolbox.attacks.LInfFMNAttack(steps=1000)]}
     with torch.no_grad():
         clean_wrong = model(images).argmax(1) != labels
     started = time.perf_counter()
     best = {}
-    for norm, members in attacks.items():
+    for norm in ("l2", "linf"):
         smallest = torch.full((len(labels),), math.inf)
-        for attack in members:
+        for attack in foolbox_members(norm).values():
             _, points, _ = attack(wrapped, images, labels, epsilons=None)
             found = verified(model, images, labels, points, norm, math.inf)
             smallest = torch.minimum(smallest, torch.where(found, size(points - images, norm), torch.full_like(smallest, math.inf)))
@@ -253,8 +260,10 @@ def markdown(rows: list[ModelRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-#: the method name of the evaluation without FAB-T (``--without-fab``): not a peer, so no shortfall
+#: the method names of the evaluation without FAB-T (``--without-fab``) and without DDN
+#: (``--without-ddn``): not peers, so no shortfall
 WITHOUT_FAB = "advtrain without FAB-T"
+WITHOUT_DDN = "advtrain without DDN"
 
 #: name: what the benchmark runs as that peer
 PEERS = {
@@ -273,10 +282,12 @@ def main() -> None:
                         help="adversarial-training run folders whose saved ways to evaluate instead of --models")
     parser.add_argument("--ways", nargs="+", default=None, help="with --run-folder: these ways only, where a folder saved them (default: every way saved)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation"))
-    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS),
-                        help="; ".join(f"{name}: {what}" for name, what in PEERS.items()))
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                        help="; ".join(f"{name}: {what}" for name, what in PEERS.items()) + " (none: the evaluation alone)")
     parser.add_argument("--without-fab", action="store_true",
                         help=f"also run the evaluation without FAB-T on each model, as the method {WITHOUT_FAB!r}")
+    parser.add_argument("--without-ddn", action="store_true",
+                        help=f"also run the evaluation without DDN on each model, as the method {WITHOUT_DDN!r}")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -297,6 +308,9 @@ def main() -> None:
         if args.without_fab:
             print(f"{name}: {WITHOUT_FAB}", flush=True)
             row.robust_error[WITHOUT_FAB], row.seconds[WITHOUT_FAB], *_ = ours(model, images, labels, Ensemble(fab=False))
+        if args.without_ddn:
+            print(f"{name}: {WITHOUT_DDN}", flush=True)
+            row.robust_error[WITHOUT_DDN], row.seconds[WITHOUT_DDN], *_ = ours(model, images, labels, Ensemble(ddn=0))
         their_l2 = None
         for peer in args.peers:
             print(f"{name}: {peer}", flush=True)
@@ -305,9 +319,10 @@ def main() -> None:
             else:
                 row.robust_error[peer], row.seconds[peer] = autoattack(model, images, labels,
                                                                        steps=100 if peer == "AutoAttack 100 steps" else None)
-        row.shortfall = 100 * max(max(row.robust_error[peer][norm][key] for peer in args.peers)
-                                  - row.robust_error["advtrain"][norm][key]
-                                  for norm in BUDGETS for key in row.robust_error["advtrain"][norm])
+        if args.peers:
+            row.shortfall = 100 * max(max(row.robust_error[peer][norm][key] for peer in args.peers)
+                                      - row.robust_error["advtrain"][norm][key]
+                                      for norm in BUDGETS for key in row.robust_error["advtrain"][norm])
         if their_l2 is not None:
             both = torch.isfinite(our_l2) & torch.isfinite(their_l2) & (their_l2 > 0)
             row.distortion_vs_foolbox = float((our_l2[both] / their_l2[both]).mean())

@@ -321,9 +321,12 @@ def ways_peer_check() -> str:
 
 
 def ensemble_name(result: dict) -> str:
-    """Which of the ensemble's attacks a benchmark's run had: runs from before FAB-T joined it
-    record no ensemble."""
-    return "with FAB-T" if result.get("ensemble", {}).get("fab") else "without FAB-T (before it joined)"
+    """Which of the ensemble's later attacks a benchmark's run had: runs from before FAB-T joined it
+    record no ensemble, runs from before DDN joined record no ``ddn``."""
+    ensemble = result.get("ensemble", {})
+    if not ensemble.get("fab"):
+        return "without FAB-T or DDN (before they joined)"
+    return "with FAB-T and DDN" if ensemble.get("ddn") else "with FAB-T, without DDN (before it joined)"
 
 
 def evaluation_gap(folder: str = "evaluation_gap") -> str:
@@ -334,8 +337,12 @@ def evaluation_gap(folder: str = "evaluation_gap") -> str:
     alone = ", ".join(f"{attack} {share(error)}" for attack, error in gap["attack_error"].items())
     rows = [[str(miss["example"]), miss["attack"], f"{miss['attack_size']:.3f}",
              "none" if miss["search_size"] is None else f"{miss['search_size']:.3f}"] for miss in gap["missed"]]
+    without = gap.get("without_ddn")
+    ddn = (f" (without DDN, after the same search: {share(without['error'])}; the attacks after the search took "
+           f"{gap['evaluation_seconds']:.0f} s with DDN, {without['seconds']:.0f} s without, {gap['threads']} CPU thread"
+           f"{'s' if gap['threads'] > 1 else ''})") if without else ""
     return (f"`{gap['model']}` at {budget}, the first {gap['examples']} test images: the evaluation {ensemble_name(gap)}: "
-            f"{share(gap['evaluation_error'])}; "
+            f"{share(gap['evaluation_error'])}{ddn}; "
             f"each peer attack alone: {alone}.\n\n"
             + table(["example", "broken by (the evaluation did not)", f"its perturbation ({gap['norm']})",
                      "the evaluation's search, minimal perturbation"], rows))
@@ -1013,6 +1020,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "ways-peer-check": ways_peer_check,
     "evaluation-gap": evaluation_gap,
     "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),
+    "evaluation-gap-foolbox": lambda: evaluation_gap("evaluation_gap_foolbox_fast_small_resnet"),
     "defaults-check": defaults_check,
     "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,

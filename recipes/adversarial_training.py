@@ -50,7 +50,7 @@ ADVERSARIAL_TRAINING_CONFIGS = {"pgd": CONFIGS / "pgd-mnist.yaml", "fast": CONFI
 THREAT_MODELS = {"linf": [0.1, 0.2, 0.3], "l2": [1.0, 1.5, 2.0]}
 #: A lighter ensemble for the per-epoch validation (a trend to watch); the test figures use the
 #: standard one (AutoAttack's effort).
-VALIDATION_ENSEMBLE = Ensemble(steps=20, targets=3, queries=300)
+VALIDATION_ENSEMBLE = Ensemble(steps=20, targets=3, queries=300, ddn=100)
 MODELS = ("sigmoid-mlp", "small-resnet", "madry-convnet", "wong-convnet")
 #: Per-model defaults of the settings left at None on the command line; the last two models are
 #: the anchors' (Madry et al.'s and Wong et al.'s MNIST networks), with their optimizers.

@@ -44,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD and FAB-T try")
     parser.add_argument("--fab", action=argparse.BooleanOptionalAction, default=Ensemble.fab,
                         help="run FAB-T, the minimal boundary search (--no-fab: leave it out)")
+    parser.add_argument("--ddn", type=int, default=Ensemble.ddn, help="DDN's steps per example in L2 and rms (0: no DDN)")
     parser.add_argument("--queries", type=int, default=Ensemble.queries, help="Square's queries per example (0: no Square)")
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: <run folder>/robustness)")
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, RobustnessReport]:
     if args.examples < 1:
         raise SystemExit(f"advtrain evaluate: --examples must be at least 1, got {args.examples}")
     try:
-        ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries, fab=args.fab)
+        ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries, fab=args.fab, ddn=args.ddn)
     except ValueError as error:
         raise SystemExit(f"advtrain evaluate: {error}") from error
     output = args.output or (args.source / "robustness" if args.source.is_dir() else args.source.with_name(f"{args.source.stem}-robustness"))

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from advtrain.attacks import APGD, FAB, PGD, Attack, BoxLBFGS, FastGradient, Square
+from advtrain.attacks import APGD, DDN, FAB, PGD, Attack, BoxLBFGS, FastGradient, Square
 from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.pooling import EveryStep, Successes, WithinBudget
 from tests.real_models import PlainModule, bn_convnet, images, loader, pretrained
@@ -27,6 +27,7 @@ ATTACKS = {
     "square-l2": lambda: Square(epsilon=3.0, norm="l2", queries=20),
     "fab-linf": lambda: FAB(norm="linf", steps=10),
     "fab-rms": lambda: FAB(norm="rms", steps=10, guide_rank=2),
+    "ddn-l2": lambda: DDN(steps=20),
 }
 
 

@@ -44,7 +44,7 @@ def test_a_run_folder_gives_the_ways_it_saved_with_their_weights(tmp_path: Path)
         benchmark.run_folder_models(folder, ["pgd"])
 
 
-def test_the_evaluation_runs_with_and_without_fab_t_as_asked() -> None:
+def test_the_evaluation_runs_with_and_without_fab_t_and_ddn_as_asked() -> None:
     from torch import nn
 
     from advtrain.robustness import Ensemble
@@ -55,9 +55,10 @@ def test_the_evaluation_runs_with_and_without_fab_t_as_asked() -> None:
     images = torch.rand(6, 1, 28, 28)
     with torch.no_grad():
         labels = model(images).argmax(1)
-    quick = dict(steps=5, targets=2, queries=0, whole_box=False)
+    quick = dict(steps=5, targets=2, queries=0, whole_box=False, ddn=20)
     errors, _, _, _, broken_by = benchmark.ours(model, images, labels, Ensemble(**quick))
-    _, _, _, _, without = benchmark.ours(model, images, labels, Ensemble(**quick, fab=False))
+    _, _, _, _, without = benchmark.ours(model, images, labels, Ensemble(**{**quick, "fab": False, "ddn": 0}))
     assert all("fab-t" in tally for budgets in broken_by.values() for tally in budgets.values())
-    assert not any("fab-t" in tally for budgets in without.values() for tally in budgets.values())
+    assert all("ddn" in tally for tally in broken_by["l2"].values()) and not any("ddn" in t for t in broken_by["linf"].values())
+    assert not any("fab-t" in tally or "ddn" in tally for budgets in without.values() for tally in budgets.values())
     assert errors["l2"]["2"] == 1.0  # a random linear model breaks within L2 2 everywhere

@@ -126,7 +126,7 @@ def test_advtrain_evaluate_reports_a_train_run_folder(mnist_root: Path, tmp_path
     (folder / "config.json").write_text(json.dumps({"recipe": "train", "model": "fc10-1e-4"}))
     torch.manual_seed(0)
     torch.save(build_model("fc10-1e-4").module.state_dict(), folder / "model.pt")
-    flags = ["--examples", "12", "--steps", "3", "--targets", "1", "--queries", "10", "--data-dir", str(mnist_root),
+    flags = ["--examples", "12", "--steps", "3", "--targets", "1", "--queries", "10", "--ddn", "20", "--data-dir", str(mnist_root),
              "--budgets", "linf=0.05,0.1", "l2=1"]
     assert main(["evaluate", str(folder), *flags]) == 0
     saved = json.loads((folder / "robustness" / "robustness.json").read_text())["fc10-1e-4"]
@@ -134,9 +134,11 @@ def test_advtrain_evaluate_reports_a_train_run_folder(mnist_root: Path, tmp_path
     assert saved["robust_error"]["linf"]["0.05"] <= saved["robust_error"]["linf"]["0.1"]
     assert (folder / "robustness" / "robustness.png").is_file()
     assert all("fab-t" in tally for tally in saved["broken_by"]["l2"].values())  # FAB-T runs by default
-    assert main(["evaluate", str(folder), *flags, "--no-fab", "--output", str(tmp_path / "no-fab")]) == 0
+    assert all("ddn" in tally for tally in saved["broken_by"]["l2"].values())  # DDN in L2 only
+    assert not any("ddn" in tally for tally in saved["broken_by"]["linf"].values())
+    assert main(["evaluate", str(folder), *flags, "--no-fab", "--ddn", "0", "--output", str(tmp_path / "no-fab")]) == 0
     without = json.loads((tmp_path / "no-fab" / "robustness.json").read_text())["fc10-1e-4"]
-    assert not any("fab-t" in tally for tally in without["broken_by"]["l2"].values())
+    assert not any("fab-t" in tally or "ddn" in tally for tally in without["broken_by"]["l2"].values())
     assert "| fc10-1e-4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already holds a report"):
         main(["evaluate", str(folder), *flags])
