@@ -14,7 +14,7 @@ from torch import nn
 from advtrain.attacks import APGD, DDN, FAB, PGD, Attack, BoxLBFGS, FastGradient, Square
 from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.pooling import EveryStep, Successes, WithinBudget
-from tests.real_models import PlainModule, bn_convnet, images, loader, pretrained
+from tests.real_models import PlainModule, TransformerClassifier, bn_convnet, images, loader, pretrained, resnet18, sequences
 
 ATTACKS = {
     "box-lbfgs": lambda: BoxLBFGS(search_steps=3, iterations=20),
@@ -166,6 +166,42 @@ def test_the_callback_hands_its_generator_over_and_mutates_no_attack(tmp_path: P
     assert (repr(attack), vars(attack)) == before
     assert len(callback.pools["input"]) > 0
     assert isinstance(callback.pooling, EveryStep) and isinstance(LayerwiseAdversarialTraining().pooling, Successes)
+
+
+#: the minimal searches that serve the evaluation (FAB-T, DDN) beside BoxLBFGS
+MINIMAL_SEARCHES = {"fab-l2": lambda: FAB(norm="l2", steps=10), "ddn": lambda: DDN(steps=10)}
+
+
+@pytest.mark.parametrize(("make", "least"), [(lambda: FAB(norm="linf", steps=20), 1), (lambda: DDN(steps=50), 8)],
+                         ids=["fab", "ddn"])
+def test_a_targeted_search_succeeds_only_on_reaching_the_target(make, least: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
+    inputs = images(16, size=8, seed=1)[0]
+    labels = model(inputs).argmax(1)
+    result = make()(model, inputs, labels, target="least_likely")
+    with torch.no_grad():
+        reached = model(result.adversarial).argmax(1)
+    assert result.success.sum() >= least
+    assert torch.equal(result.success, reached == result.target) and bool((result.target != labels).all())
+
+
+@pytest.mark.parametrize("search", list(MINIMAL_SEARCHES))
+@pytest.mark.parametrize(("build", "data", "layer"), [
+    (lambda: pretrained(resnet18(), *images(96), steps=10), lambda: images(96), "layer2"),  # a skip-connection head, box [0, ∞)
+    (lambda: pretrained(TransformerClassifier(), *sequences(64)), lambda: sequences(64), "encoder.layers.0"),  # an open box
+], ids=["resnet18", "transformer"])
+def test_a_minimal_search_generates_the_callbacks_pool_above_a_layer_of_a_real_model(tmp_path: Path, build, data, layer: str,
+                                                                                    search: str) -> None:
+    callback = LayerwiseAdversarialTraining([layer], module="net", attack=MINIMAL_SEARCHES[search]())
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback], max_steps=3)
+    trainer.fit(PlainModule(build(), lr=0.02), loader(*data()))
+    pool = callback.pools[layer]
+    assert len(pool) > 0
+    lower, upper = callback.boxes[layer]
+    stored = pool.examples[: len(pool)]
+    assert bool(((stored >= lower) & (stored <= upper)).all()) and bool(stored.isfinite().all())
 
 
 def test_every_generator_is_an_attack() -> None:

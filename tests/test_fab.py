@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 from scipy.optimize import linprog, minimize
 from torch import nn
 
 from advtrain.attacks import FAB
 from advtrain.attacks.fab import plane_step
-from advtrain.callbacks import LayerwiseAdversarialTraining
 from advtrain.budget import perturbation_size
 from advtrain.robustness import BoundarySearch, Ensemble, run_ensemble
-from real_models import PlainModule, TransformerClassifier, bn_convnet, images, loader, pretrained, resnet18, sequences
+from real_models import bn_convnet, images, pretrained, resnet18
 from test_robustness_ensemble import linear_problem
 
 
@@ -106,18 +104,6 @@ def test_fab_is_not_stopped_by_a_gradient_scaled_towards_zero() -> None:
     torch.testing.assert_close(scaled.l2[scaled.success], plain.l2[plain.success], rtol=1e-3, atol=1e-4)
 
 
-def test_targeted_fab_succeeds_only_on_reaching_the_target() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
-    inputs = images(16, size=8, seed=1)[0]
-    labels = model(inputs).argmax(1)
-    result = FAB(norm="linf", steps=20)(model, inputs, labels, target="least_likely")
-    with torch.no_grad():
-        reached = model(result.adversarial).argmax(1)
-    assert result.success.any()
-    assert torch.equal(result.success, reached == result.target)
-
-
 def test_the_guide_rank_picks_the_class_linearised_towards() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5)).eval()
@@ -188,22 +174,6 @@ def test_fab_t_joins_the_ensemble_and_can_only_add_breaks() -> None:
         assert "fab-t" not in without.broken_by[norm][epsilon] and "fab-t" in with_fab.broken_by[norm][epsilon]
         assert bool((with_fab.broken[norm][epsilon] >= without.broken[norm][epsilon]).all())
         assert with_fab.robust_error[norm][epsilon] == pytest.approx(float((exact[norm] <= epsilon).float().mean()), abs=2 / 32)
-
-
-@pytest.mark.parametrize(("build", "data", "layer"), [
-    (lambda: pretrained(resnet18(), *images(96), steps=10), lambda: images(96), "layer2"),  # a skip-connection head, box [0, ∞)
-    (lambda: pretrained(TransformerClassifier(), *sequences(64)), lambda: sequences(64), "encoder.layers.0"),  # an open box
-], ids=["resnet18", "transformer"])
-def test_fab_generates_the_callbacks_pool_above_a_layer_of_a_real_model(tmp_path, build, data, layer: str) -> None:
-    callback = LayerwiseAdversarialTraining([layer], module="net", attack=FAB(norm="l2", steps=10))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback], max_steps=3)
-    trainer.fit(PlainModule(build(), lr=0.02), loader(*data()))
-    pool = callback.pools[layer]
-    assert len(pool) > 0
-    lower, upper = callback.boxes[layer]
-    stored = pool.examples[: len(pool)]
-    assert bool(((stored >= lower) & (stored <= upper)).all()) and bool(stored.isfinite().all())
 
 
 def test_a_row_no_wrong_class_breaks_within_the_budget_is_searched_at_each_rank_once(monkeypatch) -> None:
