@@ -344,8 +344,9 @@ def evaluation_gap(folder: str = "evaluation_gap") -> str:
     return (f"`{gap['model']}` at {budget}, the first {gap['examples']} test images: the evaluation {ensemble_name(gap)}: "
             f"{share(gap['evaluation_error'])}{ddn}; "
             f"each peer attack alone: {alone}.\n\n"
-            + table(["example", "broken by (the evaluation did not)", f"its perturbation ({gap['norm']})",
-                     "the evaluation's search, minimal perturbation"], rows))
+            + (table(["example", "broken by (the evaluation did not)", f"its perturbation ({gap['norm']})",
+                      "the evaluation's search, minimal perturbation"], rows) if rows
+               else "No peer attack broke an example the evaluation left unbroken.\n"))
 
 
 def ways_commands() -> str:
