@@ -130,7 +130,7 @@ class AdversarialEvaluation(Callback):
             models ``{"linf": [...], "l2": [...], "rms": [...]}`` (any of the norms of
             :mod:`advtrain.budget`), whose robust error is the worst case per example over the
             minimal search and the ensemble of :mod:`advtrain.robustness` (APGD with cross-entropy
-            and targeted DLR, FAB-T, Square) at each budget. A plain list is the search's figure alone.
+            and targeted DLR, FAB-T, DDN in L2, Square) at each budget. A plain list is the search's figure alone.
         attack: the minimal search (default: with threat models
             :func:`~advtrain.attacks.box_lbfgs.evaluation_search`, the search followed by a walk
             along the decision boundary; with a plain list the paper's ``BoxLBFGS()``); a
