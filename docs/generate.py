@@ -217,7 +217,8 @@ def training_commands() -> str:
 #: seed each; a later folder adds the ways the earlier folders of its seed lack, each way's time a
 #: ratio to the weight decay of its own folder.
 WAYS_RUNS = [("FC100-100-10", ["ways-fc100-seed0", "ways-fc100-seed1"]),
-             ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1", "ways-small-resnet-pgd-seed0"])]
+             ("SmallResNet", ["ways-small-resnet-seed0", "ways-small-resnet-seed1", "ways-small-resnet-pgd-seed0",
+                             "ways-small-resnet-pgd-seed1"])]
 #: The ways in the order the table lists them, with what each is.
 WAYS = {"weight-decay": "weight decay only", "pools": "the paper's, at the input and hidden layers",
         "input-pools": "the same, at the input only", "pgd": "PGD adversarial training",
