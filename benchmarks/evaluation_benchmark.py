@@ -305,12 +305,11 @@ def main() -> None:
         row = ModelRow(name, clean_error)
         print(f"{name}: advtrain", flush=True)
         row.robust_error["advtrain"], row.seconds["advtrain"], our_l2, row.checks_failed, row.broken_by = ours(model, images, labels)
-        if args.without_fab:
-            print(f"{name}: {WITHOUT_FAB}", flush=True)
-            row.robust_error[WITHOUT_FAB], row.seconds[WITHOUT_FAB], *_ = ours(model, images, labels, Ensemble(fab=False))
-        if args.without_ddn:
-            print(f"{name}: {WITHOUT_DDN}", flush=True)
-            row.robust_error[WITHOUT_DDN], row.seconds[WITHOUT_DDN], *_ = ours(model, images, labels, Ensemble(ddn=0))
+        for method, asked, ensemble in ((WITHOUT_FAB, args.without_fab, Ensemble(fab=False)),
+                                        (WITHOUT_DDN, args.without_ddn, Ensemble(ddn=0))):
+            if asked:
+                print(f"{name}: {method}", flush=True)
+                row.robust_error[method], row.seconds[method], *_ = ours(model, images, labels, ensemble)
         their_l2 = None
         for peer in args.peers:
             print(f"{name}: {peer}", flush=True)
