@@ -225,37 +225,106 @@ WAYS = {"weight-decay": "weight decay only", "pools": "the paper's, at the input
         "fast": "fast adversarial training"}
 
 
+#: The ways table's runs whose own evaluation ran with FAB-T (the others ran before it joined; none
+#: ran with DDN).
+EVALUATED_WITH_FAB = {"ways-small-resnet-pgd-seed1"}
+#: Where a run folder's saved weights, re-evaluated by the current ensemble (``advtrain evaluate``,
+#: the commands in docs/reproduce.md), write their report: ``docs/results/<run>/re-evaluation*/``
+#: (one folder per command: ``re-evaluation-<way>`` where each way ran on its own).
+RE_EVALUATION = "re-evaluation"
+
+
+@dataclass
+class WaysFolder:
+    """One committed ways-to-train run folder: its seed, results entries, command and name."""
+
+    seed: int
+    results: list[dict]
+    command: str
+    name: str
+
+
 @dataclass
 class WayRun:
-    """One way trained from one seed: its results entry, and the weight decay of the same run folder."""
+    """One way trained from one seed: its results entry, the weight decay of the same run folder,
+    which of the ensemble's later attacks its training run's evaluation had, and the report of its
+    saved weights re-evaluated by the current ensemble, where one is committed."""
 
     seed: int
     entry: dict
     baseline: dict | None
+    evaluated_with: str = "no FAB-T or DDN"
+    re_evaluation: dict | None = None
 
     @property
     def time_ratio(self) -> float | None:
         return self.entry["seconds"] / self.baseline["seconds"] if self.baseline else None
 
+    @property
+    def robust_error(self) -> dict:
+        """Norm to budget to robust error: the re-evaluation's where there is one."""
+        return (self.re_evaluation or self.entry).get("robust_error", {})
 
-def ways_runs() -> list[tuple[str, list[tuple[int, list[dict], str]]]]:
-    """The committed ways-to-train runs that exist, by model: (seed, results, command) per folder."""
+    @property
+    def attacks(self) -> str:
+        """Which of FAB-T and DDN the robust errors shown had."""
+        if self.re_evaluation is None:
+            return self.evaluated_with
+        ensemble = self.re_evaluation["ensemble"]
+        return {(True, True): "FAB-T and DDN", (True, False): "FAB-T, no DDN", (False, True): "DDN, no FAB-T",
+                (False, False): "no FAB-T or DDN"}[(bool(ensemble["fab"]), bool(ensemble["ddn"]))] + " (re-evaluated)"
+
+
+def ways_runs() -> list[tuple[str, list[WaysFolder]]]:
+    """The committed ways-to-train runs that exist, by model."""
     found = []
     for model, names in WAYS_RUNS:
-        runs = [(config.get("seed", 0), results, command)
-                for config, results, command in (run_folder(name) for name in names if (RESULTS / name).is_dir())]
+        runs = [WaysFolder(config.get("seed", 0), results, command, name)
+                for name, (config, results, command) in ((name, run_folder(name)) for name in names if (RESULTS / name).is_dir())]
         if runs:
             found.append((model, runs))
     return found
 
 
-def way_runs(runs: list[tuple[int, list[dict], str]], way: str) -> list[WayRun]:
+def same_figures(entry: dict, other: dict) -> bool:
+    """Whether two results entries of one way agree figure for figure (the same weights: the
+    training is deterministic on one machine at one thread count)."""
+    keys = ("test_error", "robust_error", "mean_distortion")
+    return all(entry.get(key) == other.get(key) for key in keys)
+
+
+def re_evaluation(way: str, entry: dict) -> dict | None:
+    """The committed re-evaluation of ``way``'s weights whose results ``entry`` shows: from its own
+    run folder, or from a rerun whose results match it figure for figure.
+
+    Raises:
+        ValueError: the re-evaluation ran on other test images than the training run's evaluation
+            (another count or seed), so its figures do not compare.
+    """
+    for path in sorted(RESULTS.glob(f"*/{RE_EVALUATION}*/robustness.json")):
+        folder = path.parent.parent
+        report = load(path).get(way)
+        rerun = next((other for other in load(folder / "results.json") if other["way"] == way), None)
+        if report is None or rerun is None or not same_figures(entry, rerun):
+            continue
+        config = load(folder / "config.json")
+        if (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
+            raise ValueError(f"{path.relative_to(REPO)}: {way} re-evaluated on {report['examples']} test images with seed "
+                             f"{report.get('seed')}, its training run on {config.get('eval_examples')} with seed "
+                             f"{config.get('seed')}: re-evaluate with advtrain evaluate --as-trained")
+        return report
+    return None
+
+
+def way_runs(runs: list[WaysFolder], way: str) -> list[WayRun]:
     """``way`` on each seed that trained it, from the first folder of the seed that holds it, by seed."""
     chosen: dict[int, WayRun] = {}
-    for seed, results, _ in runs:
-        entry = next((entry for entry in results if entry["way"] == way), None)
-        if entry is not None and seed not in chosen:
-            chosen[seed] = WayRun(seed, entry, next((e for e in results if e["way"] == "weight-decay"), None))
+    for run in runs:
+        entry = next((entry for entry in run.results if entry["way"] == way), None)
+        if entry is not None and run.seed not in chosen:
+            chosen[run.seed] = WayRun(run.seed, entry, next((e for e in run.results if e["way"] == "weight-decay"), None),
+                                      "FAB-T, no DDN" if run.name in EVALUATED_WITH_FAB else "no FAB-T or DDN",
+                                      re_evaluation(way, entry))
     return [chosen[seed] for seed in sorted(chosen)]
 
 
@@ -269,13 +338,43 @@ def ways() -> str:
             if not by_seed:
                 continue
             entries = [run.entry for run in by_seed]
+            robust = [{"robust_error": run.robust_error} for run in by_seed]
             ratios = ", ".join("–" if run.time_ratio is None else f"{run.time_ratio:.1f}×" for run in by_seed)
             rows.append([model, f"`{way}`: {meaning}", ", ".join(str(run.seed) for run in by_seed),
                          ", ".join(percent(entry["test_error"]) for entry in entries),
-                         robust_errors(entries, "linf"), robust_errors(entries, "l2"),
+                         robust_errors(robust, "linf"), robust_errors(robust, "l2"),
+                         "; ".join(run.attacks for run in by_seed),
                          ", ".join(number(entry["mean_distortion"]) for entry in entries), ratios])
     return table(["model", "way", "seeds", "test error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
-                  "mean minimal distortion", "training time / weight decay's"], rows)
+                  "the evaluation had, per seed", "mean minimal distortion", "training time / weight decay's"], rows)
+
+
+def ways_re_evaluation() -> str:
+    """Each way whose saved weights were re-evaluated as trained by the current ensemble: its robust
+    errors as its training run measured them and now, the distortion of the same search both times,
+    and what FAB-T and DDN broke first."""
+    rows = []
+    for model, runs in ways_runs():
+        for way in WAYS:
+            for run in way_runs(runs, way):
+                report = run.re_evaluation
+                if report is None:
+                    continue
+                then = [{"robust_error": run.entry["robust_error"]}]
+                now = [{"robust_error": report["robust_error"]}]
+                broken = {name: sum(tally.get(name, 0) for budgets in report["broken_by"].values() for tally in budgets.values())
+                          for name in ("fab-t", "ddn")}
+                rows.append([model, f"`{way}`, seed {run.seed}", run.evaluated_with,
+                             f"{robust_errors(then, 'linf')} → {robust_errors(now, 'linf')}",
+                             f"{robust_errors(then, 'l2')} → {robust_errors(now, 'l2')}",
+                             f"{broken['fab-t']} / {broken['ddn']}",
+                             f"{number(run.entry['mean_distortion'])} / {number(report['mean_distortion'])}",
+                             f"{report['seconds']:.0f}"])
+    if not rows:
+        return "(not run yet)"
+    return table(["model", "way", "the training run's evaluation had", "robust error L∞ 0.1 / 0.2 / 0.3, then → now",
+                  "robust error L2 1 / 1.5 / 2, then → now", "examples FAB-T / DDN broke first, all budgets",
+                  "the search's mean minimal distortion, then / now", "re-evaluation s"], rows)
 
 
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
@@ -354,7 +453,7 @@ def ways_commands() -> str:
     """Each model's ways commands, one row per distinct command (the seed written ``S``)."""
     rows = []
     for model, runs in ways_runs():
-        commands = dict.fromkeys(re.sub(r" --seed \S+", "", short_command(command)) + " --seed S" for _, _, command in runs)
+        commands = dict.fromkeys(re.sub(r" --seed \S+", "", short_command(run.command)) + " --seed S" for run in runs)
         rows += [[model, f"`{command}`"] for command in commands]
     return table(["model", "command"], rows)
 
@@ -476,9 +575,9 @@ def defaults_commands() -> str:
     return table(["run", "refresh and generation search when it ran", "command"], rows)
 
 
-def mean_robust_error(entry: dict) -> float | None:
+def mean_robust_error(robust_error: dict) -> float | None:
     """The mean of a way's robust errors over every budget of both norms (``None`` without them)."""
-    values = [value for errors in entry.get("robust_error", {}).values() for value in errors.values()]
+    values = [value for errors in robust_error.values() for value in errors.values()]
     return sum(values) / len(values) if values else None
 
 
@@ -490,7 +589,7 @@ def ways_figures(clean_path: Path, time_path: Path) -> None:
     for model, runs in ways_runs():
         for way in WAYS:
             for run in way_runs(runs, way):
-                robust = mean_robust_error(run.entry)
+                robust = mean_robust_error(run.robust_error)
                 if robust is None:
                     continue
                 by_clean.append((run.entry["test_error"], robust, f"{model}: {way}"))
@@ -809,38 +908,44 @@ def clean_walk_cost() -> str:
 #: The evaluation benchmark's models with FAB-T in the ensemble, each also evaluated without it in
 #: the same run (``--without-fab``).
 FAB_RUNS = ["evaluation_fab_fc100", "evaluation_fab_small_resnet", "evaluation_fab_convnet"]
+#: The same four models with DDN in the ensemble, each also evaluated without it (``--without-ddn``).
+DDN_RUNS = ["evaluation_ddn"]
 
 
-def fab_cost() -> str:
-    """Per model, the evaluation with and without FAB-T beside AutoAttack at 100 steps, all in one
-    run: seconds, the shortfall against the best peer at the worst budget, and what FAB-T broke first."""
-    rows = []
-    for folder in FAB_RUNS:
+def later_attack_cost(folders: list[str], attack: str, tally: str, setting: str) -> str:
+    """Per model, the evaluation with and without one of its later attacks (``attack``, counted as
+    ``tally`` in ``broken_by``, switched by the ensemble's ``setting``) beside AutoAttack at 100
+    steps, all in one run: seconds, the shortfall against the best peer at the worst budget, and what
+    the attack broke first."""
+    rows, first = [], None
+    for folder in folders:
         path = BENCHMARKS / folder / "results.json"
         if not path.is_file():
             continue
         result = load(path)
-        if not result.get("ensemble", {}).get("fab"):
-            raise ValueError(f"{path}: the run's ensemble had no FAB-T")
+        first = first or result
+        if not result.get("ensemble", {}).get(setting):
+            raise ValueError(f"{path}: the run's ensemble had no {attack}")
         peers = list(result["peers"])
         for row in result["rows"]:
             errors, seconds = row["robust_error"], row["seconds"]
-            # the one method that is neither ours with FAB-T nor a peer: the benchmark's --without-fab run
-            (without_fab,) = set(seconds) - set(peers) - {"advtrain"}
+            # the one method that is neither ours with the attack nor a peer: the benchmark's run without it
+            (without,) = set(seconds) - set(peers) - {"advtrain"}
             shortfall = lambda method: 100 * max(max(errors[p][n][e] for p in peers) - errors[method][n][e]  # noqa: E731
                                                  for n in errors[method] for e in errors[method][n])
             peer = seconds["AutoAttack 100 steps"]
-            by_fab = sum(tally.get("fab-t", 0) for budgets in row["broken_by"].values() for tally in budgets.values())
-            rows.append([row["model"], f"{seconds['advtrain']:.0f} / {seconds[without_fab]:.0f}", f"{peer:.0f}",
-                         f"{seconds['advtrain'] / peer:.2f}× / {seconds[without_fab] / peer:.2f}×",
-                         f"{shortfall('advtrain'):+.1f} / {shortfall(without_fab):+.1f}", str(by_fab),
+            broken = sum(budget_tally.get(tally, 0) for budgets in row["broken_by"].values() for budget_tally in budgets.values())
+            rows.append([row["model"], f"{seconds['advtrain']:.0f} / {seconds[without]:.0f}", f"{peer:.0f}",
+                         f"{seconds['advtrain'] / peer:.2f}× / {seconds[without] / peer:.2f}×",
+                         f"{shortfall('advtrain'):+.1f} / {shortfall(without):+.1f}", str(broken),
                          ", ".join(row["checks_failed"]) or "none"])
     if not rows:
         return "(not run yet)"
-    first = load(BENCHMARKS / FAB_RUNS[0] / "results.json")
-    return (f"The first {first['examples']} MNIST test images, {first['threads']} CPU threads; each pair: with FAB-T / without.\n\n"
+    return (f"The first {first['examples']} MNIST test images, {first['threads']} CPU threads, the evaluation "
+            f"{ensemble_name(first)}; each pair: with {attack} / without.\n\n"
             + table(["model", "advtrain s (all budgets)", "AutoAttack s (100 steps, once per budget)", "ratio",
-                     "best peer − advtrain, worst budget (points)", "examples FAB-T broke first, all budgets", "checks failed"], rows))
+                     "best peer − advtrain, worst budget (points)", f"examples {attack} broke first, all budgets",
+                     "checks failed"], rows))
 
 
 def reproductions() -> str:
@@ -1015,10 +1120,12 @@ TABLES: dict[str, Callable[[], str]] = {
     "search-variants-polish-heavy": search_variants_polish_heavy,
     "clean-walk-gain": clean_walk_gain,
     "clean-walk-cost": clean_walk_cost,
-    "fab-cost": fab_cost,
+    "fab-cost": lambda: later_attack_cost(FAB_RUNS, "FAB-T", "fab-t", "fab"),
+    "ddn-cost": lambda: later_attack_cost(DDN_RUNS, "DDN", "ddn", "ddn"),
     "search-gap-rows": search_gap_rows,
     "ways": ways,
     "ways-commands": ways_commands,
+    "ways-re-evaluation": ways_re_evaluation,
     "ways-peer-check": ways_peer_check,
     "evaluation-gap": evaluation_gap,
     "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
@@ -23,12 +25,13 @@ from advtrain.budget import NORMS
 from advtrain.data import MNISTDataModule
 from advtrain.evaluation import RobustnessReport, evaluate_robustness, write_report
 from advtrain.models import MODEL_BUILDERS, build_model
-from advtrain.recipes.run_folder import load_weights
+from advtrain.recipes.run_folder import load_weights, write_json
 from advtrain.recipes.trainer_parts import on_a_terminal
 from advtrain.robustness import Ensemble, check_threat_models
 
 #: The standard MNIST threat models (Madry et al., 2018; RobustBench).
 DEFAULT_BUDGETS = ["linf=0.1,0.2,0.3", "l2=1.0,1.5,2.0"]
+DEFAULT_EXAMPLES = 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODEL_BUILDERS), default=None,
                         help="the architecture of a state dict or checkpoint given directly")
     parser.add_argument("--way", action="append", default=None, help="an adversarial-training run's way (default: every way saved)")
-    parser.add_argument("--budgets", nargs="+", default=DEFAULT_BUDGETS, metavar="NORM=EPS,EPS",
+    parser.add_argument("--budgets", nargs="+", default=None, metavar="NORM=EPS,EPS",
                         help=f"threat models, norms {', '.join(NORMS)} (default: {' '.join(DEFAULT_BUDGETS)})")
-    parser.add_argument("--examples", type=int, default=1000, help="the first N MNIST test images")
+    parser.add_argument("--examples", type=int, default=None, help=f"the first N MNIST test images (default: {DEFAULT_EXAMPLES})")
+    parser.add_argument("--as-trained", action="store_true",
+                        help="an adversarial-training run folder: repeat the run's own test evaluation (its test "
+                             "images, threat models and search) with this ensemble, to compare with its results.json")
     parser.add_argument("--steps", type=int, default=Ensemble.steps, help="APGD's steps")
     parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD and FAB-T try")
     parser.add_argument("--fab", action=argparse.BooleanOptionalAction, default=Ensemble.fab,
@@ -48,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=Ensemble.queries, help="Square's queries per example (0: no Square)")
     parser.add_argument("--output", type=Path, default=None, help="where to write (default: <run folder>/robustness)")
     parser.add_argument("--data-dir", default=None, help="MNIST root (default: $ADVTRAIN_DATA_DIR, else ~/.cache/advtrain)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="seeds every random draw (default: 0; --as-trained: the run's)")
 
 
 def parse_budgets(tokens: list[str]) -> dict[str, tuple[float, ...]]:
@@ -139,18 +145,66 @@ def markdown(reports: dict[str, RobustnessReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> dict[str, RobustnessReport]:
+def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble: Ensemble, output: Path) -> dict[str, dict]:
+    """Each way of an ``adversarial-training`` run folder evaluated as the run evaluated it (its
+    seeded subset of ``eval_examples`` test images, its threat models, the paper's search) by
+    ``ensemble``; written to ``output/robustness.json``, way to report.
+
+    Raises:
+        SystemExit: the source is no ``adversarial-training`` run folder, or ``--examples`` or
+            ``--budgets`` or ``--seed`` is given (the run's own are used).
+    """
+    from advtrain.recipes.adversarial_training import final_evaluation
+
+    config_path = args.source / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.get("recipe") != "adversarial-training":
+        raise SystemExit(f"advtrain evaluate: --as-trained repeats an adversarial-training run's evaluation; {args.source} "
+                         "is no adversarial-training run folder")
+    if args.examples is not None or args.budgets is not None or args.seed is not None:
+        raise SystemExit("advtrain evaluate: --as-trained evaluates the run's own test images at its own threat models "
+                         "with its seed; leave out --examples, --budgets and --seed")
+    evaluation = final_evaluation(20 if config.get("quick") else config["eval_examples"], config["seed"],
+                                  config["eval_target"])
+    evaluation.ensemble = ensemble
+    data = MNISTDataModule(args.data_dir)
+    data.prepare_data()
+    data.setup("test")
+    inputs, labels = evaluation.subset(DataLoader(data.test_set))
+    reports = {}
+    for way, model in models.items():
+        print(f"{way}: evaluating the run's {len(labels)} test images as it did", flush=True)
+        started = time.perf_counter()
+        report, _ = evaluation.evaluate(model, inputs, labels)
+        reports[way] = {"examples": report.examples, "clean_error": report.clean_error, "seed": config["seed"],
+                        "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()} for norm, errors in report.robust_error.items()},
+                        "broken_by": {norm: {f"{e:g}": tally for e, tally in by_budget.items()}
+                                      for norm, by_budget in report.robustness.broken_by.items()},
+                        "mean_distortion": report.mean_distortion, "checks_failed": report.checks_failed,
+                        "ensemble": asdict(ensemble), "seconds": time.perf_counter() - started}
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "robustness.json", reports)
+    return reports
+
+
+def run(args: argparse.Namespace) -> dict[str, RobustnessReport] | dict[str, dict]:
     """Evaluate every model of the source; write and print the report."""
-    budgets = parse_budgets(args.budgets)
-    if args.examples < 1:
-        raise SystemExit(f"advtrain evaluate: --examples must be at least 1, got {args.examples}")
     try:
         ensemble = Ensemble(steps=args.steps, targets=args.targets, queries=args.queries, fab=args.fab, ddn=args.ddn)
     except ValueError as error:
         raise SystemExit(f"advtrain evaluate: {error}") from error
+    if not args.as_trained:
+        budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS)
+        examples = DEFAULT_EXAMPLES if args.examples is None else args.examples
+        if examples < 1:
+            raise SystemExit(f"advtrain evaluate: --examples must be at least 1, got {examples}")
     output = args.output or (args.source / "robustness" if args.source.is_dir() else args.source.with_name(f"{args.source.stem}-robustness"))
     if (output / "robustness.json").exists():
         raise SystemExit(f"advtrain evaluate: {output} already holds a report; choose another --output: nothing is overwritten")
+    if args.as_trained:
+        reports = as_trained(args, models_of(args), ensemble, output)
+        print(json.dumps({way: report["robust_error"] for way, report in reports.items()}) + f"\nwritten: {output / 'robustness.json'}")
+        return reports
     models = models_of(args)
     data = MNISTDataModule(args.data_dir)
     data.prepare_data()
@@ -158,9 +212,9 @@ def run(args: argparse.Namespace) -> dict[str, RobustnessReport]:
     loader = DataLoader(data.test_set, batch_size=500)
     reports = {}
     for name, model in models.items():
-        print(f"{name}: evaluating {args.examples} test images", flush=True)
-        reports[name] = evaluate_robustness(model, loader, budgets, examples=args.examples, ensemble=ensemble,
-                                            seed=args.seed, progress=on_a_terminal())
+        print(f"{name}: evaluating {examples} test images", flush=True)
+        reports[name] = evaluate_robustness(model, loader, budgets, examples=examples, ensemble=ensemble,
+                                            seed=args.seed or 0, progress=on_a_terminal())
     json_path, png_path = write_report(reports, output)
     table = markdown(reports)
     (output / "robustness.md").write_text(table)

@@ -3,6 +3,7 @@ stays short and its links resolve."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -84,9 +85,47 @@ def test_a_way_from_a_later_run_folder_joins_its_seed_with_its_own_folders_weigh
     first = [{"way": "weight-decay", "seconds": 100.0}, {"way": "fast", "seconds": 250.0}]
     later = [{"way": "weight-decay", "seconds": 200.0}, {"way": "pgd", "seconds": 8000.0}]
     other_seed = [{"way": "weight-decay", "seconds": 50.0}, {"way": "fast", "seconds": 100.0}]
-    runs = [(0, first, "a"), (1, other_seed, "b"), (0, later, "c")]
+    runs = [module.WaysFolder(0, first, "a", "first"), module.WaysFolder(1, other_seed, "b", "other"),
+            module.WaysFolder(0, later, "c", "later")]
     pgd = module.way_runs(runs, "pgd")
     assert [(run.seed, run.time_ratio) for run in pgd] == [(0, 40.0)]  # 8000 s against its own folder's 200 s
     decay = module.way_runs(runs, "weight-decay")
     assert [(run.seed, run.entry["seconds"]) for run in decay] == [(0, 100.0), (1, 50.0)]  # once per seed, the first folder's
     assert [run.time_ratio for run in module.way_runs(runs, "fast")] == [2.5, 2.0]
+
+
+def test_the_ways_table_shows_a_re_evaluation_of_the_same_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A way's robust errors come from the committed re-evaluation of its weights: its own folder's,
+    or a rerun's whose results match figure for figure; a rerun that differs is another model, and a
+    re-evaluation on other test images does not compare."""
+    module = generator()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    robust = {"linf": {"0.1": 0.2}, "l2": {"1": 0.3}}
+    entry = {"way": "fast", "test_error": 0.01, "robust_error": robust, "mean_distortion": 0.05, "seconds": 2.0}
+    decay = {"way": "weight-decay", "test_error": 0.01, "robust_error": robust, "mean_distortion": 0.02, "seconds": 1.0}
+
+    def folder(name: str, results: list[dict], report: dict | None, examples: int = 200) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        (tmp_path / name / "config.json").write_text(json.dumps({"eval_examples": examples, "seed": 0}))
+        if report is not None:
+            (tmp_path / name / module.RE_EVALUATION).mkdir()
+            (tmp_path / name / module.RE_EVALUATION / "robustness.json").write_text(json.dumps({"fast": report}))
+
+    later = {"examples": 200, "seed": 0, "robust_error": {"linf": {"0.1": 0.25}, "l2": {"1": 0.4}}, "ensemble": {"fab": True, "ddn": 1000}}
+    folder("differs", [{**entry, "test_error": 0.02}], {**later, "robust_error": {"linf": {"0.1": 0.9}, "l2": {"1": 0.9}}})
+    runs = [module.WaysFolder(0, [decay, entry], "c", "table")]
+    (run,) = module.way_runs(runs, "fast")
+    assert run.re_evaluation is None and run.robust_error == robust and run.attacks == "no FAB-T or DDN"
+
+    folder("rerun", [entry], later)
+    (run,) = module.way_runs(runs, "fast")
+    assert run.robust_error == later["robust_error"] and run.attacks == "FAB-T and DDN (re-evaluated)"
+    assert module.mean_robust_error(run.robust_error) == pytest.approx(0.325)
+
+    for config in ({"eval_examples": 100, "seed": 0}, {"eval_examples": 200, "seed": 1}):
+        (tmp_path / "rerun" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="re-evaluated on 200 test images with seed 0, its training run on "
+                                             f"{config['eval_examples']} with seed {config['seed']}"):
+            module.way_runs(runs, "fast")

@@ -151,6 +151,39 @@ def test_advtrain_evaluate_reports_a_train_run_folder(mnist_root: Path, tmp_path
     assert math.isfinite(saved["seconds"])
 
 
+def test_advtrain_evaluate_as_trained_repeats_the_runs_own_evaluation_figure_for_figure(mnist_root: Path, tmp_path: Path) -> None:
+    """``--as-trained`` on an adversarial-training run folder, with the ensemble the run used (the
+    quick run's validation ensemble), gives the run's own robust errors and distortion exactly: the
+    same seeded test images, search and seed. Another ensemble writes what it ran."""
+    from advtrain.cli import main
+    from advtrain.recipes.adversarial_training import VALIDATION_ENSEMBLE
+
+    run = tmp_path / "run"
+    assert main(["adversarial-training", "--quick", "--wandb", "off", "--ways", "fast", "--hidden", "32", "16",
+                 "--data-dir", str(mnist_root), "--output", str(run)]) == 0
+    (trained,) = json.loads((run / "results.json").read_text())
+    same = ["--steps", str(VALIDATION_ENSEMBLE.steps), "--targets", str(VALIDATION_ENSEMBLE.targets),
+            "--queries", str(VALIDATION_ENSEMBLE.queries), "--ddn", str(VALIDATION_ENSEMBLE.ddn)]
+    assert main(["evaluate", str(run), "--as-trained", *same, "--data-dir", str(mnist_root), "--output", str(tmp_path / "a")]) == 0
+    again = json.loads((tmp_path / "a" / "robustness.json").read_text())["fast"]
+    assert again["examples"] == 20 and again["seed"] == 0
+    assert again["robust_error"] == trained["robust_error"] and again["mean_distortion"] == trained["mean_distortion"]
+    assert 0 < sum(again["robust_error"]["l2"].values()) < 3  # figures that could differ: neither all nor none broken
+    assert main(["evaluate", str(run), "--as-trained", *same[:6], "--ddn", "0", "--no-fab", "--data-dir", str(mnist_root),
+                 "--output", str(tmp_path / "b")]) == 0
+    weaker = json.loads((tmp_path / "b" / "robustness.json").read_text())["fast"]
+    assert weaker["ensemble"]["ddn"] == 0 and not weaker["ensemble"]["fab"] and again["ensemble"]["ddn"] == 100
+    assert all(weaker["robust_error"]["l2"][e] <= again["robust_error"]["l2"][e] for e in again["robust_error"]["l2"])
+    for flags in (["--examples", "20"], ["--seed", "0"], ["--budgets", "linf=0.1"]):
+        with pytest.raises(SystemExit, match="--as-trained evaluates the run's own test images"):
+            main(["evaluate", str(run), "--as-trained", *flags, "--output", str(tmp_path / "c")])
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "config.json").write_text(json.dumps({"recipe": "train", "model": "fc10-1e-4"}))
+    torch.save(build_model("fc10-1e-4").module.state_dict(), tmp_path / "train" / "model.pt")
+    with pytest.raises(SystemExit, match="is no adversarial-training run folder"):
+        main(["evaluate", str(tmp_path / "train"), "--as-trained"])
+
+
 def test_advtrain_evaluate_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     from advtrain.cli import main
 
