@@ -286,16 +286,18 @@ def ways_runs() -> list[tuple[str, list[WaysFolder]]]:
     return found
 
 
-def same_figures(entry: dict, other: dict) -> bool:
-    """Whether two results entries of one way agree figure for figure (the same weights: the
-    training is deterministic on one machine at one thread count)."""
-    keys = ("test_error", "robust_error", "mean_distortion")
+def same_weights(entry: dict, other: dict) -> bool:
+    """Whether two results entries of one way come from the same weights: the same test and training
+    error and the same minimal distortion of the search, to the last digit (training is
+    deterministic on one machine at one thread count). Their robust errors may differ: they depend
+    on the ensemble of the day."""
+    keys = ("test_error", "train_error", "mean_distortion")
     return all(entry.get(key) == other.get(key) for key in keys)
 
 
 def re_evaluation(way: str, entry: dict) -> dict | None:
     """The committed re-evaluation of ``way``'s weights whose results ``entry`` shows: from its own
-    run folder, or from a rerun whose results match it figure for figure.
+    run folder, or from a rerun that trained the same weights (:func:`same_weights`).
 
     Raises:
         ValueError: the re-evaluation ran on other test images than the training run's evaluation
@@ -305,7 +307,7 @@ def re_evaluation(way: str, entry: dict) -> dict | None:
         folder = path.parent.parent
         report = load(path).get(way)
         rerun = next((other for other in load(folder / "results.json") if other["way"] == way), None)
-        if report is None or rerun is None or not same_figures(entry, rerun):
+        if report is None or rerun is None or not same_weights(entry, rerun):
             continue
         config = load(folder / "config.json")
         if (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
