@@ -164,8 +164,7 @@ def evaluate_robustness(
     warn_failed(list(failed.values()), "evaluate_robustness")
     return RobustnessReport(
         examples=total.examples, clean_error=total.clean_error,
-        robust_error={norm: {f"{e:g}": v for e, v in values.items()} for norm, values in total.robust_error.items()},
-        broken_by={norm: {f"{e:g}": tally for e, tally in values.items()} for norm, values in total.broken_by.items()},
+        robust_error=budgets_written(total.robust_error), broken_by=budgets_written(total.broken_by),
         whole_box_error=total.whole_box_error,
         mean_distortion=distortion_sum / found if found else math.nan,
         search_success=found / attacked if attacked else math.nan,
@@ -218,6 +217,11 @@ def curve_image(reports: Mapping[str, RobustnessReport], path: Path) -> Path:
     return path
 
 
+def budgets_written(by_norm: Mapping[str, Mapping[float, object]]) -> dict[str, dict[str, object]]:
+    """Norm to budget to value with each budget written as JSON keys are (``:g``: ``0.1``, ``1``)."""
+    return {norm: {f"{epsilon:g}": value for epsilon, value in values.items()} for norm, values in by_norm.items()}
+
+
 def write_report(reports: Mapping[str, RobustnessReport], folder: Path) -> tuple[Path, Path]:
     """``robustness.json`` (every report, strict JSON) and ``robustness.png`` (the curves) in ``folder``."""
     from advtrain.recipes.run_folder import write_json
@@ -228,4 +232,4 @@ def write_report(reports: Mapping[str, RobustnessReport], folder: Path) -> tuple
     return json_path, curve_image(reports, folder / "robustness.png")
 
 
-__all__ = ["RobustnessReport", "collect", "curve_image", "evaluate_robustness", "write_report"]
+__all__ = ["RobustnessReport", "budgets_written", "collect", "curve_image", "evaluate_robustness", "write_report"]

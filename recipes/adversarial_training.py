@@ -30,6 +30,7 @@ from advtrain import Classifier
 from advtrain.attacks import BoxLBFGS
 from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
+from advtrain.evaluation import budgets_written
 from advtrain.classifier_layer import ClassifierLayer
 from advtrain.models import PaperModel, madry_convnet, sigmoid_mlp, small_resnet, wong_convnet
 from advtrain.robustness import Ensemble
@@ -321,7 +322,7 @@ def run(args: argparse.Namespace) -> list[WayResult]:
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
         results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
                                  error_on(classifier, train_images, train_labels),
-                                 {norm: {f"{e:g}": v for e, v in errors.items()} for norm, errors in report.robust_error.items()},
+                                 budgets_written(report.robust_error),
                                  report.checks_failed))
         save_weights(args.output / f"{way}.pt", classifier.model.state_dict())
         write_json(finished, asdict(results[-1]))

@@ -19,11 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from advtrain.budget import NORMS
 from advtrain.data import MNISTDataModule
-from advtrain.evaluation import RobustnessReport, evaluate_robustness, write_report
+from advtrain.evaluation import RobustnessReport, budgets_written, evaluate_robustness, write_report
 from advtrain.models import MODEL_BUILDERS, build_model
 from advtrain.recipes.run_folder import load_weights, write_json
 from advtrain.recipes.trainer_parts import on_a_terminal
@@ -145,6 +145,14 @@ def markdown(reports: dict[str, RobustnessReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def mnist_test_set(data_dir: str | None) -> Dataset:
+    """The MNIST test set under ``data_dir``, fetched there where missing."""
+    data = MNISTDataModule(data_dir)
+    data.prepare_data()
+    data.setup("test")
+    return data.test_set
+
+
 def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble: Ensemble, output: Path) -> dict[str, dict]:
     """Each way of an ``adversarial-training`` run folder evaluated as the run evaluated it (its
     seeded subset of ``eval_examples`` test images, its threat models, the paper's search) by
@@ -167,19 +175,15 @@ def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble:
     evaluation = final_evaluation(20 if config.get("quick") else config["eval_examples"], config["seed"],
                                   config["eval_target"])
     evaluation.ensemble = ensemble
-    data = MNISTDataModule(args.data_dir)
-    data.prepare_data()
-    data.setup("test")
-    inputs, labels = evaluation.subset(DataLoader(data.test_set))
+    inputs, labels = evaluation.subset(DataLoader(mnist_test_set(args.data_dir)))
     reports = {}
     for way, model in models.items():
         print(f"{way}: evaluating the run's {len(labels)} test images as it did", flush=True)
         started = time.perf_counter()
         report, _ = evaluation.evaluate(model, inputs, labels)
         reports[way] = {"examples": report.examples, "clean_error": report.clean_error, "seed": config["seed"],
-                        "robust_error": {norm: {f"{e:g}": v for e, v in errors.items()} for norm, errors in report.robust_error.items()},
-                        "broken_by": {norm: {f"{e:g}": tally for e, tally in by_budget.items()}
-                                      for norm, by_budget in report.robustness.broken_by.items()},
+                        "robust_error": budgets_written(report.robust_error),
+                        "broken_by": budgets_written(report.robustness.broken_by),
                         "mean_distortion": report.mean_distortion, "checks_failed": report.checks_failed,
                         "ensemble": asdict(ensemble), "seconds": time.perf_counter() - started}
     output.mkdir(parents=True, exist_ok=True)
@@ -206,10 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, RobustnessReport] | dict[str, dic
         print(json.dumps({way: report["robust_error"] for way, report in reports.items()}) + f"\nwritten: {output / 'robustness.json'}")
         return reports
     models = models_of(args)
-    data = MNISTDataModule(args.data_dir)
-    data.prepare_data()
-    data.setup("test")
-    loader = DataLoader(data.test_set, batch_size=500)
+    loader = DataLoader(mnist_test_set(args.data_dir), batch_size=500)
     reports = {}
     for name, model in models.items():
         print(f"{name}: evaluating {examples} test images", flush=True)
