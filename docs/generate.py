@@ -225,8 +225,8 @@ WAYS = {"weight-decay": "weight decay only", "pools": "the paper's, at the input
         "fast": "fast adversarial training"}
 
 
-#: The ways table's runs whose own evaluation ran with FAB-T (the others ran before it joined; none
-#: ran with DDN).
+#: The ways table's runs whose own evaluation ran with FAB-T, from before the recipe recorded its
+#: ensemble (the others of that time ran before FAB-T joined; none ran with DDN).
 EVALUATED_WITH_FAB = {"ways-small-resnet-pgd-seed1"}
 #: Where a run folder's saved weights, re-evaluated by the current ensemble (``advtrain evaluate``,
 #: the commands in docs/reproduce.md), write their report: ``docs/results/<run>/re-evaluation*/``
@@ -270,9 +270,13 @@ class WayRun:
         """Which of FAB-T and DDN the robust errors shown had."""
         if self.re_evaluation is None:
             return self.evaluated_with
-        ensemble = self.re_evaluation["ensemble"]
-        return {(True, True): "FAB-T and DDN", (True, False): "FAB-T, no DDN", (False, True): "DDN, no FAB-T",
-                (False, False): "no FAB-T or DDN"}[(bool(ensemble["fab"]), bool(ensemble["ddn"]))] + " (re-evaluated)"
+        return attacks_named(self.re_evaluation["ensemble"]) + " (re-evaluated)"
+
+
+def attacks_named(ensemble: dict) -> str:
+    """Which of the ensemble's later attacks, FAB-T and DDN, ``ensemble`` (as written) ran."""
+    return {(True, True): "FAB-T and DDN", (True, False): "FAB-T, no DDN", (False, True): "DDN, no FAB-T",
+            (False, False): "no FAB-T or DDN"}[(bool(ensemble["fab"]), bool(ensemble["ddn"]))]
 
 
 def ways_runs() -> list[tuple[str, list[WaysFolder]]]:
@@ -295,25 +299,40 @@ def same_weights(entry: dict, other: dict) -> bool:
     return all(entry.get(key) == other.get(key) for key in keys)
 
 
-def re_evaluation(way: str, entry: dict) -> dict | None:
-    """The committed re-evaluation of ``way``'s weights whose results ``entry`` shows: from its own
-    run folder, or from a rerun that trained the same weights (:func:`same_weights`).
+def re_evaluation(way: str, entry: dict, folder: str) -> dict | None:
+    """The committed re-evaluation of ``way``'s weights whose results ``entry`` (of run folder
+    ``folder``) shows: from ``advtrain evaluate --as-trained`` on its own run folder or on a rerun
+    that trained the same weights (:func:`same_weights`), else the own evaluation of such a rerun
+    where its results record the ensemble (runs since the recipe records it).
 
     Raises:
         ValueError: the re-evaluation ran on other test images than the training run's evaluation
             (another count or seed), so its figures do not compare.
     """
+    candidates = []  # (where, report, the folder whose weights it evaluated)
     for path in sorted(RESULTS.glob(f"*/{RE_EVALUATION}*/robustness.json")):
-        folder = path.parent.parent
-        report = load(path).get(way)
-        rerun = next((other for other in load(folder / "results.json") if other["way"] == way), None)
+        candidates.append((path, load(path).get(way), path.parent.parent))
+    for path in sorted(RESULTS.glob("*/results.json")):
+        if path.parent.name == folder:
+            continue
+        results = load(path)
+        if not isinstance(results, list):  # another recipe's results
+            continue
+        rerun = next((other for other in results if other.get("way") == way and other.get("ensemble")), None)
+        if rerun is not None:
+            config = load(path.parent / "config.json")
+            candidates.append((path, {**rerun, "examples": config.get("eval_examples"), "seed": config.get("seed"),
+                                      "seconds": rerun["evaluation_seconds"]}, path.parent))
+    for path, report, trained_in in candidates:
+        rerun = next((other for other in load(trained_in / "results.json") if other["way"] == way), None)
         if report is None or rerun is None or not same_weights(entry, rerun):
             continue
-        config = load(folder / "config.json")
-        if (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
-            raise ValueError(f"{path.relative_to(REPO)}: {way} re-evaluated on {report['examples']} test images with seed "
-                             f"{report.get('seed')}, its training run on {config.get('eval_examples')} with seed "
-                             f"{config.get('seed')}: re-evaluate with advtrain evaluate --as-trained")
+        for config_path in (trained_in / "config.json", RESULTS / folder / "config.json"):  # the rerun's, the table's
+            config = load(config_path) if config_path.is_file() else {"eval_examples": report["examples"], "seed": report.get("seed")}
+            if (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
+                raise ValueError(f"{path.relative_to(REPO)}: {way} re-evaluated on {report['examples']} test images with "
+                                 f"seed {report.get('seed')}, its training run on {config.get('eval_examples')} with seed "
+                                 f"{config.get('seed')}: re-evaluate with advtrain evaluate --as-trained")
         return report
     return None
 
@@ -324,9 +343,10 @@ def way_runs(runs: list[WaysFolder], way: str) -> list[WayRun]:
     for run in runs:
         entry = next((entry for entry in run.results if entry["way"] == way), None)
         if entry is not None and run.seed not in chosen:
+            evaluated_with = attacks_named(entry["ensemble"]) if entry.get("ensemble") else \
+                "FAB-T, no DDN" if run.name in EVALUATED_WITH_FAB else "no FAB-T or DDN"
             chosen[run.seed] = WayRun(run.seed, entry, next((e for e in run.results if e["way"] == "weight-decay"), None),
-                                      "FAB-T, no DDN" if run.name in EVALUATED_WITH_FAB else "no FAB-T or DDN",
-                                      re_evaluation(way, entry))
+                                      evaluated_with, re_evaluation(way, entry, run.name))
     return [chosen[seed] for seed in sorted(chosen)]
 
 
@@ -381,10 +401,12 @@ def ways_re_evaluation() -> str:
 
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
 #: saved weights against AutoAttack at 100 steps and Foolbox on the same images.
-WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fast_small_resnet", "evaluation_ways_fc100", "evaluation_ways_fc100_fab"]
+WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fast_small_resnet", "evaluation_ways_fc100", "evaluation_ways_fc100_fab",
+                    "evaluation_ways_pgd_small_resnet"]
 #: The run folders it read, by the ways table's run they stand for (reruns the ways table matched
 #: figure for figure stand for its own run, whose weights were not kept).
 WAYS_PEER_FOLDERS = {"ways-small-resnet-seed1": "SmallResNet, seed 1",
+                     "ways-small-resnet-pgd-seed0": "SmallResNet, seed 0", "ways-small-resnet-pgd-seed1": "SmallResNet, seed 1",
                      "ways-pgd-alone-2threads-seed0": "FC100-100-10, seed 0 (the rerun that matches the table)",
                      "ways-fast-alone-2threads-seed0": "FC100-100-10, seed 0 (the rerun that matches the table)"}
 
@@ -693,8 +715,10 @@ def reference_one_epoch() -> str:
             f"({percent(mixed['test_error'])} and {percent(three['test_error'])} test error).\n")
 
 
-def real_model_cost() -> str:
-    result = load(BENCHMARKS / "real_model_cost" / "results.json")
+def real_model_cost(folder: str = "real_model_cost") -> str:
+    """``benchmarks/real_model_cost.py``'s settings against plain training: the run's design says
+    which plain runs each compares with (older runs: the plain run of the same repeat)."""
+    result = load(BENCHMARKS / folder / "results.json")
 
     def generating(entry: dict) -> str:  # the refreshes' seconds per epoch, over every epoch run
         runs = entry.get("seconds_generating")
@@ -702,8 +726,7 @@ def real_model_cost() -> str:
         return "–" if not runs else f"{sum(runs) / epochs:.1f}"
 
     def per_repeat(entry: dict) -> str:
-        """Each repeat's run against the plain run of the same repeat: the spread the machine's drift
-        leaves (a setting run once, against the first plain run)."""
+        """Each repeat's run against its plain reference: the spread the machine's drift leaves."""
         ratios = entry["ratios_to_plain"]
         return f"{min(ratios):.2f}–{max(ratios):.2f}×" if len(ratios) > 1 else f"{ratios[0]:.2f}×"
 
@@ -1116,6 +1139,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "real-model-cost-bracketed": lambda: real_model_cost("real_model_cost_bracketed"),
     "reference-one-epoch": reference_one_epoch,
     "generation-settings": generation_settings,
     "reference-peers": reference_peers,

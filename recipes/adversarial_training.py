@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from inspect import signature
@@ -81,6 +82,12 @@ class WayResult:
     train_error: float
     robust_error: dict = field(default_factory=dict)  # norm to budget to robust test error (the ensemble)
     checks_failed: list = field(default_factory=list)
+    # The ensemble the robust errors came from, which of its attacks broke each example first (norm
+    # to budget to attack to count) and the evaluation's seconds; None in results written before
+    # they were recorded.
+    ensemble: dict | None = None
+    broken_by: dict | None = None
+    evaluation_seconds: float | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -319,11 +326,14 @@ def run(args: argparse.Namespace) -> list[WayResult]:
             print(f"{way}: finished in an earlier attempt ({finished})")
             continue
         classifier, seconds = train_one_way(args, way, data)
+        evaluation_started = time.perf_counter()
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
         results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
                                  error_on(classifier, train_images, train_labels),
                                  budgets_written(report.robust_error),
-                                 report.checks_failed))
+                                 report.checks_failed, asdict(evaluation.ensemble),
+                                 budgets_written(report.robustness.broken_by) if report.robustness else None,
+                                 time.perf_counter() - evaluation_started))
         save_weights(args.output / f"{way}.pt", classifier.model.state_dict())
         write_json(finished, asdict(results[-1]))
         _finish_wandb(args, results[-1])

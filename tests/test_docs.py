@@ -130,3 +130,47 @@ def test_the_ways_table_shows_a_re_evaluation_of_the_same_weights_only(tmp_path:
         with pytest.raises(ValueError, match="re-evaluated on 200 test images with seed 0, its training run on "
                                              f"{config['eval_examples']} with seed {config['seed']}"):
             module.way_runs(runs, "fast")
+
+
+def test_a_reruns_own_evaluation_stands_for_the_table_where_its_results_record_the_ensemble(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun that trained the table's weights again and whose results record the ensemble its own
+    evaluation ran (runs since the recipe records it) is a re-evaluation without ``advtrain evaluate``;
+    a rerun without that record, or of other weights, is not; the table's own entry that records its
+    ensemble says so."""
+    module = generator()
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    robust = {"linf": {"0.1": 0.2}, "l2": {"1": 0.3}}
+    entry = {"way": "fast", "test_error": 0.01, "train_error": 0.0, "robust_error": robust, "mean_distortion": 0.05,
+             "seconds": 2.0}
+    ensemble = {"fab": True, "ddn": 1000}
+    later = {"robust_error": {"linf": {"0.1": 0.25}, "l2": {"1": 0.6}}, "ensemble": ensemble,
+             "broken_by": {"l2": {"1": {"fab-t": 3}}}, "evaluation_seconds": 40.0}
+
+    def folder(name: str, results: list[dict]) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+        (tmp_path / name / "config.json").write_text(json.dumps({"eval_examples": 200, "seed": 0}))
+
+    folder("table", [entry])
+    runs = [module.WaysFolder(0, [entry], "c", "table")]
+    folder("unrecorded", [{**entry, "robust_error": later["robust_error"]}])  # same weights, ensemble not recorded
+    folder("other-weights", [{**entry, **later, "mean_distortion": 0.06}])
+    (run,) = module.way_runs(runs, "fast")
+    assert run.re_evaluation is None and run.robust_error == robust
+
+    folder("rerun", [{**entry, **later}])
+    (run,) = module.way_runs(runs, "fast")
+    assert run.robust_error == later["robust_error"] and run.attacks == "FAB-T and DDN (re-evaluated)"
+    assert run.re_evaluation["seconds"] == 40.0 and run.re_evaluation["examples"] == 200
+
+    # the table's run evaluated other test images than the rerun: its figures do not compare
+    (tmp_path / "table" / "config.json").write_text(json.dumps({"eval_examples": 100, "seed": 0}))
+    with pytest.raises(ValueError, match="re-evaluated on 200 test images with seed 0, its training run on 100"):
+        module.way_runs(runs, "fast")
+
+    recorded = module.WaysFolder(0, [{**entry, "ensemble": {"fab": True, "ddn": 0}}], "c", "table")
+    (tmp_path / "table" / "config.json").write_text(json.dumps({"eval_examples": 200, "seed": 0}))
+    (run,) = module.way_runs([recorded], "fast")
+    assert run.evaluated_with == "FAB-T, no DDN"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,9 @@ def test_advtrain_evaluate_as_trained_repeats_the_runs_own_evaluation_figure_for
     again = json.loads((tmp_path / "a" / "robustness.json").read_text())["fast"]
     assert again["examples"] == 20 and again["seed"] == 0
     assert again["robust_error"] == trained["robust_error"] and again["mean_distortion"] == trained["mean_distortion"]
+    # the run's own results say which ensemble their figures came from and what broke each example
+    assert trained["ensemble"] == again["ensemble"] == asdict(VALIDATION_ENSEMBLE)
+    assert trained["broken_by"] == again["broken_by"] and trained["evaluation_seconds"] > 0
     assert 0 < sum(again["robust_error"]["l2"].values()) < 3  # figures that could differ: neither all nor none broken
     assert main(["evaluate", str(run), "--as-trained", *same[:6], "--ddn", "0", "--no-fab", "--data-dir", str(mnist_root),
                  "--output", str(tmp_path / "b")]) == 0
