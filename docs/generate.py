@@ -328,8 +328,8 @@ def re_evaluation(way: str, entry: dict, folder: str) -> dict | None:
         if report is None or rerun is None or not same_weights(entry, rerun):
             continue
         for config_path in (trained_in / "config.json", RESULTS / folder / "config.json"):  # the rerun's, the table's
-            config = load(config_path) if config_path.is_file() else {"eval_examples": report["examples"], "seed": report.get("seed")}
-            if (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
+            config = load(config_path) if config_path.is_file() else None
+            if config is not None and (report["examples"], report.get("seed")) != (config.get("eval_examples"), config.get("seed")):
                 raise ValueError(f"{path.relative_to(REPO)}: {way} re-evaluated on {report['examples']} test images with "
                                  f"seed {report.get('seed')}, its training run on {config.get('eval_examples')} with seed "
                                  f"{config.get('seed')}: re-evaluate with advtrain evaluate --as-trained")
