@@ -432,14 +432,15 @@ def ways_peer_check() -> str:
             cells.append("; ".join(" / ".join(share(row["robust_error"][method][norm][f"{e:g}"]) for e in result["budgets"][norm])
                                    for method in methods))
         hundred = row["seconds"].get("AutoAttack 100 steps")
-        rows.append([WAYS_PEER_FOLDERS.get(folder, folder), f"`{way}`", ensemble_name(other), percent(row["clean_error"], 0), *cells,
+        rows.append([WAYS_PEER_FOLDERS.get(folder, folder), f"`{way}`", ensemble_name(other), "; ".join(methods[1:]),
+                     percent(row["clean_error"], 0), *cells,
                      f"{row['shortfall']:+.1f}",
                      f"{row['distortion_vs_foolbox']:.3f}× ({row['distortion']['examples']} examples)" if row.get("distortion") else "–",
                      f"{row['seconds']['advtrain'] / hundred:.2f}×" if hundred else "–",
                      ", ".join(row["checks_failed"]) or "none"])
-    order = "; ".join(result["rows"][0]["robust_error"]) if result["rows"] else ""
-    return (f"The first {result['examples']} MNIST test images, {result['threads']} CPU thread(s); each cell: {order}.\n\n"
-            + table(["model", "way", "the evaluation's attacks", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
+    return (f"The first {result['examples']} MNIST test images, {result['threads']} CPU thread(s); each cell: advtrain, "
+            "then each peer the row ran, in the order of its column \"peers\".\n\n"
+            + table(["model", "way", "the evaluation's attacks", "peers", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
                      "best peer − advtrain, worst budget (points)", "the search's L2 against Foolbox's best, per example",
                      "advtrain s / AutoAttack s", "checks failed"], rows))
 
