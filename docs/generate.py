@@ -1140,7 +1140,6 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
-    "real-model-cost-bracketed": lambda: real_model_cost("real_model_cost_bracketed"),
     "reference-one-epoch": reference_one_epoch,
     "generation-settings": generation_settings,
     "reference-peers": reference_peers,
