@@ -716,10 +716,10 @@ def reference_one_epoch() -> str:
             f"({percent(mixed['test_error'])} and {percent(three['test_error'])} test error).\n")
 
 
-def real_model_cost(folder: str = "real_model_cost") -> str:
+def real_model_cost() -> str:
     """``benchmarks/real_model_cost.py``'s settings against plain training: the run's design says
     which plain runs each compares with (older runs: the plain run of the same repeat)."""
-    result = load(BENCHMARKS / folder / "results.json")
+    result = load(BENCHMARKS / "real_model_cost" / "results.json")
 
     def generating(entry: dict) -> str:  # the refreshes' seconds per epoch, over every epoch run
         runs = entry.get("seconds_generating")
