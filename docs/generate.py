@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -740,6 +741,30 @@ def real_model_cost() -> str:
                   "repeat by repeat"], rows)
 
 
+def real_model_cost_bracketed() -> str:
+    """The bracketed run of ``benchmarks/real_model_cost.py`` (each setting's run between two plain
+    runs): its table, each repeat's ratio, and the median again without the first repeat, whose
+    plain run before it is the process's first."""
+    result = load(BENCHMARKS / "real_model_cost_bracketed" / "results.json")
+    plain = result["settings"]["plain"]["run_means_after_warmup"]
+    lines = [table(["setting (resnet18, 32×32, 96 steps of 32)", "seconds per epoch (a run's mean, median of the runs)",
+                    "runs", "against the plain runs before and after it (median)", "repeat by repeat"],
+                   [[name.replace("_", " "), f"{entry['median_run_mean']:.1f}", str(len(entry["epoch_seconds"])),
+                     f"{entry['ratio_to_plain']:.2f}×",
+                     " ".join(f"{ratio:.2f}" for ratio in entry["ratios_to_plain"]) if name != "plain" else "–"]
+                    for name, entry in result["settings"].items()])]
+    for name, entry in result["settings"].items():
+        if name == "plain" or len(entry["ratios_to_plain"]) < 3:
+            continue
+        later = statistics.median(entry["ratios_to_plain"][1:])
+        lines.append(f"`{name}`: {entry['ratio_to_plain']:.2f}× the plain runs beside it (median of "
+                     f"{len(entry['ratios_to_plain'])} repeats); {later:.2f}× without the first repeat, whose plain run "
+                     f"before it is the process's first ({plain[0]:.1f} s an epoch against "
+                     f"{min(plain[1:]):.1f}–{max(plain[1:]):.1f} s for the other plain runs). "
+                     f"{result['threads']} CPU threads, nothing else running.\n")
+    return "\n\n".join(line.strip("\n") for line in lines) + "\n"
+
+
 def generation_settings() -> str:
     """The generation search's iterations and bisection steps against time and distortion."""
     result = load(BENCHMARKS / "generation_refine" / "results.json")
@@ -1140,6 +1165,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "training": training,
     "training-commands": training_commands,
     "real-model-cost": real_model_cost,
+    "real-model-cost-bracketed": real_model_cost_bracketed,
     "reference-one-epoch": reference_one_epoch,
     "generation-settings": generation_settings,
     "reference-peers": reference_peers,
