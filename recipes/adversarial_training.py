@@ -29,7 +29,7 @@ import yaml
 
 from advtrain import Classifier
 from advtrain.attacks import BoxLBFGS
-from advtrain.callbacks import AdversarialEvaluation, LayerwiseAdversarialTraining
+from advtrain.callbacks import AdversarialEvaluation, AdversarialReport, LayerwiseAdversarialTraining
 from advtrain.data import MNISTDataModule
 from advtrain.evaluation import budgets_written
 from advtrain.classifier_layer import ClassifierLayer
@@ -306,6 +306,16 @@ def final_evaluation(examples: int, seed: int, target: str, *, quick: bool = Fal
                                  ensemble=VALIDATION_ENSEMBLE if quick else Ensemble())
 
 
+def evaluation_record(report: AdversarialReport, ensemble: Ensemble, seconds: float) -> dict:
+    """What a run records of its final evaluation, in :class:`WayResult` and in ``advtrain evaluate
+    --as-trained``'s report alike: the robust errors, which attack broke each example first, the mean
+    minimal distortion, the failed checks, the ensemble and the evaluation's ``seconds``."""
+    return {"robust_error": budgets_written(report.robust_error),
+            "broken_by": budgets_written(report.robustness.broken_by) if report.robustness else None,
+            "mean_distortion": report.mean_distortion, "checks_failed": report.checks_failed,
+            "ensemble": asdict(ensemble), "seconds": seconds}
+
+
 def run(args: argparse.Namespace) -> list[WayResult]:
     """Train every way, evaluate, write and print the table."""
     network_name = check_settings(args)
@@ -328,12 +338,10 @@ def run(args: argparse.Namespace) -> list[WayResult]:
         classifier, seconds = train_one_way(args, way, data)
         evaluation_started = time.perf_counter()
         report, _ = evaluation.evaluate(classifier.model, *(t.to(classifier.device) for t in subset))
-        results.append(WayResult(way, error_on(classifier, test_images, test_labels), report.mean_distortion, seconds,
-                                 error_on(classifier, train_images, train_labels),
-                                 budgets_written(report.robust_error),
-                                 report.checks_failed, asdict(evaluation.ensemble),
-                                 budgets_written(report.robustness.broken_by) if report.robustness else None,
-                                 time.perf_counter() - evaluation_started))
+        recorded = evaluation_record(report, evaluation.ensemble, time.perf_counter() - evaluation_started)
+        recorded["evaluation_seconds"] = recorded.pop("seconds")
+        results.append(WayResult(way, test_error=error_on(classifier, test_images, test_labels), seconds=seconds,
+                                 train_error=error_on(classifier, train_images, train_labels), **recorded))
         save_weights(args.output / f"{way}.pt", classifier.model.state_dict())
         write_json(finished, asdict(results[-1]))
         _finish_wandb(args, results[-1])

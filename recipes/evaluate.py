@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from torch import nn
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from advtrain.budget import NORMS
 from advtrain.data import MNISTDataModule
-from advtrain.evaluation import RobustnessReport, budgets_written, evaluate_robustness, write_report
+from advtrain.evaluation import RobustnessReport, evaluate_robustness, write_report
 from advtrain.models import MODEL_BUILDERS, build_model
 from advtrain.recipes.run_folder import load_weights, write_json
 from advtrain.recipes.trainer_parts import on_a_terminal
@@ -162,7 +161,7 @@ def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble:
         SystemExit: the source is no ``adversarial-training`` run folder, or ``--examples`` or
             ``--budgets`` or ``--seed`` is given (the run's own are used).
     """
-    from advtrain.recipes.adversarial_training import final_evaluation
+    from advtrain.recipes.adversarial_training import evaluation_record, final_evaluation
 
     config_path = args.source / "config.json"
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -182,10 +181,7 @@ def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble:
         started = time.perf_counter()
         report, _ = evaluation.evaluate(model, inputs, labels)
         reports[way] = {"examples": report.examples, "clean_error": report.clean_error, "seed": config["seed"],
-                        "robust_error": budgets_written(report.robust_error),
-                        "broken_by": budgets_written(report.robustness.broken_by),
-                        "mean_distortion": report.mean_distortion, "checks_failed": report.checks_failed,
-                        "ensemble": asdict(ensemble), "seconds": time.perf_counter() - started}
+                        **evaluation_record(report, ensemble, time.perf_counter() - started)}
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "robustness.json", reports)
     return reports
