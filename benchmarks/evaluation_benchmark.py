@@ -225,6 +225,23 @@ def run_folder_models(folder: Path, ways: list[str] | None) -> dict[str, nn.Modu
     return {f"{folder.name}: {way}": module for way, module in found.items()}
 
 
+def saved_way_on_test_images(folder: Path, way: str, examples: int, data_dir: str | None
+                             ) -> tuple[str, nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One way a run folder saved (:func:`run_folder_models`), its parameters frozen, with the first
+    ``examples`` MNIST test images: its name, the model, the images, their labels and which of them
+    it classifies correctly."""
+    (name, model), = run_folder_models(folder, [way]).items()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    data = MNISTDataModule(data_dir)
+    data.prepare_data()
+    data.setup("test")
+    images, labels = (t[:examples] for t in data.test_set.tensors)
+    with torch.no_grad():
+        correct = model(images).argmax(1) == labels
+    return name, model, images, labels, correct
+
+
 def models(args: argparse.Namespace, data: MNISTDataModule) -> Iterator[tuple[str, nn.Module]]:
     """Name and model, one at a time: the run folders' ways with ``--run-folder``, else
     :data:`MODELS`, trained here where ``--models-dir`` lacks them."""

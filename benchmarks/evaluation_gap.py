@@ -26,10 +26,9 @@ from typing import Callable
 import torch
 
 from advtrain.attacks import evaluation_search
-from advtrain.data import MNISTDataModule
 from advtrain.recipes.run_folder import write_json
 from advtrain.robustness import Ensemble, run_ensemble
-from evaluation_benchmark import foolbox_members, run_folder_models, size, verified  # benchmarks/ is on the path as a script
+from evaluation_benchmark import foolbox_members, saved_way_on_test_images, size, verified  # benchmarks/ is on the path as a script
 
 
 @dataclass
@@ -92,15 +91,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation_gap"))
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    (name, model), = run_folder_models(args.run_folder, [args.way]).items()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    data = MNISTDataModule(args.data_dir)
-    data.prepare_data()
-    data.setup("test")
-    images, labels = (t[: args.examples] for t in data.test_set.tensors)
-    with torch.no_grad():
-        correct = model(images).argmax(1) == labels
+    name, model, images, labels, correct = saved_way_on_test_images(args.run_folder, args.way, args.examples, args.data_dir)
     search = evaluation_search()(model, images[correct], labels[correct], target="untargeted")
     searched = torch.full((len(labels),), math.nan)
     searched[correct] = torch.where(search.success, size(search.perturbation, args.norm),

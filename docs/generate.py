@@ -403,7 +403,7 @@ def ways_re_evaluation() -> str:
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
 #: saved weights against AutoAttack at 100 steps and Foolbox on the same images.
 WAYS_PEER_CHECKS = ["evaluation_ways", "evaluation_ways_fast_small_resnet", "evaluation_ways_fc100", "evaluation_ways_fc100_fab",
-                    "evaluation_ways_pgd_small_resnet"]
+                    "evaluation_ways_pgd_small_resnet", "evaluation_ways_pgd_small_resnet_seed1"]
 #: The run folders it read, by the ways table's run they stand for (reruns the ways table matched
 #: figure for figure stand for its own run, whose weights were not kept).
 WAYS_PEER_FOLDERS = {"ways-small-resnet-seed1": "SmallResNet, seed 1",
@@ -444,6 +444,24 @@ def ways_peer_check() -> str:
             + table(["model", "way", "the evaluation's attacks", "peers", "clean error", "robust error L∞ 0.1 / 0.2 / 0.3", "robust error L2 1 / 1.5 / 2",
                      "best peer − advtrain, worst budget (points)", "the search's L2 against Foolbox's best, per example",
                      "advtrain s / AutoAttack s", "checks failed"], rows))
+
+
+def fab_variants(folder: str = "fab_variants_pgd_small_resnet") -> str:
+    """``benchmarks/fab_variants.py``: our FAB-T's plane step as shipped and leaving negligible
+    gradient coordinates unmoved, beside torchattacks' FAB-T, per example on one model."""
+    result = load(BENCHMARKS / folder / "results.json")
+    rows = [[variant, " / ".join(share(error) for error in row["robust_error"].values()), f"{row['median_l2']:.3f}",
+             "–" if variant == "shipped" else f"{row['smaller_than_shipped']} / {row['larger_than_shipped']}",
+             "–" if variant == "shipped" else " / ".join(share(error) for error in row["robust_error_with_shipped"].values()),
+             f"{row['seconds']:.0f}"]
+            for variant, row in result["variants"].items()]
+    return (f"`{result['model']}`, the first {result['examples']} MNIST test images ({share(result['clean_error'])} clean "
+            f"error), FAB-T alone: {result['guide_classes']} guide classes of {result['steps']} steps, L2, "
+            f"{result['threads']} CPU thread{'s' if result['threads'] > 1 else ''}. At the clean inputs, "
+            f"{100 * result['gradient_share_below_1e-8']:.0f}% of the pixels' gradients of the runner-up margin are below "
+            "10⁻⁸.\n\n"
+            + table(["FAB-T", "robust error L2 1 / 1.5 / 2", "median minimal L2", "examples it ends below / above the shipped",
+                     "with the shipped FAB-T, L2 1 / 1.5 / 2", "seconds"], rows))
 
 
 def ensemble_name(result: dict) -> str:
@@ -1182,6 +1200,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "evaluation-gap": evaluation_gap,
     "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),
     "evaluation-gap-foolbox": lambda: evaluation_gap("evaluation_gap_foolbox_fast_small_resnet"),
+    "evaluation-gap-pgd-small-resnet": lambda: evaluation_gap("evaluation_gap_pgd_small_resnet"),
+    "evaluation-gap-pgd-small-resnet-seed1": lambda: evaluation_gap("evaluation_gap_pgd_small_resnet_seed1_l2_2"),
+    "fab-variants": fab_variants,
     "defaults-check": defaults_check,
     "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,
