@@ -3,7 +3,7 @@ at a time beside the evaluation: AutoAttack's four (torchattacks, Croce & Hein's
 or Foolbox's minimum-norm attacks (``--peer foolbox``, as ``evaluation_benchmark.py`` runs them).
 
     python benchmarks/evaluation_gap.py RUN_FOLDER WAY [--norm l2] [--epsilon 1.0] [--examples 100]
-        [--peer autoattack|foolbox] [--without-ddn] [--output benchmarks/results/evaluation_gap]
+        [--peer autoattack|foolbox|none] [--without-ddn] [--output benchmarks/results/evaluation_gap]
 
 On the first ``--examples`` MNIST test images: the evaluation's robust error (the untargeted
 ``evaluation_search()`` and the ensemble, as ``benchmarks/evaluation_benchmark.py`` runs them) and
@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--norm", choices=["linf", "l2"], default="l2")
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--examples", type=int, default=100)
-    parser.add_argument("--peer", choices=["autoattack", "foolbox"], default="autoattack")
+    parser.add_argument("--peer", choices=["autoattack", "foolbox", "none"], default="autoattack",
+                        help="none: the evaluation alone")
     parser.add_argument("--without-ddn", action="store_true", help="also run the ensemble without DDN, timing both")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/evaluation_gap"))
     parser.add_argument("--data-dir", default=None)
@@ -110,7 +111,7 @@ def main() -> None:
         gap.without_ddn = {"error": without.robust_error[args.norm][args.epsilon],
                            "broken_by": without.broken_by[args.norm][args.epsilon],
                            "seconds": time.perf_counter() - started}
-    peers = (foolbox_attacks(model, args.norm) if args.peer == "foolbox"
+    peers = ({} if args.peer == "none" else foolbox_attacks(model, args.norm) if args.peer == "foolbox"
              else peer_attacks(model, args.norm, args.epsilon))
     for attack, peer in peers.items():
         points = peer(images, labels).detach()

@@ -464,6 +464,42 @@ def fab_variants(folder: str = "fab_variants_pgd_small_resnet") -> str:
                      "with the shipped FAB-T, L2 1 / 1.5 / 2", "seconds"], rows))
 
 
+def square_alone(folders: tuple[str, ...] = ("square_alone_pgd_small_resnet_seed1_before",
+                                               "square_alone_pgd_small_resnet_seed1")) -> str:
+    """``benchmarks/square_alone.py``: our Square (before and after the paper's L2 update) beside
+    torchattacks' Square, each alone on the same images, robust error per budget."""
+    results = [load(BENCHMARKS / folder / "results.json") for folder in folders]
+    first = results[0]
+    epsilons = sorted({row["epsilon"] for result in results for row in result["rows"]})
+    attacks: dict[str, dict[float, dict]] = {}
+    for folder, result in zip(folders, results):
+        for row in result["rows"]:
+            name = "torchattacks' Square" if row["attack"] == "torchattacks" else \
+                ("our Square before (one window)" if row["attack"].startswith("advtrain from") else "our Square now (two windows)")
+            attacks.setdefault(name, {})[row["epsilon"]] = row  # torchattacks' runs in both: the same seed, the later kept
+    norm = "L∞" if first["norm"] == "linf" else "L2"
+    rows = [[name, *(share(by[e]["robust_error"]) if e in by else "–" for e in epsilons),
+             " / ".join(f"{by[e]['seconds']:.0f}" for e in epsilons if e in by)] for name, by in attacks.items()]
+    return (f"`{first['model']}`, the first {first['examples']} MNIST test images, {first['queries']} queries, "
+            f"{first['threads']} CPU thread{'s' if first['threads'] > 1 else ''}, each attack alone.\n\n"
+            + table(["Square", *(f"robust error {norm} {e:g}" for e in epsilons), "seconds"], rows))
+
+
+def evaluation_again(folder: str, before: str) -> str:
+    """One budget's evaluation rerun alone (``evaluation_gap.py --peer none``) beside an earlier
+    run's on the same images: the robust error and what each attack broke first."""
+    now, then = load(BENCHMARKS / folder / "results.json"), load(BENCHMARKS / before / "results.json")
+    budget = f"{'L∞' if now['norm'] == 'linf' else 'L2'} {now['epsilon']:g}"
+
+    def tally(gap: dict) -> str:
+        return ", ".join(f"{attack} {count}" for attack, count in gap["evaluation_broken_by"].items() if count)
+
+    return (f"`{now['model']}` at {budget}, the first {now['examples']} test images, the evaluation {ensemble_name(now)}: "
+            f"{share(then['evaluation_error'])} before ({tally(then)}), {share(now['evaluation_error'])} now "
+            f"({tally(now)}; broken first by each attack); AutoAttack's members alone before: "
+            + ", ".join(f"{attack} {share(error)}" for attack, error in then["attack_error"].items()) + ".\n")
+
+
 def ensemble_name(result: dict) -> str:
     """Which of the ensemble's later attacks a benchmark's run had: runs from before FAB-T joined it
     record no ensemble, runs from before DDN joined record no ``ddn``."""
@@ -1203,6 +1239,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "evaluation-gap-pgd-small-resnet": lambda: evaluation_gap("evaluation_gap_pgd_small_resnet"),
     "evaluation-gap-pgd-small-resnet-seed1": lambda: evaluation_gap("evaluation_gap_pgd_small_resnet_seed1_l2_2"),
     "fab-variants": fab_variants,
+    "square-alone": square_alone,
+    "evaluation-again-square": lambda: evaluation_again("evaluation_gap_pgd_small_resnet_seed1_l2_2_two_window_square",
+                                                        "evaluation_gap_pgd_small_resnet_seed1_l2_2"),
     "defaults-check": defaults_check,
     "defaults-shift": defaults_shift,
     "defaults-commands": defaults_commands,

@@ -24,7 +24,7 @@ ATTACKS = {
     "apgd-ce-linf": lambda: APGD(epsilon=0.1, norm="linf", steps=5),
     "apgd-dlr-rms": lambda: APGD(epsilon=0.1, norm="rms", steps=5, loss="dlr", restarts=2),
     "square-linf": lambda: Square(epsilon=0.3, queries=50),
-    "square-l2": lambda: Square(epsilon=3.0, norm="l2", queries=20),
+    "square-l2": lambda: Square(epsilon=3.0, norm="l2", queries=100),
     "fab-linf": lambda: FAB(norm="linf", steps=10),
     "fab-rms": lambda: FAB(norm="rms", steps=10, guide_rank=2),
     "ddn-l2": lambda: DDN(steps=20),

@@ -1,13 +1,16 @@
 """Square: a random search that never reads a gradient, the gradient-free member of AutoAttack
 (Andriushchenko et al., 2020), in L∞, L2 and ``sqrt(mean r²)``.
 
-It starts at a perturbation of vertical stripes on the ε-sphere and, one model query per step,
-redraws the perturbation inside a random square window, keeping the change only where it lowers
-the margin ``z_y − max_{i≠y} z_i`` (targeted: ``max_{i≠t} z_i − z_t``); a row stops once the margin
-is negative (misclassified). The window covers ``p`` of the image, ``p`` starting at
-``p_init = 0.8`` and halving at fixed shares of the query budget. In L∞ the window gets ``±ε`` per
-channel; in L2 a bump of random sign per channel that takes the window's energy plus whatever the
-ε-ball leaves unused, so the perturbation stays on or inside the sphere. Because it needs no
+One model query per step, it redraws the perturbation inside a random square window, keeping the
+change only where it lowers the margin ``z_y − max_{i≠y} z_i`` (targeted: ``max_{i≠t} z_i − z_t``);
+a row stops once the margin is negative (misclassified). The window covers ``p`` of the image, ``p``
+starting at ``p_init = 0.8`` and halving at fixed shares of the query budget. In L∞ it starts from
+vertical stripes of ``±ε`` and the window gets ``±ε`` per channel. In L2 (and
+``sqrt(mean r²)``), Andriushchenko et al.'s update (their Algorithm 3): it starts from a grid of
+blocks of ``η`` (a pair of opposite-signed nested rectangles, random sign per channel) on the
+ε-sphere, and each step draws two windows, empties the second and gives the first its old content
+(normalised) plus a fresh ``η`` of random sign, with the energy of both windows and whatever the
+ε-ball leaves unused; the perturbation is then scaled back onto the sphere. Because it needs no
 gradient, a model whose gradients are zero, infinite or misleading (gradient masking) does not
 stop it: when it breaks examples the gradient attacks could not, the gradients are not to be
 trusted.
@@ -16,9 +19,7 @@ Inputs of any shape are read as images ``(C, H, W)``: a sequence ``(T, F)`` as o
 ``T × F``, a vector ``(D,)`` as one row of ``D``.
 
 Reference: Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient black-box
-adversarial attack via random search", ECCV 2020 (Algorithms 1 to 3). The L2 window update here is
-a simplification of the paper's (one window takes the unused energy, rather than moving energy
-between two windows).
+adversarial attack via random search", ECCV 2020 (Algorithms 1 to 3).
 """
 
 from __future__ import annotations
@@ -48,6 +49,38 @@ def margins(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor | 
     anchor = labels if targets is None else targets
     others = logits.scatter(1, anchor[:, None], float("-inf")).amax(1)
     return logits[rows, anchor] - others if targets is None else others - logits[rows, anchor]
+
+
+def nested_rectangles(height: int, width: int) -> torch.Tensor:
+    """``(height, width)`` nested rectangles around the centre, the ``k``-th from the centre weighted
+    ``1/k²``, with unit L2 norm (Andriushchenko et al.'s ``M``)."""
+    values = torch.zeros(height, width)
+    row, col = height // 2, width // 2  # the centre's top-left, as the paper's code places it
+    for ring in range(max(height // 2 + 1, width // 2 + 1)):
+        values[max(row - ring, 0):min(row - ring + 2 * ring + 1, height),
+               max(col - ring, 0):min(col - ring + 2 * ring + 1, width)] += 1.0 / (ring + 1) ** 2
+    return values / values.norm()
+
+
+def eta(height: int, width: int, transpose: bool) -> torch.Tensor:
+    """The paper's ``η``: nested rectangles on the top half and their negative on the bottom half
+    (with ``transpose``, on the left and right halves), unit L2 norm, ``(height, width)``."""
+    if transpose:
+        return eta(width, height, False).T.contiguous()
+    values = torch.cat([nested_rectangles(height // 2, width), -nested_rectangles(height - height // 2, width)]) \
+        if height > 1 else -nested_rectangles(1, width)
+    return values / values.norm()
+
+
+def placed(patch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(n, 1, height, width)``: ``patch (h, w)`` with its top-left corner at ``(top[i], left[i])``
+    in row ``i``, zero elsewhere (the patch must fit)."""
+    patch_h, patch_w = patch.shape
+    rows = torch.arange(height, device=patch.device)[None] - top[:, None]  # (n, H): row inside the patch
+    cols = torch.arange(width, device=patch.device)[None] - left[:, None]
+    inside = ((rows >= 0) & (rows < patch_h))[:, :, None] & ((cols >= 0) & (cols < patch_w))[:, None, :]
+    index = rows.clamp(0, patch_h - 1)[:, :, None] * patch_w + cols.clamp(0, patch_w - 1)[:, None, :]
+    return torch.where(inside, patch.flatten()[index], torch.zeros((), dtype=patch.dtype, device=patch.device))[:, None]
 
 
 def as_image_shape(shape: torch.Size) -> tuple[int, int, int]:
@@ -106,12 +139,56 @@ class Square(Attack):
         return (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(like.device, like.dtype)
 
     def _start(self, origin: torch.Tensor, radius: float, generator: torch.Generator) -> torch.Tensor:
-        """Vertical stripes of random sign on the ε-sphere (``origin (n, C, H, W)``)."""
-        n, channels, _, width = origin.shape
-        stripes = self._signs((n, channels, 1, width), generator, origin).expand_as(origin)
-        if self.norm == "linf":
-            return self.epsilon * stripes
-        return radius * stripes / stripes.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        """In L∞, vertical stripes of random sign; in L2, a grid of blocks of ``η`` of random sign per
+        block and channel (stripes where the image is under 5 pixels high or wide); on the ε-sphere
+        (``origin (n, C, H, W)``)."""
+        n, channels, height, width = origin.shape
+        block = min(height, width) // 5
+        if self.norm == "linf" or block < 1:
+            stripes = self._signs((n, channels, 1, width), generator, origin).expand_as(origin)
+            if self.norm == "linf":
+                return self.epsilon * stripes
+            return radius * stripes / stripes.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        start = torch.zeros_like(origin)
+        pattern = eta(block, block, False).to(origin)
+        top0, left0 = (height - block * (height // block)) // 2, (width - block * (width // block)) // 2
+        for top in range(top0, height - block + 1, block):
+            for left in range(left0, width - block + 1, block):
+                start[:, :, top:top + block, left:left + block] = pattern * self._signs((n, channels, 1, 1), generator, origin)
+        return radius * start / start.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+    def _l2_step(self, current: torch.Tensor, radius: float, share: float, generator: torch.Generator) -> torch.Tensor:
+        """Andriushchenko et al.'s L2 update of ``current (n, C, H, W)``: the second of two random
+        windows emptied, the first given its old content (normalised per channel) plus a fresh ``η``
+        of random sign per channel, scaled to the energy of both windows and what the ball leaves
+        unused; the whole scaled back onto the sphere of ``radius``."""
+        n, channels, height, width = current.shape
+        side = max(round(math.sqrt(share * height * width)), 3)
+        side += 1 - side % 2  # odd, as the paper's
+        side_h, side_w = min(side, height), min(side, width)
+        first, top, left = self._window_at(n, height, width, side_h, side_w, generator, current.device)
+        second, _, _ = self._window_at(n, height, width, side_h, side_w, generator, current.device)
+        transpose = bool(torch.randint(0, 2, (1,), generator=generator))
+        pattern = placed(eta(side_h, side_w, transpose).to(current), top, left, height, width)
+        old = current * first
+        fresh = pattern * self._signs((n, channels, 1, 1), generator, current) + \
+            old / old.pow(2).sum((2, 3), keepdim=True).sqrt().add(1e-12)
+        unused = (radius**2 - current.flatten(1).pow(2).sum(1)).clamp_min(0).view(-1, 1, 1, 1)
+        windows = (current * (first | second)).flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)
+        fresh = fresh / fresh.pow(2).sum((2, 3), keepdim=True).sqrt().add(1e-12) * (unused / channels + windows).sqrt()
+        updated = torch.where(first, fresh, torch.where(second, torch.zeros_like(current), current))
+        return radius * updated / updated.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+
+    def _window_at(self, n: int, height: int, width: int, side_h: int, side_w: int, generator: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A random ``side_h × side_w`` window per row: its mask ``(n, 1, H, W)``, top and left ``(n,)``."""
+        top = torch.randint(0, height - side_h + 1, (n,), generator=generator).to(device)
+        left = torch.randint(0, width - side_w + 1, (n,), generator=generator).to(device)
+        rows = torch.arange(height, device=device)[None]
+        cols = torch.arange(width, device=device)[None]
+        in_rows = (rows >= top[:, None]) & (rows < top[:, None] + side_h)
+        in_cols = (cols >= left[:, None]) & (cols < left[:, None] + side_w)
+        return in_rows[:, None, :, None] & in_cols[:, None, None, :], top, left
 
     def _windows(self, n: int, height: int, width: int, share: float, generator: torch.Generator,
                  device: torch.device) -> tuple[torch.Tensor, int, int]:
@@ -127,15 +204,6 @@ class Square(Attack):
         in_rows = (rows >= top) & (rows < top + side_h)  # (n, H)
         in_cols = (cols >= left) & (cols < left + side_w)  # (n, W)
         return (in_rows[:, None, :, None] & in_cols[:, None, None, :]), side_h, side_w
-
-    def _bump(self, height: int, width: int, side_h: int, side_w: int, like: torch.Tensor) -> torch.Tensor:
-        """A smooth bump ``(H, W)`` on a window's grid (peaked at its centre), to be masked."""
-
-        def profile(size: int, side: int) -> torch.Tensor:
-            position = torch.arange(size, device=like.device, dtype=like.dtype)
-            return torch.exp(-0.5 * ((position % side - (side - 1) / 2) / max(side / 3, 0.5)) ** 2)
-
-        return profile(height, side_h)[:, None] * profile(width, side_w)[None, :]
 
     def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
                 generator: torch.Generator) -> Proposal:
@@ -164,17 +232,14 @@ class Square(Attack):
             rows = (margin >= 0).nonzero()[:, 0]
             if not rows.numel():
                 break
-            window, side_h, side_w = self._windows(len(rows), height, width, window_share(step, self.queries, self.p_init),
-                                                   generator, origin.device)
+            share = window_share(step, self.queries, self.p_init)
             current = delta[rows]
-            signs = self._signs((len(rows), channels, 1, 1), generator, origin)
             if self.norm == "linf":
-                fresh = self.epsilon * signs
+                window, _, _ = self._windows(len(rows), height, width, share, generator, origin.device)
+                signs = self._signs((len(rows), channels, 1, 1), generator, origin)
+                candidate = clipped(torch.where(window, self.epsilon * signs, current), rows)
             else:
-                energy = (current * window).flatten(1).pow(2).sum(1) + (radius**2 - current.flatten(1).pow(2).sum(1)).clamp_min(0)
-                bump = self._bump(height, width, side_h, side_w, origin) * window * signs
-                fresh = bump * (energy.sqrt() / bump.flatten(1).norm(dim=1).clamp_min(1e-12)).view(-1, 1, 1, 1)
-            candidate = clipped(torch.where(window, fresh, current), rows)
+                candidate = clipped(self._l2_step(current, radius, share, generator), rows)
             with torch.no_grad():
                 candidate_margin = query(candidate, rows)
             better = candidate_margin < margin[rows]
@@ -185,4 +250,4 @@ class Square(Attack):
         return Proposal(points, torch.ones(shape[0], dtype=torch.bool, device=origin.device), iterations=used)
 
 
-__all__ = ["Square", "as_image_shape", "margins", "window_share"]
+__all__ = ["Square", "as_image_shape", "eta", "margins", "nested_rectangles", "placed", "window_share"]
