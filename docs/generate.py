@@ -500,6 +500,35 @@ def evaluation_again(folder: str, before: str) -> str:
             + ", ".join(f"{attack} {share(error)}" for attack, error in then["attack_error"].items()) + ".\n")
 
 
+#: The evaluation at one L2 budget with the paper's Square, by the ways table's model it ran on.
+TWO_WINDOW_SQUARE_RUNS = [("`pgd`, seed 0", "evaluation_l2_1.5_two_window_square_pgd_seed0"),
+                          ("`pgd`, seed 0", "evaluation_l2_2_two_window_square_pgd_seed0"),
+                          ("`pgd`, seed 1", "evaluation_l2_1.5_two_window_square_pgd_seed1"),
+                          ("`pgd`, seed 1", "evaluation_gap_pgd_small_resnet_seed1_l2_2_two_window_square"),
+                          ("`input-pools`, seed 0", "evaluation_l2_2_two_window_square_input_pools_seed0")]
+
+
+def two_window_square() -> str:
+    """Per SmallResNet way: the evaluation at one L2 budget with the paper's Square, and how many
+    examples the Square broke that every attack before it left (the most its L2 form can move the figure)."""
+    rows = []
+    for way, folder in TWO_WINDOW_SQUARE_RUNS:
+        path = BENCHMARKS / folder / "results.json"
+        if not path.is_file():
+            continue
+        gap = load(path)
+        square = gap["evaluation_broken_by"].get("square", 0)
+        rows.append([f"SmallResNet {way}", f"L2 {gap['epsilon']:g}", share(gap["evaluation_error"]), str(square),
+                     share(gap["evaluation_error"] - square / gap["examples"])])
+    if not rows:
+        return "(not run yet)"
+    threads = {load(BENCHMARKS / folder / "results.json")["threads"] for _, folder in TWO_WINDOW_SQUARE_RUNS
+               if (BENCHMARKS / folder / "results.json").is_file()}
+    return (f"The first 100 MNIST test images, {'/'.join(map(str, sorted(threads)))} CPU thread(s).\n\n"
+            + table(["model", "budget", "robust error, the paper's Square", "examples Square broke first",
+                     "robust error without them"], rows))
+
+
 def ensemble_name(result: dict) -> str:
     """Which of the ensemble's later attacks a benchmark's run had: runs from before FAB-T joined it
     record no ensemble, runs from before DDN joined record no ``ddn``."""
@@ -1240,6 +1269,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "evaluation-gap-pgd-small-resnet-seed1": lambda: evaluation_gap("evaluation_gap_pgd_small_resnet_seed1_l2_2"),
     "fab-variants": fab_variants,
     "square-alone": square_alone,
+    "two-window-square": two_window_square,
     "evaluation-again-square": lambda: evaluation_again("evaluation_gap_pgd_small_resnet_seed1_l2_2_two_window_square",
                                                         "evaluation_gap_pgd_small_resnet_seed1_l2_2"),
     "defaults-check": defaults_check,
