@@ -505,7 +505,9 @@ TWO_WINDOW_SQUARE_RUNS = [("`pgd`, seed 0", "evaluation_l2_1.5_two_window_square
                           ("`pgd`, seed 0", "evaluation_l2_2_two_window_square_pgd_seed0"),
                           ("`pgd`, seed 1", "evaluation_l2_1.5_two_window_square_pgd_seed1"),
                           ("`pgd`, seed 1", "evaluation_gap_pgd_small_resnet_seed1_l2_2_two_window_square"),
-                          ("`input-pools`, seed 0", "evaluation_l2_2_two_window_square_input_pools_seed0")]
+                          ("`input-pools`, seed 0", "evaluation_l2_1.5_two_window_square_input_pools_seed0"),
+                          ("`input-pools`, seed 0", "evaluation_l2_2_two_window_square_input_pools_seed0"),
+                          ("`fast`, seed 0", "evaluation_l2_1.5_two_window_square_fast_seed0")]
 
 
 def two_window_square() -> str:
