@@ -197,13 +197,8 @@ class Square(Attack):
         area = max(round(share * height * width), 1)
         side_h = min(height, max(round(math.sqrt(area)), 1))
         side_w = min(width, max(round(area / side_h), 1))
-        top = torch.randint(0, height - side_h + 1, (n, 1), generator=generator).to(device)
-        left = torch.randint(0, width - side_w + 1, (n, 1), generator=generator).to(device)
-        rows = torch.arange(height, device=device)[None]
-        cols = torch.arange(width, device=device)[None]
-        in_rows = (rows >= top) & (rows < top + side_h)  # (n, H)
-        in_cols = (cols >= left) & (cols < left + side_w)  # (n, W)
-        return (in_rows[:, None, :, None] & in_cols[:, None, None, :]), side_h, side_w
+        mask, _, _ = self._window_at(n, height, width, side_h, side_w, generator, device)
+        return mask, side_h, side_w
 
     def propose(self, model: Head, batch: CheckedBatch, targets: torch.Tensor | None, policy: TargetPolicy | torch.Tensor,
                 generator: torch.Generator) -> Proposal:
