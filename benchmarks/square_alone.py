@@ -1,5 +1,5 @@
 """Square alone: our gradient-free attack beside torchattacks' Square (Croce & Hein's standard settings,
-5,000 queries) on one saved model, robust error per budget, each alone on the same test images.
+5,000 queries, as ``evaluation_gap.peer_attacks`` builds it) on one saved model, robust error per budget, each alone on the same test images.
 
     python benchmarks/square_alone.py RUN_FOLDER WAY [--norm l2] [--epsilons 1.5 2.0] [--examples 100]
         [--square-from FILE] [--output benchmarks/results/square_alone]
@@ -20,6 +20,7 @@ import torch
 
 from advtrain.recipes.run_folder import write_json
 from evaluation_benchmark import saved_way_on_test_images, size  # benchmarks/ is on the path as a script
+from evaluation_gap import peer_attacks
 
 QUERIES = 5000
 
@@ -49,8 +50,6 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/square_alone"))
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
-    import torchattacks
-
     name, model, images, labels, correct = saved_way_on_test_images(args.run_folder, args.way, args.examples, args.data_dir)
     ours = square_class(args.square_from)
     label = "advtrain" if args.square_from is None else f"advtrain from {args.square_from.name}"
@@ -58,9 +57,7 @@ def main() -> None:
     for epsilon in args.epsilons:
         attacks = {label: lambda: ours(epsilon=epsilon, norm=args.norm, queries=QUERIES)(
                        model, images, labels, generator=torch.Generator().manual_seed(0)).adversarial,
-                   "torchattacks": lambda: torchattacks.Square(
-                       model, norm="Linf" if args.norm == "linf" else "L2", eps=epsilon, n_queries=QUERIES, n_restarts=1,
-                       seed=0)(images, labels)}
+                   "torchattacks": lambda: peer_attacks(model, args.norm, epsilon)["Square"](images, labels)}
         for attack, run in attacks.items():
             started = time.perf_counter()
             points = run().detach()

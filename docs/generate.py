@@ -513,19 +513,16 @@ TWO_WINDOW_SQUARE_RUNS = [("`pgd`, seed 0", "evaluation_l2_1.5_two_window_square
 def two_window_square() -> str:
     """Per SmallResNet way: the evaluation at one L2 budget with the paper's Square, and how many
     examples the Square broke that every attack before it left (the most its L2 form can move the figure)."""
+    gaps = [(way, load(path)) for way, path in ((way, BENCHMARKS / folder / "results.json") for way, folder in TWO_WINDOW_SQUARE_RUNS)
+            if path.is_file()]
+    if not gaps:
+        return "(not run yet)"
     rows = []
-    for way, folder in TWO_WINDOW_SQUARE_RUNS:
-        path = BENCHMARKS / folder / "results.json"
-        if not path.is_file():
-            continue
-        gap = load(path)
+    for way, gap in gaps:
         square = gap["evaluation_broken_by"].get("square", 0)
         rows.append([f"SmallResNet {way}", f"L2 {gap['epsilon']:g}", share(gap["evaluation_error"]), str(square),
                      share(gap["evaluation_error"] - square / gap["examples"])])
-    if not rows:
-        return "(not run yet)"
-    threads = {load(BENCHMARKS / folder / "results.json")["threads"] for _, folder in TWO_WINDOW_SQUARE_RUNS
-               if (BENCHMARKS / folder / "results.json").is_file()}
+    threads = {gap["threads"] for _, gap in gaps}
     return (f"The first 100 MNIST test images, {'/'.join(map(str, sorted(threads)))} CPU thread(s).\n\n"
             + table(["model", "budget", "robust error, the paper's Square", "examples Square broke first",
                      "robust error without them"], rows))
