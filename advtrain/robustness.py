@@ -36,6 +36,7 @@ from torch import nn
 
 from advtrain.attacks import APGD, DDN, FAB, AttackResult, Square
 from advtrain.attacks.base import Attack
+from advtrain.attacks.square import L2_PROPOSAL
 from advtrain.attacks.targets import ranked_wrong_classes
 from advtrain.box import Bounds, check_bounds
 from advtrain.budget import check_epsilon, check_norm, perturbation_size
@@ -61,6 +62,11 @@ class Ensemble:
         whole_box: give APGD the whole box at the end (the check that a huge budget breaks nearly
             everything).
 
+    Attributes:
+        square_l2: which proposal Square draws in L2 (:data:`~advtrain.attacks.square.L2_PROPOSAL`),
+            not settable: recorded with the settings so that results tell evaluations by the paper's
+            two windows from the earlier one-window form (whose results lack the field).
+
     Raises:
         ValueError: ``steps``, ``restarts`` below 1, ``targets``, ``queries`` or ``ddn`` negative.
     """
@@ -72,6 +78,7 @@ class Ensemble:
     fab: bool = True
     ddn: int = 1000
     whole_box: bool = True
+    square_l2: str = field(default=L2_PROPOSAL, init=False)
 
     def __post_init__(self) -> None:
         check_count("steps", self.steps)

@@ -18,7 +18,7 @@ import re
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -248,30 +248,51 @@ class WaysFolder:
 @dataclass
 class WayRun:
     """One way trained from one seed: its results entry, the weight decay of the same run folder,
-    which of the ensemble's later attacks its training run's evaluation had, and the report of its
-    saved weights re-evaluated by the current ensemble, where one is committed."""
+    which of the ensemble's later attacks its training run's evaluation had, and the reports of its
+    saved weights re-evaluated since, where committed (those by the two-window Square first)."""
 
     seed: int
     entry: dict
     baseline: dict | None
     evaluated_with: str = "no FAB-T or DDN"
-    re_evaluation: dict | None = None
+    re_evaluations: list[dict] = field(default_factory=list)
 
     @property
     def time_ratio(self) -> float | None:
         return self.entry["seconds"] / self.baseline["seconds"] if self.baseline else None
 
+    def report_for(self, norm: str) -> dict | None:
+        """The re-evaluation that the robust errors in ``norm`` come from: the first that measured
+        that norm."""
+        return next((report for report in self.re_evaluations if norm in report.get("robust_error", {})), None)
+
+    @property
+    def re_evaluation(self) -> dict | None:
+        """The first re-evaluation at every threat model of the run (not one narrowed to a norm)."""
+        norms = set(self.entry.get("robust_error", {}))
+        return next((report for report in self.re_evaluations if set(report.get("robust_error", {})) >= norms), None)
+
     @property
     def robust_error(self) -> dict:
-        """Norm to budget to robust error: the re-evaluation's where there is one."""
-        return (self.re_evaluation or self.entry).get("robust_error", {})
+        """Norm to budget to robust error, per norm from its re-evaluation where there is one."""
+        return {norm: (self.report_for(norm) or self.entry)["robust_error"][norm]
+                for norm in self.entry.get("robust_error", {})}
 
     @property
     def attacks(self) -> str:
-        """Which of FAB-T and DDN the robust errors shown had."""
-        if self.re_evaluation is None:
+        """Which of FAB-T and DDN the robust errors shown had, and whether the L2 ones Square's two
+        windows (its L∞ form is the same in both)."""
+        if not self.re_evaluations:
             return self.evaluated_with
-        return attacks_named(self.re_evaluation["ensemble"]) + " (re-evaluated)"
+        l2 = self.report_for("l2")
+        return attacks_named((self.re_evaluation or self.re_evaluations[0])["ensemble"]) + (
+            " (re-evaluated; L2 with the two-window Square)" if l2 is not None and by_two_window_square(l2) else " (re-evaluated)")
+
+
+def by_two_window_square(report: dict) -> bool:
+    """Whether ``report``'s ensemble drew Square's two-window L2 proposal (Andriushchenko et al.'s
+    Algorithm 3): results since record it as ``square_l2``; earlier ones drew one window."""
+    return (report.get("ensemble") or {}).get("square_l2") == "two-window"
 
 
 def attacks_named(ensemble: dict) -> str:
@@ -300,11 +321,12 @@ def same_weights(entry: dict, other: dict) -> bool:
     return all(entry.get(key) == other.get(key) for key in keys)
 
 
-def re_evaluation(way: str, entry: dict, folder: str) -> dict | None:
-    """The committed re-evaluation of ``way``'s weights whose results ``entry`` (of run folder
+def re_evaluations(way: str, entry: dict, folder: str) -> list[dict]:
+    """The committed re-evaluations of ``way``'s weights whose results ``entry`` (of run folder
     ``folder``) shows: from ``advtrain evaluate --as-trained`` on its own run folder or on a rerun
-    that trained the same weights (:func:`same_weights`), else the own evaluation of such a rerun
-    where its results record the ensemble (runs since the recipe records it).
+    that trained the same weights (:func:`same_weights`), then the own evaluations of such reruns
+    where their results record the ensemble (runs since the recipe records it); those by the
+    two-window Square first, then those at every threat model of the run before narrowed ones.
 
     Raises:
         ValueError: the re-evaluation ran on other test images than the training run's evaluation
@@ -324,6 +346,7 @@ def re_evaluation(way: str, entry: dict, folder: str) -> dict | None:
             config = load(path.parent / "config.json")
             candidates.append((path, {**rerun, "examples": config.get("eval_examples"), "seed": config.get("seed"),
                                       "seconds": rerun["evaluation_seconds"]}, path.parent))
+    found = []
     for path, report, trained_in in candidates:
         rerun = next((other for other in load(trained_in / "results.json") if other["way"] == way), None)
         if report is None or rerun is None or not same_weights(entry, rerun):
@@ -334,8 +357,9 @@ def re_evaluation(way: str, entry: dict, folder: str) -> dict | None:
                 raise ValueError(f"{path.relative_to(REPO)}: {way} re-evaluated on {report['examples']} test images with "
                                  f"seed {report.get('seed')}, its training run on {config.get('eval_examples')} with seed "
                                  f"{config.get('seed')}: re-evaluate with advtrain evaluate --as-trained")
-        return report
-    return None
+        found.append(report)
+    norms = set(entry.get("robust_error", {}))
+    return sorted(found, key=lambda report: (not by_two_window_square(report), set(report["robust_error"]) < norms))
 
 
 def way_runs(runs: list[WaysFolder], way: str) -> list[WayRun]:
@@ -347,7 +371,7 @@ def way_runs(runs: list[WaysFolder], way: str) -> list[WayRun]:
             evaluated_with = attacks_named(entry["ensemble"]) if entry.get("ensemble") else \
                 "FAB-T, no DDN" if run.name in EVALUATED_WITH_FAB else "no FAB-T or DDN"
             chosen[run.seed] = WayRun(run.seed, entry, next((e for e in run.results if e["way"] == "weight-decay"), None),
-                                      evaluated_with, re_evaluation(way, entry, run.name))
+                                      evaluated_with, re_evaluations(way, entry, run.name))
     return [chosen[seed] for seed in sorted(chosen)]
 
 
@@ -398,6 +422,27 @@ def ways_re_evaluation() -> str:
     return table(["model", "way", "the training run's evaluation had", "robust error L∞ 0.1 / 0.2 / 0.3, then → now",
                   "robust error L2 1 / 1.5 / 2, then → now", "examples FAB-T / DDN broke first, all budgets",
                   "the search's mean minimal distortion, then / now", "re-evaluation s"], rows)
+
+
+def ways_square_l2() -> str:
+    """Each way whose L2 column was re-evaluated by the two-window Square (``advtrain evaluate
+    --as-trained --budgets l2=...``): the L2 robust errors by the one-window ensemble and now, and
+    the examples Square broke first at each budget."""
+    rows = []
+    for model, runs in ways_runs():
+        for way in WAYS:
+            for run in way_runs(runs, way):
+                now = run.report_for("l2")
+                if now is None or not by_two_window_square(now):
+                    continue
+                before = next((report for report in run.re_evaluations if not by_two_window_square(report)), run.entry)
+                square = " / ".join(str(now["broken_by"]["l2"][budget].get("square", 0)) for budget in now["broken_by"]["l2"])
+                rows.append([model, f"`{way}`, seed {run.seed}",
+                             f"{robust_errors([before], 'l2')} → {robust_errors([now], 'l2')}", square, f"{now['seconds']:.0f}"])
+    if not rows:
+        return "(not run yet)"
+    return table(["model", "way", "robust error L2 1 / 1.5 / 2, one-window Square → two-window", "examples Square broke first, L2 1 / 1.5 / 2",
+                  "re-evaluation s"], rows)
 
 
 #: The evaluation benchmark's runs on the ways table's models (``--run-folder``): the recipe's
@@ -1260,6 +1305,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "ways": ways,
     "ways-commands": ways_commands,
     "ways-re-evaluation": ways_re_evaluation,
+    "ways-square-l2": ways_square_l2,
     "ways-peer-check": ways_peer_check,
     "evaluation-gap": evaluation_gap,
     "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--examples", type=int, default=None, help=f"the first N MNIST test images (default: {DEFAULT_EXAMPLES})")
     parser.add_argument("--as-trained", action="store_true",
                         help="an adversarial-training run folder: repeat the run's own test evaluation (its test "
-                             "images, threat models and search) with this ensemble, to compare with its results.json")
+                             "images, threat models and search) with this ensemble, to compare with its results.json; "
+                             "--budgets then narrows the run's threat models")
     parser.add_argument("--steps", type=int, default=Ensemble.steps, help="APGD's steps")
     parser.add_argument("--targets", type=int, default=Ensemble.targets, help="wrong classes the targeted APGD and FAB-T try")
     parser.add_argument("--fab", action=argparse.BooleanOptionalAction, default=Ensemble.fab,
@@ -152,14 +154,33 @@ def mnist_test_set(data_dir: str | None) -> Dataset:
     return data.test_set
 
 
+def run_threat_models_narrowed(run: Mapping[str, Sequence[float]], chosen: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ...]]:
+    """``chosen``, each of which is one of the ``run``'s threat models (norm to budgets).
+
+    Raises:
+        SystemExit: a norm or budget of ``chosen`` that the run did not evaluate.
+    """
+    for norm, budgets in chosen.items():
+        missing = [budget for budget in budgets if budget not in run.get(norm, ())]
+        if missing:
+            raise SystemExit(f"advtrain evaluate: --as-trained --budgets: the run evaluated no {norm} budget "
+                             f"{', '.join(f'{b:g}' for b in missing)} (its threat models: "
+                             f"{' '.join(f'{n}=' + ','.join(f'{b:g}' for b in bs) for n, bs in run.items())})")
+    return {norm: tuple(budgets) for norm, budgets in chosen.items()}
+
+
 def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble: Ensemble, output: Path) -> dict[str, dict]:
     """Each way of an ``adversarial-training`` run folder evaluated as the run evaluated it (its
     seeded subset of ``eval_examples`` test images, its threat models, the paper's search) by
     ``ensemble``; written to ``output/robustness.json``, way to report.
 
+    ``--budgets`` narrows the run's threat models to some of them (to re-evaluate one norm after a
+    change to its attacks).
+
     Raises:
-        SystemExit: the source is no ``adversarial-training`` run folder, or ``--examples`` or
-            ``--budgets`` or ``--seed`` is given (the run's own are used).
+        SystemExit: the source is no ``adversarial-training`` run folder, ``--examples`` or
+            ``--seed`` is given (the run's own are used), or ``--budgets`` names a threat model the
+            run did not evaluate.
     """
     from advtrain.recipes.adversarial_training import evaluation_record, final_evaluation
 
@@ -168,12 +189,14 @@ def as_trained(args: argparse.Namespace, models: dict[str, nn.Module], ensemble:
     if config.get("recipe") != "adversarial-training":
         raise SystemExit(f"advtrain evaluate: --as-trained repeats an adversarial-training run's evaluation; {args.source} "
                          "is no adversarial-training run folder")
-    if args.examples is not None or args.budgets is not None or args.seed is not None:
-        raise SystemExit("advtrain evaluate: --as-trained evaluates the run's own test images at its own threat models "
-                         "with its seed; leave out --examples, --budgets and --seed")
+    if args.examples is not None or args.seed is not None:
+        raise SystemExit("advtrain evaluate: --as-trained evaluates the run's own test images with its seed; leave out "
+                         "--examples and --seed")
     evaluation = final_evaluation(20 if config.get("quick") else config["eval_examples"], config["seed"],
                                   config["eval_target"])
     evaluation.ensemble = ensemble
+    if args.budgets is not None:
+        evaluation.threat_models = run_threat_models_narrowed(evaluation.threat_models, parse_budgets(args.budgets))
     inputs, labels = evaluation.subset(DataLoader(mnist_test_set(args.data_dir)))
     reports = {}
     for way, model in models.items():

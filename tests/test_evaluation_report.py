@@ -178,9 +178,17 @@ def test_advtrain_evaluate_as_trained_repeats_the_runs_own_evaluation_figure_for
     weaker = json.loads((tmp_path / "b" / "robustness.json").read_text())["fast"]
     assert weaker["ensemble"]["ddn"] == 0 and not weaker["ensemble"]["fab"] and again["ensemble"]["ddn"] == 100
     assert all(weaker["robust_error"]["l2"][e] <= again["robust_error"]["l2"][e] for e in again["robust_error"]["l2"])
-    for flags in (["--examples", "20"], ["--seed", "0"], ["--budgets", "linf=0.1"]):
+    for flags in (["--examples", "20"], ["--seed", "0"]):
         with pytest.raises(SystemExit, match="--as-trained evaluates the run's own test images"):
             main(["evaluate", str(run), "--as-trained", *flags, "--output", str(tmp_path / "c")])
+    # --budgets narrows the run's threat models (one norm re-evaluated after a change to its attacks)
+    assert main(["evaluate", str(run), "--as-trained", *same, "--budgets", "l2=1.0,2.0", "--data-dir", str(mnist_root),
+                 "--output", str(tmp_path / "l2")]) == 0
+    narrowed = json.loads((tmp_path / "l2" / "robustness.json").read_text())["fast"]
+    assert narrowed["robust_error"] == {"l2": {e: again["robust_error"]["l2"][e] for e in ("1", "2")}}
+    assert list(narrowed["broken_by"]) == ["l2"] and narrowed["ensemble"]["square_l2"] == "two-window"
+    with pytest.raises(SystemExit, match=r"the run evaluated no linf budget 0.25 \(its threat models: linf=0.1,0.2,0.3 l2=1,1.5,2\)"):
+        main(["evaluate", str(run), "--as-trained", "--budgets", "linf=0.25", "--output", str(tmp_path / "c")])
     (tmp_path / "train").mkdir()
     (tmp_path / "train" / "config.json").write_text(json.dumps({"recipe": "train", "model": "fc10-1e-4"}))
     torch.save(build_model("fc10-1e-4").module.state_dict(), tmp_path / "train" / "model.pt")

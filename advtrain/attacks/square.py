@@ -34,6 +34,10 @@ from advtrain.attacks.targets import TargetPolicy
 from advtrain.budget import Norm, check_epsilon, check_norm, l2_radius
 from advtrain.checks import check_count
 
+#: The L2 proposal this Square draws: ``"two-window"``, Andriushchenko et al.'s Algorithm 3. Results
+#: record it (:class:`~advtrain.robustness.Ensemble`); an earlier form drew one window per step and
+#: broke far less in L2, and its results lack the record.
+L2_PROPOSAL = "two-window"
 
 def window_share(query: int, queries: int, p_init: float) -> float:
     """The share ``p`` of the image a window covers at ``query`` of ``queries``: ``p_init`` halved
