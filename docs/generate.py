@@ -298,7 +298,7 @@ def by_two_window_square(report: dict) -> bool:
 def attacks_named(ensemble: dict) -> str:
     """Which of the ensemble's later attacks, FAB-T and DDN, ``ensemble`` (as written) ran."""
     return {(True, True): "FAB-T and DDN", (True, False): "FAB-T, no DDN", (False, True): "DDN, no FAB-T",
-            (False, False): "no FAB-T or DDN"}[(bool(ensemble["fab"]), bool(ensemble["ddn"]))]
+            (False, False): "no FAB-T or DDN"}[(bool(ensemble.get("fab")), bool(ensemble.get("ddn")))]
 
 
 def ways_runs() -> list[tuple[str, list[WaysFolder]]]:
@@ -574,12 +574,11 @@ def two_window_square() -> str:
 
 
 def ensemble_name(result: dict) -> str:
-    """Which of the ensemble's later attacks a benchmark's run had: runs from before FAB-T joined it
-    record no ensemble, runs from before DDN joined record no ``ddn``."""
-    ensemble = result.get("ensemble", {})
-    if not ensemble.get("fab"):
-        return "without FAB-T or DDN (before they joined)"
-    return "with FAB-T and DDN" if ensemble.get("ddn") else "with FAB-T, without DDN (before it joined)"
+    """Which of the ensemble's later attacks a benchmark's run had (:func:`attacks_named`), said in a
+    sentence: runs from before FAB-T joined it record no ensemble, runs from before DDN joined
+    record no ``ddn``."""
+    return {"FAB-T and DDN": "with FAB-T and DDN", "FAB-T, no DDN": "with FAB-T, without DDN (before it joined)",
+            "no FAB-T or DDN": "without FAB-T or DDN (before they joined)"}[attacks_named(result.get("ensemble", {}))]
 
 
 def evaluation_gap(folder: str = "evaluation_gap") -> str:
