@@ -39,6 +39,7 @@ from advtrain.checks import check_count
 #: broke far less in L2, and its results lack the record.
 L2_PROPOSAL = "two-window"
 
+
 def window_share(query: int, queries: int, p_init: float) -> float:
     """The share ``p`` of the image a window covers at ``query`` of ``queries``: ``p_init`` halved
     at 10, 50, 200, 500, 1000, 2000, 4000, 6000 and 8000 ten-thousandths of the budget."""
