@@ -607,6 +607,27 @@ def evaluation_gap(folder: str = "evaluation_gap") -> str:
                else "No peer attack broke an example the evaluation left unbroken.\n"))
 
 
+#: ``benchmarks/evaluation_gap.py`` against AutoAttack's members on the two-window cells that the
+#: peer checks of the ways table did not cover (the seed-0 input pool and fast way of the SmallResNet).
+TWO_WINDOW_PEER_GAPS = ["evaluation_gap_input_pools_small_resnet_seed0_l2_1.5", "evaluation_gap_input_pools_small_resnet_seed0_l2_2",
+                        "evaluation_gap_fast_small_resnet_seed0_l2_1.5"]
+
+
+def two_window_peer_gaps() -> str:
+    """Per checked cell: the evaluation with the two-window Square beside each of AutoAttack's
+    members alone at Croce & Hein's settings, and how many examples any member broke that the
+    evaluation did not."""
+    gaps = [load(path) for path in (BENCHMARKS / name / "results.json" for name in TWO_WINDOW_PEER_GAPS) if path.is_file()]
+    if not gaps:
+        return "(not run yet)"
+    rows = [[f"`{gap['model']}`", f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}", share(gap["evaluation_error"]),
+             " / ".join(share(error) for error in gap["attack_error"].values()), str(len(gap["missed"]))] for gap in gaps]
+    members = " / ".join(gaps[0]["attack_error"])
+    return (f"The first {gaps[0]['examples']} MNIST test images, {'/'.join(sorted({str(gap['threads']) for gap in gaps}))} CPU "
+            "thread(s).\n\n" + table(["model", "budget", "the evaluation (two-window Square)", f"alone: {members}",
+                                        "examples a member broke that the evaluation did not"], rows))
+
+
 def ways_commands() -> str:
     """Each model's ways commands, one row per distinct command (the seed written ``S``)."""
     rows = []
@@ -1311,6 +1332,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "ways-commands": ways_commands,
     "ways-re-evaluation": ways_re_evaluation,
     "ways-square-l2": ways_square_l2,
+    "two-window-peer-gaps": two_window_peer_gaps,
     "ways-peer-check": ways_peer_check,
     "evaluation-gap": evaluation_gap,
     "evaluation-gap-fab": lambda: evaluation_gap("evaluation_gap_fab"),
