@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from advtrain.recipes.run_folder import write_json
-from evaluation_benchmark import saved_way_on_test_images, size  # benchmarks/ is on the path as a script
+from evaluation_benchmark import saved_way_on_test_images, verified  # benchmarks/ is on the path as a script
 from evaluation_gap import peer_attacks
 
 QUERIES = 5000
@@ -61,10 +61,7 @@ def main() -> None:
         for attack, run in attacks.items():
             started = time.perf_counter()
             points = run().detach()
-            with torch.no_grad():
-                wrong = model(points).argmax(1) != labels
-            inside = size(points - images, args.norm) <= epsilon * (1 + 1e-4)
-            error = float((wrong & inside | ~correct).float().mean())
+            error = float((verified(model, images, labels, points, args.norm, epsilon) | ~correct).float().mean())
             rows.append({"attack": attack, "epsilon": epsilon, "robust_error": error, "seconds": time.perf_counter() - started})
             print(f"{attack} at {args.norm} {epsilon:g}: {error:.0%} ({rows[-1]['seconds']:.0f} s)", flush=True)
     args.output.mkdir(parents=True, exist_ok=True)

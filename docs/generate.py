@@ -540,7 +540,7 @@ def evaluation_again(folder: str, before: str) -> str:
     """One budget's evaluation rerun alone (``evaluation_gap.py --peer none``) beside an earlier
     run's on the same images: the robust error and what each attack broke first."""
     now, then = load(BENCHMARKS / folder / "results.json"), load(BENCHMARKS / before / "results.json")
-    budget = f"{'L∞' if now['norm'] == 'linf' else 'L2'} {now['epsilon']:g}"
+    budget = gap_budget(now)
 
     def tally(gap: dict) -> str:
         return ", ".join(f"{attack} {count}" for attack, count in gap["evaluation_broken_by"].items() if count)
@@ -579,6 +579,11 @@ def two_window_square() -> str:
                      "robust error without them"], rows))
 
 
+def gap_budget(gap: dict) -> str:
+    """The one budget of a ``benchmarks/evaluation_gap.py`` run, as the docs write it (``L2 1.5``)."""
+    return f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}"
+
+
 def ensemble_name(result: dict) -> str:
     """Which of the ensemble's later attacks a benchmark's run had (:func:`attacks_named`), said in a
     sentence: runs from before FAB-T joined it record no ensemble, runs from before DDN joined
@@ -591,7 +596,7 @@ def evaluation_gap(folder: str = "evaluation_gap") -> str:
     """``benchmarks/evaluation_gap.py``: AutoAttack's members one at a time beside the evaluation
     at one budget, and each example one broke that the evaluation did not, with the sizes."""
     gap = load(BENCHMARKS / folder / "results.json")
-    budget = f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}"
+    budget = gap_budget(gap)
     alone = ", ".join(f"{attack} {share(error)}" for attack, error in gap["attack_error"].items())
     rows = [[str(miss["example"]), miss["attack"], f"{miss['attack_size']:.3f}",
              "none" if miss["search_size"] is None else f"{miss['search_size']:.3f}"] for miss in gap["missed"]]
@@ -620,7 +625,7 @@ def two_window_peer_gaps() -> str:
     gaps = [load(path) for path in (BENCHMARKS / name / "results.json" for name in TWO_WINDOW_PEER_GAPS) if path.is_file()]
     if not gaps:
         return "(not run yet)"
-    rows = [[f"`{gap['model']}`", f"{'L∞' if gap['norm'] == 'linf' else 'L2'} {gap['epsilon']:g}", share(gap["evaluation_error"]),
+    rows = [[f"`{gap['model']}`", gap_budget(gap), share(gap["evaluation_error"]),
              " / ".join(share(error) for error in gap["attack_error"].values()), str(len(gap["missed"]))] for gap in gaps]
     members = " / ".join(gaps[0]["attack_error"])
     return (f"The first {gaps[0]['examples']} MNIST test images, {'/'.join(sorted({str(gap['threads']) for gap in gaps}))} CPU "

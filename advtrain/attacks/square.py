@@ -88,6 +88,16 @@ def placed(patch: torch.Tensor, top: torch.Tensor, left: torch.Tensor, height: i
     return torch.where(inside, patch.flatten()[index], torch.zeros((), dtype=patch.dtype, device=patch.device))[:, None]
 
 
+def on_sphere(values: torch.Tensor, radius: float) -> torch.Tensor:
+    """``values (n, ...)`` scaled, row by row, to L2 norm ``radius``."""
+    return radius * values / values.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *(1,) * (values.dim() - 1))
+
+
+def unit_per_channel(values: torch.Tensor) -> torch.Tensor:
+    """``values (n, C, H, W)`` scaled to unit L2 norm per row and channel (zero stays zero)."""
+    return values / values.pow(2).sum((2, 3), keepdim=True).sqrt().add(1e-12)
+
+
 def as_image_shape(shape: torch.Size) -> tuple[int, int, int]:
     """``(C, H, W)`` for one example of ``shape`` (batch first)."""
     example = tuple(shape[1:])
@@ -151,16 +161,14 @@ class Square(Attack):
         block = min(height, width) // 5
         if self.norm == "linf" or block < 1:
             stripes = self._signs((n, channels, 1, width), generator, origin).expand_as(origin)
-            if self.norm == "linf":
-                return self.epsilon * stripes
-            return radius * stripes / stripes.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            return self.epsilon * stripes if self.norm == "linf" else on_sphere(stripes, radius)
         start = torch.zeros_like(origin)
         pattern = eta(block, block, False).to(origin)
         top0, left0 = (height - block * (height // block)) // 2, (width - block * (width // block)) // 2
         for top in range(top0, height - block + 1, block):
             for left in range(left0, width - block + 1, block):
                 start[:, :, top:top + block, left:left + block] = pattern * self._signs((n, channels, 1, 1), generator, origin)
-        return radius * start / start.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return on_sphere(start, radius)
 
     def _l2_step(self, current: torch.Tensor, radius: float, share: float, generator: torch.Generator) -> torch.Tensor:
         """Andriushchenko et al.'s L2 update of ``current (n, C, H, W)``: the second of two random
@@ -176,13 +184,12 @@ class Square(Attack):
         transpose = bool(torch.randint(0, 2, (1,), generator=generator))
         pattern = placed(eta(side_h, side_w, transpose).to(current), top, left, height, width)
         old = current * first
-        fresh = pattern * self._signs((n, channels, 1, 1), generator, current) + \
-            old / old.pow(2).sum((2, 3), keepdim=True).sqrt().add(1e-12)
+        fresh = pattern * self._signs((n, channels, 1, 1), generator, current) + unit_per_channel(old)
         unused = (radius**2 - current.flatten(1).pow(2).sum(1)).clamp_min(0).view(-1, 1, 1, 1)
         windows = (current * (first | second)).flatten(1).pow(2).sum(1).view(-1, 1, 1, 1)
-        fresh = fresh / fresh.pow(2).sum((2, 3), keepdim=True).sqrt().add(1e-12) * (unused / channels + windows).sqrt()
+        fresh = unit_per_channel(fresh) * (unused / channels + windows).sqrt()
         updated = torch.where(first, fresh, torch.where(second, torch.zeros_like(current), current))
-        return radius * updated / updated.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return on_sphere(updated, radius)
 
     def _window_at(self, n: int, height: int, width: int, side_h: int, side_w: int, generator: torch.Generator,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
